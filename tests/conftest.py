@@ -1,0 +1,54 @@
+"""Shared fixtures: real text from ../shared/data, a prepared CPU-profile cache, throwaway checkouts."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import prepare
+from autoresearch.hparams import set_constants
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+MIXED_EN = SHARED_DATA / "mixed-en"
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
+
+# Small enough that a CPU step takes well under a second, large enough to learn something.
+TINY = {"DEPTH": 2, "ASPECT_RATIO": 32, "HEAD_DIM": 32, "DEVICE_BATCH_SIZE": 8, "TOTAL_BATCH_SIZE": 2048}
+
+
+def pytest_sessionstart(session):
+    if not MIXED_EN.is_dir() or not SHAKESPEARE.is_file():
+        raise pytest.UsageError(f"test data missing: expected ../shared/data (looked in {SHARED_DATA})")
+
+
+@pytest.fixture(scope="session")
+def cpu_cache(tmp_path_factory):
+    """A cache prepared from ../shared/data/mixed-en with the cpu profile (shared, read-only)."""
+    path = tmp_path_factory.mktemp("cache-cpu")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AUTORESEARCH_CACHE", str(path))
+    prepare.prepare(profile="cpu", sources=[MIXED_EN])
+    mp.undo()
+    return path
+
+
+@pytest.fixture
+def use_cache(cpu_cache, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cpu_cache))
+    return cpu_cache
+
+
+def make_checkout(dest, backends=("cuda", "mps", "mlx"), **constants):
+    """A copy of the harness files (prepare.py, backends/) with hyperparameters set, as an agent would."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ROOT / "prepare.py", dest / "prepare.py")
+    for name in backends:
+        src = ROOT / "backends" / name / "train.py"
+        (dest / "backends" / name).mkdir(parents=True, exist_ok=True)
+        text = src.read_text()
+        if constants:
+            text = set_constants(text, constants)
+        (dest / "backends" / name / "train.py").write_text(text)
+    return dest
