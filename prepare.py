@@ -565,6 +565,10 @@ def prepare(profile="cpu", dataset=None, sources=None, num_shards=10, workers=8,
         raise PrepareError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
     if bool(dataset) == bool(sources):
         raise PrepareError("give either a dataset name or --source PATH, not both or neither")
+    if dataset and dataset not in DATASETS:
+        raise PrepareError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)} or use --source PATH")
+    if sources:
+        list_source_files(sources)  # a missing or unsupported path fails before anything is touched
     prof = PROFILES[profile]
     root = cache_dir()
     _check_writable(root)
