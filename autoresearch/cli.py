@@ -1,6 +1,7 @@
 """The `autoresearch` command line."""
 
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -146,6 +147,149 @@ def hardware_cmd():
     blas = blas_library()
     if "mlx" in found and found["mlx"] == "cpu":
         print(f"blas for mlx: {blas or 'reference (slow): apt-get install libopenblas0-pthread'}")
+
+
+class LiveTraining:
+    """A progress bar with ETA for one training run at a time; the full output is in .autoresearch/run.log."""
+
+    def __init__(self, budget, verbose=False):
+        self.verbose = verbose
+        self.budget = budget
+        self.task = None
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                            TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True)
+
+    def __enter__(self):
+        return self
+
+    def line(self, text):
+        if self.task is None:  # a run starts: expect the budget plus ~10% and 20 s for startup and eval
+            self.bar.start()
+            self.task = self.bar.add_task("training", total=self.budget * 1.1 + 20)
+            self.start = time.time()
+        if self.verbose:
+            self.bar.console.print(text, highlight=False, markup=False)
+        self.bar.update(self.task, completed=time.time() - self.start, description=text[:60])
+
+    def close(self):
+        if self.task is not None:
+            self.bar.remove_task(self.task)
+            self.task = None
+        self.bar.stop()
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def run_with_progress(fn, budget, verbose, **kwargs):
+    from .experiment import EXIT, Refused
+    from .ledger import LedgerError
+
+    try:
+        with LiveTraining(budget, verbose) as live:
+            outcome = fn(on_line=live.line, **kwargs)
+    except (Refused, LedgerError) as e:
+        fail(str(e), code=EXIT["refused"])
+    print(outcome.message)
+    raise typer.Exit(EXIT[outcome.status])
+
+
+BudgetOption = typer.Option(None, "--budget", help="training seconds (default: the profile's 300)")
+SeedOption = typer.Option(42, "--seed", help="AUTORESEARCH_SEED for train.py")
+TimeoutOption = typer.Option(None, "--timeout", help="hard limit per run in seconds (default: budget + max(budget, 120))")
+VerboseOption = typer.Option(False, "--verbose", "-v", help="print train.py's output as it runs")
+
+
+@app.command("setup")
+def setup_cmd(
+    ctx: typer.Context,
+    tag: str = typer.Option(..., "--tag", "-t", help="run name, e.g. nov24; the branch is autoresearch/<tag>-<hardware>"),
+    budget: Optional[float] = BudgetOption, seed: int = SeedOption, timeout: Optional[float] = TimeoutOption,
+    verbose: bool = VerboseOption,
+):
+    """Create the run branch for this hardware and record the baseline."""
+    from .experiment import setup
+
+    backend = resolve_backend(ctx.obj["backend"])
+    budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
+    run_with_progress(setup, budget, verbose, root=repo_root(), tag=tag, backend=backend, budget=budget,
+                      seed=seed, timeout=timeout)
+
+
+@app.command("run")
+def run_cmd(
+    ctx: typer.Context,
+    message: str = typer.Option(..., "--message", "-m", help="what changed, one line"),
+    budget: Optional[float] = BudgetOption, seed: int = SeedOption, timeout: Optional[float] = TimeoutOption,
+    verbose: bool = VerboseOption,
+):
+    """One experiment: commit the edited train.py, train, keep (exit 0) or reset (3 discard, 4 crash; 2 refused)."""
+    from .experiment import run_experiment
+
+    backend = resolve_backend(ctx.obj["backend"])
+    budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
+    run_with_progress(run_experiment, budget, verbose, root=repo_root(), backend=backend, description=message,
+                      budget=budget, seed=seed, timeout=timeout)
+
+
+@app.command("loop")
+def loop_cmd(
+    ctx: typer.Context,
+    agent: str = typer.Option(..., "--agent", "-a", help="random, or a command: prompt on stdin, or in place of {prompt}"),
+    max_experiments: Optional[int] = typer.Option(None, "--max-experiments", "-n", help="stop after N agent turns"),
+    agent_timeout: float = typer.Option(900, "--agent-timeout", help="seconds an agent may take per edit"),
+    agent_seed: int = typer.Option(0, "--agent-seed", help="seed of the random agent"),
+    budget: Optional[float] = BudgetOption, seed: int = SeedOption, timeout: Optional[float] = TimeoutOption,
+    verbose: bool = VerboseOption,
+):
+    """Never stop: the agent edits train.py, the harness runs the experiment, repeat (Ctrl-C to end)."""
+    from .agents import make_agent
+    from .experiment import EXIT, Refused
+    from .ledger import LedgerError
+    from .loop import run_loop
+
+    backend = resolve_backend(ctx.obj["backend"])
+    budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
+    live = LiveTraining(budget, verbose)
+
+    def on_event(text):
+        live.close()
+        print(text, flush=True)
+
+    try:
+        outcomes = run_loop(repo_root(), backend, make_agent(agent, agent_seed), max_experiments, budget, seed,
+                            agent_timeout, timeout, on_event=on_event, on_line=live.line)
+    except (Refused, LedgerError) as e:
+        fail(str(e), code=EXIT["refused"])
+    finally:
+        live.close()
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("keep", "discard", "crash")}
+    print(f"loop ended: {len(outcomes)} experiments, " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+
+
+@app.command("results")
+def results_cmd(path: Path = typer.Option(Path("results.tsv"), "--ledger", help="ledger file")):
+    """The ledger, grouped by hardware tag."""
+    from rich.table import Table
+
+    from .ledger import LedgerError, read_ledger
+
+    try:
+        rows = read_ledger(path)
+    except LedgerError as e:
+        fail(str(e))
+    if not rows:
+        fail(f"{path}: no experiments yet")
+    out = Console()
+    for hw in dict.fromkeys(r.hardware for r in rows):
+        table = Table(title=hw, title_justify="left")
+        for col in ("commit", "val_bpb", "memory_gb", "status", "description", "eval_profile", "budget"):
+            table.add_column(col)
+        for r in rows:
+            if r.hardware == hw:
+                table.add_row(r.commit, f"{r.val_bpb:.6f}", f"{r.memory_gb:.1f}", r.status, r.description,
+                              r.eval_profile, f"{r.budget:g}")
+        out.print(table)
 
 
 def main():

@@ -13,7 +13,7 @@ from . import repo_root, train_file
 from .hardware import blas_library
 from .summary import parse_summary
 
-GRACE_SECONDS = 300  # startup, compilation and evaluation on top of the training budget
+MIN_GRACE_SECONDS = 120  # startup, compilation and evaluation on top of the training budget
 TAIL_LINES = 60
 
 
@@ -59,7 +59,8 @@ def run_training(backend, budget=None, seed=None, timeout=None, root=None, on_li
     if timeout is None:
         from prepare import time_budget  # the harness reads the budget the same way train.py does
 
-        timeout = time_budget() + GRACE_SECONDS
+        seconds = float(budget) if budget is not None else time_budget()
+        timeout = seconds + max(seconds, MIN_GRACE_SECONDS)  # 10 minutes for the 5-minute budget
     start = time.time()
     proc = subprocess.Popen([sys.executable, str(train_file(backend, root))], cwd=root, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)

@@ -1,0 +1,94 @@
+"""The never-stop loop: agent edits train.py, the harness runs the experiment, repeat."""
+
+import time
+from pathlib import Path
+
+from . import train_file
+from .agents import AgentFailed
+from .experiment import STATE_DIR, Refused, check_candidate, open_repo, run_experiment, state_dir
+from .hardware import hardware_tag
+from .hparams import read_constants
+from .ledger import COLUMNS, LEDGER_NAME, best_kept, format_row, read_ledger
+
+RECENT_ROWS = 10
+
+
+def build_prompt(root, backend, budget):
+    """program.md plus where things stand: the file to edit, the best so far, recent rows, the last crash."""
+    root = Path(root)
+    repo = open_repo(root)
+    branch = repo.active_branch.name
+    rows = [r for r in read_ledger(root / LEDGER_NAME) if r.branch == branch]
+    program = (root / "program.md").read_text() if (root / "program.md").exists() else ""
+    tag = hardware_tag(backend)
+    lines = [program, "", "## This experiment", "",
+             f"- backend: {backend}; the file to edit: backends/{backend}/train.py (nothing else)",
+             f"- hardware: {tag}; run branch: {branch}; training budget: {budget:g} s"]
+    kept = [r for r in rows if r.status == "keep"]
+    best = min(kept, key=lambda r: r.val_bpb) if kept else None
+    if best:
+        lines.append(f"- best kept so far: val_bpb {best.val_bpb:.6f} at commit {best.commit} ({best.description})")
+    if rows:
+        lines += ["", f"Last {min(len(rows), RECENT_ROWS)} experiments of this run (results.tsv):", "",
+                  "\t".join(COLUMNS[:5])] + ["\t".join(format_row(r).split("\t")[:5]) for r in rows[-RECENT_ROWS:]]
+    crash = root / STATE_DIR / "last_crash.log"
+    if rows and rows[-1].status == "crash" and crash.exists():
+        lines += ["", "The last experiment crashed; the end of its log:", "", crash.read_text()[-3000:]]
+    lines += ["", f"Edit backends/{backend}/train.py now, then write a one-line description of the change to "
+              f"{STATE_DIR}/description. Do not run training yourself: the harness runs it after you exit."]
+    return "\n".join(lines)
+
+
+def describe_diff(before, after):
+    """A description from the changed hyperparameters, for agents that leave none."""
+    a, b = read_constants(before), read_constants(after)
+    changes = [f"{k} {a[k]} -> {b[k]}" for k in b if k in a and a[k] != b[k]]
+    return ", ".join(changes) or "edit outside the hyperparameter block"
+
+
+def _restore(repo):
+    """Back to the last keep: undo the agent's edits and delete files it created (ignored ones stay)."""
+    repo.head.reset("HEAD", index=True, working_tree=True)
+    repo.git.clean("-fd")
+
+
+def run_loop(root, backend, agent, max_experiments=None, budget=None, seed=42, agent_timeout=900,
+             timeout=None, on_event=print, on_line=None):
+    """Repeat agent edit + experiment until interrupted or max_experiments agent turns. Returns the outcomes."""
+    import prepare
+
+    root = Path(root)
+    repo = open_repo(root)
+    budget = float(budget) if budget is not None else prepare.time_budget()
+    outcomes, turn = [], 0
+    log = state_dir(root) / "loop.log"
+
+    def event(text):
+        with open(log, "a") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} {text}\n")
+        on_event(text)
+
+    check_branch = repo.active_branch.name
+    if not check_branch.startswith("autoresearch/"):
+        raise Refused(f"not on a run branch: start one with `autoresearch setup --tag TAG --backend {backend}`")
+    while max_experiments is None or turn < max_experiments:
+        turn += 1
+        before = train_file(backend, root).read_text()
+        prompt = build_prompt(root, backend, budget)
+        started = time.time()
+        try:
+            description = agent.edit(root, backend, prompt, agent_timeout)
+            check_candidate(repo, backend)
+        except (AgentFailed, Refused) as e:
+            event(f"turn {turn}: agent {agent.name!r} produced no experiment: {e}")
+            _restore(repo)
+            continue
+        description = description or describe_diff(before, train_file(backend, root).read_text())
+        event(f"turn {turn}: agent edited in {time.time() - started:.0f}s: {description}")
+        outcome = run_experiment(root, backend, description, budget=budget, seed=seed, timeout=timeout,
+                                 on_line=on_line)
+        outcomes.append(outcome)
+        rows = read_ledger(root / LEDGER_NAME)
+        best = best_kept(rows, outcome.row.key())
+        event(f"turn {turn}: {outcome.message}" + (f" | best {best.val_bpb:.6f}" if best else ""))
+    return outcomes
