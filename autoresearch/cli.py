@@ -198,22 +198,37 @@ BudgetOption = typer.Option(None, "--budget", help="training seconds (default: t
 SeedOption = typer.Option(42, "--seed", help="AUTORESEARCH_SEED for train.py")
 TimeoutOption = typer.Option(None, "--timeout", help="hard limit per run in seconds (default: budget + max(budget, 120))")
 VerboseOption = typer.Option(False, "--verbose", "-v", help="print train.py's output as it runs")
+GateOption = typer.Option("noise", "--gate", help="keep rule: greedy (any gain), noise (gain > k x spread), "
+                          "seeds (up to S seeds, keep at confidence)")
+KOption = typer.Option(2.0, "--k", help="noise and seeds gates: multiple of the run-to-run spread")
+SeedsOption = typer.Option(3, "--seeds", help="seeds gate: most runs of one candidate")
+ConfidenceOption = typer.Option(0.9, "--confidence", help="seeds gate: P(better) needed to keep")
+
+
+def make_gate(kind, k, seeds, confidence):
+    from .gate import Gate
+
+    try:
+        return Gate(kind, k, seeds, confidence)
+    except ValueError as e:
+        fail(str(e))
 
 
 @app.command("setup")
 def setup_cmd(
     ctx: typer.Context,
     tag: str = typer.Option(..., "--tag", "-t", help="run name, e.g. nov24; the branch is autoresearch/<tag>-<hardware>"),
+    noise_runs: int = typer.Option(3, "--noise-runs", help="baseline seeds, to measure the run-to-run spread"),
     budget: Optional[float] = BudgetOption, seed: int = SeedOption, timeout: Optional[float] = TimeoutOption,
     verbose: bool = VerboseOption,
 ):
-    """Create the run branch for this hardware and record the baseline."""
+    """Create the run branch for this hardware and record the baseline (with its noise floor)."""
     from .experiment import setup
 
     backend = resolve_backend(ctx.obj["backend"])
     budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
     run_with_progress(setup, budget, verbose, root=repo_root(), tag=tag, backend=backend, budget=budget,
-                      seed=seed, timeout=timeout)
+                      seed=seed, timeout=timeout, noise_runs=noise_runs)
 
 
 @app.command("run")
@@ -221,15 +236,17 @@ def run_cmd(
     ctx: typer.Context,
     message: str = typer.Option(..., "--message", "-m", help="what changed, one line"),
     budget: Optional[float] = BudgetOption, seed: int = SeedOption, timeout: Optional[float] = TimeoutOption,
-    verbose: bool = VerboseOption,
+    verbose: bool = VerboseOption, gate: str = GateOption, k: float = KOption, seeds: int = SeedsOption,
+    confidence: float = ConfidenceOption,
 ):
-    """One experiment: commit the edited train.py, train, keep (exit 0) or reset (3 discard, 4 crash; 2 refused)."""
+    """One experiment: commit the edited train.py, train, keep (exit 0) or reset (3 discard, 4 crash;
+    2 refused; 5 the same program was already run)."""
     from .experiment import run_experiment
 
     backend = resolve_backend(ctx.obj["backend"])
     budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
     run_with_progress(run_experiment, budget, verbose, root=repo_root(), backend=backend, description=message,
-                      budget=budget, seed=seed, timeout=timeout)
+                      budget=budget, seed=seed, timeout=timeout, gate=make_gate(gate, k, seeds, confidence))
 
 
 @app.command("loop")
@@ -240,7 +257,8 @@ def loop_cmd(
     agent_timeout: float = typer.Option(900, "--agent-timeout", help="seconds an agent may take per edit"),
     agent_seed: int = typer.Option(0, "--agent-seed", help="seed of the random agent"),
     budget: Optional[float] = BudgetOption, seed: int = SeedOption, timeout: Optional[float] = TimeoutOption,
-    verbose: bool = VerboseOption,
+    verbose: bool = VerboseOption, gate: str = GateOption, k: float = KOption, seeds: int = SeedsOption,
+    confidence: float = ConfidenceOption,
 ):
     """Never stop: the agent edits train.py, the harness runs the experiment, repeat (Ctrl-C to end)."""
     from .agents import make_agent
@@ -258,13 +276,30 @@ def loop_cmd(
 
     try:
         outcomes = run_loop(repo_root(), backend, make_agent(agent, agent_seed), max_experiments, budget, seed,
-                            agent_timeout, timeout, on_event=on_event, on_line=live.line)
+                            agent_timeout, timeout, on_event=on_event, on_line=live.line,
+                            gate=make_gate(gate, k, seeds, confidence))
     except (Refused, LedgerError) as e:
         fail(str(e), code=EXIT["refused"])
     finally:
         live.close()
-    counts = {s: sum(o.status == s for o in outcomes) for s in ("keep", "discard", "crash")}
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("keep", "discard", "crash", "repeat")}
     print(f"loop ended: {len(outcomes)} experiments, " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+
+
+@app.command("verify")
+def verify_cmd(
+    ctx: typer.Context,
+    runs: int = typer.Option(3, "--runs", help="fresh-seed re-runs of the best"),
+    budget: Optional[float] = BudgetOption, seed: int = typer.Option(1000, "--seed", help="first fresh seed"),
+    timeout: Optional[float] = TimeoutOption, verbose: bool = VerboseOption, k: float = KOption,
+):
+    """Re-run the branch's best with fresh seeds: does its recorded val_bpb hold? (exit 0 holds, 3 regressed)"""
+    from .experiment import verify
+
+    backend = resolve_backend(ctx.obj["backend"])
+    budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
+    run_with_progress(verify, budget, verbose, root=repo_root(), backend=backend, runs=runs, budget=budget,
+                      seed=seed, timeout=timeout, gate=make_gate("noise", k, 3, 0.9))
 
 
 @app.command("results")

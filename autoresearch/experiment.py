@@ -3,19 +3,21 @@
 import ast
 import hashlib
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 import git
 
 from . import train_file
+from .gate import Gate, decide, load_noise, save_noise, spread
 from .hardware import hardware_tag
-from .ledger import LEDGER_NAME, Row, append_row, best_kept, now, read_ledger
+from .ledger import LEDGER_NAME, Row, append_row, best_kept, format_row, now, read_ledger
 from .runner import run_training
 
 STATE_DIR = ".autoresearch"  # untracked: run.log, last_crash.log, the agent's description
 BRANCH_PREFIX = "autoresearch/"
-EXIT = {"keep": 0, "error": 1, "refused": 2, "discard": 3, "crash": 4}
+EXIT = {"keep": 0, "holds": 0, "error": 1, "refused": 2, "discard": 3, "regressed": 3, "crash": 4, "repeat": 5}
 
 
 class Refused(Exception):
@@ -71,17 +73,32 @@ def state_dir(root):
     return path
 
 
-def _row(result, status, commit, description, backend, budget, seed, branch, config, gate, source):
-    s = result.summary or {}
-    ok = status != "crash"
+NOTES_REF = "autoresearch"
+
+
+def record(repo, row, commit):
+    """Append the row to results.tsv, and to the commit's git note (refs/notes/autoresearch), so a run
+    branch carries its own ledger to other machines: `git push origin refs/notes/autoresearch`."""
+    append_row(Path(repo.working_tree_dir) / LEDGER_NAME, row)
+    reader = repo.config_reader()
+    named = reader.has_option("user", "name") and reader.has_option("user", "email")
+    who = {} if named else {f"GIT_{r}_{k}": v for r in ("AUTHOR", "COMMITTER")
+                            for k, v in (("NAME", "autoresearch"), ("EMAIL", "autoresearch@localhost"))}
+    with repo.git.custom_environment(**who):
+        repo.git.notes("--ref", NOTES_REF, "append", "-m", format_row(row).rstrip("\n"), commit.hexsha)
+
+
+def _row(results, samples, status, commit, description, backend, budget, seed, branch, config, gate, source):
+    s = (results[-1].summary or {}) if status != "crash" else {}
     return Row(
-        commit=commit, val_bpb=s.get("val_bpb", 0.0) if ok else 0.0,
-        memory_gb=round(s.get("peak_vram_mb", 0.0) / 1024, 1) if ok else 0.0, status=status,
+        commit=commit, val_bpb=statistics.fmean(samples) if status != "crash" else 0.0,
+        memory_gb=round(s.get("peak_vram_mb", 0.0) / 1024, 1), status=status,
         description=description, hardware=hardware_tag(backend), backend=backend,
-        eval_profile=s.get("eval_profile") or _profile_name(), budget=float(budget), seed=int(seed),
+        eval_profile=_profile_name(), budget=float(budget), seed=int(seed),
         timestamp=now(), training_seconds=s.get("training_seconds", 0.0), num_steps=s.get("num_steps", 0),
-        num_params_M=s.get("num_params_M", 0.0), tokens=int(s.get("total_tokens_M", 0.0) * 1e6),
+        num_params_M=s.get("num_params_M", 0.0), tokens=int(round(s.get("total_tokens_M", 0.0) * 1e6)),
         config=config or "-", gate=gate, train_hash=train_hash(source), branch=branch,
+        samples=",".join(f"{v:.6f}" for v in samples) if status != "crash" else "-",
     )
 
 
@@ -99,57 +116,86 @@ def _budget(budget):
     return prepare.time_budget()
 
 
-def train_and_record(repo, backend, description, base, commit, budget=None, seed=42, timeout=None,
-                     on_line=None, config=None, gate="greedy", baseline=False):
-    """Train the committed train.py; keep, or reset to base; append the ledger row; return the Outcome."""
-    root = Path(repo.working_tree_dir)
-    budget = _budget(budget)
-    branch = repo.active_branch.name
-    source = train_file(backend, root).read_text()
-    log_path = state_dir(root) / "run.log"
-    with open(log_path, "w") as log:
+def _train(root, backend, budget, seed, timeout, on_line):
+    """One training run; its output goes to .autoresearch/run.log (appended per seed) and to on_line."""
+    with open(state_dir(root) / "run.log", "a") as log:
         def line(text):
             log.write(text + "\n")
             log.flush()
             if on_line:
                 on_line(text)
 
-        try:
-            result = run_training(backend, budget=budget, seed=seed, timeout=timeout, root=root, on_line=line)
-        except KeyboardInterrupt:
-            if not baseline:
-                repo.head.reset(base, index=True, working_tree=True)
-            raise
-    ledger = root / LEDGER_NAME
-    rows = read_ledger(ledger)
-    short = commit.hexsha[:7]
+        line(f"=== {backend} seed {seed} budget {budget:g}s ===")
+        result = run_training(backend, budget=budget, seed=seed, timeout=timeout, root=root, on_line=line)
     if not result.ok or not math.isfinite(result.summary["val_bpb"]):
-        status, best = "crash", None
         crash_log = state_dir(root) / "last_crash.log"
         crash_log.write_text(result.tail() + "\n")
-        why = "timeout" if result.timed_out else f"exit {result.returncode}" if result.returncode else "no summary"
-        message = f"RESULT crash ({why}); log tail in {STATE_DIR}/last_crash.log"
+    return result
+
+
+def _crash_reason(result):
+    why = "timeout" if result.timed_out else f"exit {result.returncode}" if result.returncode else "no summary"
+    return f"RESULT crash ({why}); log tail in {STATE_DIR}/last_crash.log"
+
+
+def _ok(result):
+    return result.ok and math.isfinite(result.summary["val_bpb"])
+
+
+def train_and_record(repo, backend, description, base, commit, budget=None, seed=42, timeout=None,
+                     on_line=None, config=None, gate=Gate("greedy"), baseline=False, noise_runs=1):
+    """Train the committed train.py (several seeds where the gate asks), keep or reset to base, append the row."""
+    root = Path(repo.working_tree_dir)
+    budget = _budget(budget)
+    branch = repo.active_branch.name
+    source = train_file(backend, root).read_text()
+    (state_dir(root) / "run.log").write_text("")
+    key = (branch, hardware_tag(backend), _profile_name(), budget)
+    best = None if baseline else best_kept(read_ledger(root / LEDGER_NAME), key)
+    noise = load_noise(root, *key[1:])
+    sigma = noise["spread"] if noise else None
+    runs = noise_runs if baseline else (gate.seeds if gate.kind == "seeds" else 1)
+    results, samples, decision = [], [], None
+    try:
+        for i in range(runs):
+            result = _train(root, backend, budget, seed + i, timeout, on_line)
+            results.append(result)
+            if not _ok(result):
+                break
+            samples.append(result.summary["val_bpb"])
+            if best is not None:
+                decision = decide(gate, samples, best.values(), sigma)
+                if not decision.more:
+                    break
+    except KeyboardInterrupt:
+        if not baseline:
+            repo.head.reset(base, index=True, working_tree=True)
+        raise
+    short = commit.hexsha[:7]
+    if not _ok(results[-1]):
+        status, message = "crash", _crash_reason(results[-1])
+    elif baseline or best is None:
+        status = "keep"
+        message = f"RESULT keep val_bpb={statistics.fmean(samples):.6f} (baseline"
+        if baseline and len(samples) > 1:
+            save_noise(root, *key[1:], samples, short)
+            message += f", noise floor: spread {spread(samples):.6f} over {len(samples)} seeds"
+        message += ")"
     else:
-        row_key = (branch, hardware_tag(backend), result.summary["eval_profile"], budget)
-        best = best_kept(rows, row_key)
-        val = result.summary["val_bpb"]
-        if baseline or best is None or val < best.val_bpb:
-            status = "keep"
-            message = f"RESULT keep val_bpb={val:.6f}" + (
-                f" best_before={best.val_bpb:.6f} delta={val - best.val_bpb:+.6f}" if best else " (baseline)")
-        else:
-            status = "discard"
-            message = f"RESULT discard val_bpb={val:.6f} best={best.val_bpb:.6f} delta={val - best.val_bpb:+.6f}"
+        status = "keep" if decision.keep else "discard"
+        message = f"RESULT {status} val_bpb={statistics.fmean(samples):.6f} [{gate.label()}: {decision.reason}]"
     if status != "keep" and not baseline:
         repo.head.reset(base, index=True, working_tree=True)
         message += f"; reverted to {base.hexsha[:7]}"
-    row = _row(result, status, short, description, backend, budget, seed, branch, config, gate, source)
-    append_row(ledger, row)
+    row = _row(results, samples, status, short, description, backend, budget, seed, branch, config,
+               gate.label(), source)
+    record(repo, row, commit)
     return Outcome(status, row, best, message + f" commit={short}")
 
 
-def setup(root, tag, backend, budget=None, seed=42, timeout=None, on_line=None):
-    """Create the run branch autoresearch/<tag>-<hardware> from the current branch and record the baseline."""
+def setup(root, tag, backend, budget=None, seed=42, timeout=None, on_line=None, noise_runs=3, gate=Gate()):
+    """Create the run branch autoresearch/<tag>-<hardware> from the current branch and record the baseline,
+    run with noise_runs seeds to measure the run-to-run spread the noise and seeds gates use."""
     repo = open_repo(root)
     if changed_files(repo):
         raise Refused(f"working tree has uncommitted changes ({', '.join(changed_files(repo))}): commit or stash them first")
@@ -162,7 +208,8 @@ def setup(root, tag, backend, budget=None, seed=42, timeout=None, on_line=None):
         raise Refused(f"branch {name} already exists: choose another --tag, or check it out and use `autoresearch run`")
     repo.create_head(name).checkout()
     head = repo.head.commit
-    return train_and_record(repo, backend, "baseline", head, head, budget, seed, timeout, on_line, baseline=True)
+    return train_and_record(repo, backend, "baseline", head, head, budget, seed, timeout, on_line, gate=gate,
+                            baseline=True, noise_runs=max(1, noise_runs))
 
 
 def check_candidate(repo, backend):
@@ -181,12 +228,68 @@ def check_candidate(repo, backend):
     return target
 
 
-def run_experiment(root, backend, description, budget=None, seed=42, timeout=None, on_line=None):
-    """Commit the edited train.py, train it, keep it or reset to the last keep."""
+def find_repeat(repo, backend, budget):
+    """The ledger row of this run whose train.py is the same program as the edited one, or None."""
+    root = Path(repo.working_tree_dir)
+    digest = train_hash(train_file(backend, root).read_text())
+    key = (repo.active_branch.name, hardware_tag(backend), _profile_name(), budget)
+    same = [r for r in read_ledger(root / LEDGER_NAME) if r.key() == key and r.train_hash == digest]
+    return same[-1] if same else None
+
+
+def run_experiment(root, backend, description, budget=None, seed=42, timeout=None, on_line=None, gate=Gate()):
+    """Commit the edited train.py, train it, keep it or reset to the last keep. A program already in the
+    ledger is not run again: the answer comes from the ledger and the edit is undone."""
     repo = open_repo(root)
     target = check_candidate(repo, backend)
+    budget = _budget(budget)
     description = " ".join(description.split()) or "(no description)"
+    repeat = find_repeat(repo, backend, budget)
+    if repeat:
+        repo.git.checkout("HEAD", "--", target)
+        val = f"val_bpb={repeat.val_bpb:.6f}" if repeat.status != "crash" else "crashed"
+        return Outcome("repeat", repeat, None, f"RESULT repeat: the same program as commit {repeat.commit} "
+                       f"({repeat.status}, {val}, \"{repeat.description}\"); not run again, edit undone")
     base = repo.head.commit
     repo.index.add([target])
     commit = repo.index.commit(description)
-    return train_and_record(repo, backend, description, base, commit, budget, seed, timeout, on_line)
+    return train_and_record(repo, backend, description, base, commit, budget, seed, timeout, on_line, gate=gate)
+
+
+def verify(root, backend, runs=3, budget=None, seed=1000, timeout=None, on_line=None, gate=Gate()):
+    """Re-run the branch's current best with fresh seeds; say whether its recorded val_bpb holds."""
+    repo = open_repo(root)
+    if repo.head.is_detached or not repo.active_branch.name.startswith(BRANCH_PREFIX):
+        raise Refused("not on a run branch: check out the autoresearch/... branch to verify")
+    if changed_files(repo):
+        raise Refused(f"working tree has uncommitted changes ({', '.join(changed_files(repo))}): commit or stash them first")
+    budget = _budget(budget)
+    key = (repo.active_branch.name, hardware_tag(backend), _profile_name(), budget)
+    best = best_kept(read_ledger(Path(root) / LEDGER_NAME), key)
+    if best is None:
+        raise Refused(f"nothing kept yet on {key[0]} for {backend} at budget {budget:g}s")
+    if not repo.head.commit.hexsha.startswith(best.commit):
+        raise Refused(f"HEAD is not the best kept commit {best.commit}: check it out first")
+    results, samples = [], []
+    for i in range(runs):
+        results.append(_train(root, backend, budget, seed + i, timeout, on_line))
+        if not _ok(results[-1]):
+            break
+        samples.append(results[-1].summary["val_bpb"])
+    if not samples or len(samples) < runs:
+        status, message = "crash", "VERIFY crash: " + _crash_reason(results[-1])
+    else:
+        noise = load_noise(root, *key[1:])
+        sigma = noise["spread"] if noise else None
+        regression = statistics.fmean(samples) - best.val_bpb
+        allowed = gate.k * sigma if sigma is not None else 0.0
+        status = "holds" if regression <= allowed else "regressed"
+        message = (f"VERIFY {status}: recorded {best.val_bpb:.6f}, re-run mean {statistics.fmean(samples):.6f} "
+                   f"(n={len(samples)}), regression {regression:+.6f}, allowed {allowed:.6f}"
+                   + (f" ({gate.k:g} x spread {sigma:.6f})" if sigma is not None else " (no noise floor)"))
+    row = _row(results, samples or [0.0], "verify" if samples else "crash", best.commit,
+               f"verify {best.commit}: {best.description}", backend, budget, seed, key[0], best.config,
+               gate.label(), train_file(backend, root).read_text())
+    if status != "crash":
+        record(repo, row, repo.head.commit)
+    return Outcome(status, row, best, message)

@@ -5,14 +5,14 @@ import os
 import time
 from dataclasses import dataclass, fields
 
-STATUSES = ("keep", "discard", "crash")
+STATUSES = ("keep", "discard", "crash", "verify")  # verify: a re-run of a kept commit, decides nothing
 LEDGER_NAME = "results.tsv"
 
 
 @dataclass
 class Row:
     commit: str
-    val_bpb: float  # 0.0 for a crash, as upstream
+    val_bpb: float  # 0.0 for a crash, as upstream; the mean when several seeds ran
     memory_gb: float
     status: str
     description: str
@@ -30,6 +30,10 @@ class Row:
     gate: str  # the keep rule that decided, e.g. greedy or noise(k=2)
     train_hash: str  # hash of the normalized train.py, for never-repeat
     branch: str  # the run branch, e.g. autoresearch/nov24-mlx-cpu-x86_64-2c-24gb
+    samples: str  # every seed's val_bpb, comma-separated ("-" for a crash)
+
+    def values(self):
+        return [float(v) for v in self.samples.split(",")] if self.samples not in ("", "-") else []
 
     def key(self):
         """Results compare only within one run branch, hardware, eval profile and budget."""
@@ -60,7 +64,7 @@ def parse_row(line, lineno, path):
         raise LedgerError(f"{path}:{lineno}: expected {len(COLUMNS)} tab-separated columns, found {len(parts)}")
     values = {}
     for name, raw in zip(COLUMNS, parts):
-        kind = {"float": float, "int": int}.get(_TYPES[name], str)
+        kind = _TYPES[name]
         try:
             values[name] = kind(raw)
         except ValueError:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from . import train_file
 from .agents import AgentFailed
+from .gate import Gate
 from .experiment import STATE_DIR, Refused, check_candidate, open_repo, run_experiment, state_dir
 from .hardware import hardware_tag
 from .hparams import read_constants
@@ -13,7 +14,7 @@ from .ledger import COLUMNS, LEDGER_NAME, best_kept, format_row, read_ledger
 RECENT_ROWS = 10
 
 
-def build_prompt(root, backend, budget):
+def build_prompt(root, backend, budget, last_turn=None):
     """program.md plus where things stand: the file to edit, the best so far, recent rows, the last crash."""
     root = Path(root)
     repo = open_repo(root)
@@ -34,6 +35,8 @@ def build_prompt(root, backend, budget):
     crash = root / STATE_DIR / "last_crash.log"
     if rows and rows[-1].status == "crash" and crash.exists():
         lines += ["", "The last experiment crashed; the end of its log:", "", crash.read_text()[-3000:]]
+    if last_turn:
+        lines += ["", f"Your previous turn: {last_turn}"]
     lines += ["", f"Edit backends/{backend}/train.py now, then write a one-line description of the change to "
               f"{STATE_DIR}/description. Do not run training yourself: the harness runs it after you exit."]
     return "\n".join(lines)
@@ -53,14 +56,14 @@ def _restore(repo):
 
 
 def run_loop(root, backend, agent, max_experiments=None, budget=None, seed=42, agent_timeout=900,
-             timeout=None, on_event=print, on_line=None):
+             timeout=None, on_event=print, on_line=None, gate=Gate()):
     """Repeat agent edit + experiment until interrupted or max_experiments agent turns. Returns the outcomes."""
     import prepare
 
     root = Path(root)
     repo = open_repo(root)
     budget = float(budget) if budget is not None else prepare.time_budget()
-    outcomes, turn = [], 0
+    outcomes, turn, last_turn = [], 0, None
     log = state_dir(root) / "loop.log"
 
     def event(text):
@@ -74,20 +77,22 @@ def run_loop(root, backend, agent, max_experiments=None, budget=None, seed=42, a
     while max_experiments is None or turn < max_experiments:
         turn += 1
         before = train_file(backend, root).read_text()
-        prompt = build_prompt(root, backend, budget)
+        prompt = build_prompt(root, backend, budget, last_turn)
         started = time.time()
         try:
             description = agent.edit(root, backend, prompt, agent_timeout)
             check_candidate(repo, backend)
         except (AgentFailed, Refused) as e:
+            last_turn = f"no experiment: {e}"
             event(f"turn {turn}: agent {agent.name!r} produced no experiment: {e}")
             _restore(repo)
             continue
         description = description or describe_diff(before, train_file(backend, root).read_text())
         event(f"turn {turn}: agent edited in {time.time() - started:.0f}s: {description}")
         outcome = run_experiment(root, backend, description, budget=budget, seed=seed, timeout=timeout,
-                                 on_line=on_line)
+                                 on_line=on_line, gate=gate)
         outcomes.append(outcome)
+        last_turn = f"{description}: {outcome.message}"
         rows = read_ledger(root / LEDGER_NAME)
         best = best_kept(rows, outcome.row.key())
         event(f"turn {turn}: {outcome.message}" + (f" | best {best.val_bpb:.6f}" if best else ""))

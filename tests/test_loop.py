@@ -63,13 +63,15 @@ def check_ledger_and_branch(root, backend, n_rows):
 
 
 def test_random_loop_mlx_through_the_cli(run_repo):
-    proc = cli(run_repo, "--backend", "mlx", "setup", "--tag", "t1", "--budget", str(BUDGET))
+    proc = cli(run_repo, "--backend", "mlx", "setup", "--tag", "t1", "--budget", str(BUDGET),
+               "--noise-runs", "1")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert proc.stdout.strip().splitlines()[-1].startswith("RESULT keep")
     proc = cli(run_repo, "--backend", "mlx", "loop", "--agent", "random", "-n", "5", "--budget", str(BUDGET))
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "loop ended: 5 experiments" in proc.stdout
-    rows = check_ledger_and_branch(run_repo, "mlx", 6)
+    repeats = int(proc.stdout.split(" repeat")[0].rsplit(" ", 1)[-1])  # never-repeat answers add no row
+    rows = check_ledger_and_branch(run_repo, "mlx", 6 - repeats)
     assert all(" -> " in r.description for r in rows[1:])  # the random agent says what it changed
     assert git.Repo(run_repo).active_branch.name == f"autoresearch/t1-{hardware_tag('mlx')}"
     proc = cli(run_repo, "results")
@@ -77,10 +79,11 @@ def test_random_loop_mlx_through_the_cli(run_repo):
 
 
 def test_random_loop_mps_with_injected_crash(run_repo):
-    setup(run_repo, "t2", "mps", budget=BUDGET)
+    setup(run_repo, "t2", "mps", budget=BUDGET, noise_runs=1)
     outcomes = run_loop(run_repo, "mps", RandomAgent(seed=1), max_experiments=4, budget=BUDGET,
                         on_event=lambda t: None)
     assert len(outcomes) == 4
+    repeats = sum(o.status == "repeat" for o in outcomes)
     kept_source = (run_repo / "backends/mps/train.py").read_text()
     # an agent edit that raises: recorded as a crash with its log tail, and reverted
     injector = run_repo.parent / "inject.py"
@@ -95,12 +98,12 @@ def test_random_loop_mps_with_injected_crash(run_repo):
     assert outcome.status == "crash" and outcome.row.description == "inject a crash"
     assert "injected by agent" in (run_repo / ".autoresearch" / "last_crash.log").read_text()
     assert (run_repo / "backends/mps/train.py").read_text() == kept_source
-    rows = check_ledger_and_branch(run_repo, "mps", 6)
+    rows = check_ledger_and_branch(run_repo, "mps", 6 - repeats)
     assert rows[-1].status == "crash" and rows[-1].val_bpb == 0.0
 
 
 def test_refusals_change_nothing(run_repo):
-    setup(run_repo, "t3", "mlx", budget=BUDGET)
+    setup(run_repo, "t3", "mlx", budget=BUDGET, noise_runs=1)
     repo = git.Repo(run_repo)
     head, ledger = repo.head.commit.hexsha, (run_repo / "results.tsv").read_text()
     train = run_repo / "backends/mlx/train.py"
@@ -121,15 +124,15 @@ def test_refusals_change_nothing(run_repo):
         run_experiment(run_repo, "mps", "wrong backend", budget=BUDGET)
     # setup refuses a dirty tree and an existing branch
     with pytest.raises(Refused, match="uncommitted changes"):
-        setup(run_repo, "t4", "mlx", budget=BUDGET)
+        setup(run_repo, "t4", "mlx", budget=BUDGET, noise_runs=1)
     repo.git.checkout("--", ".")
     with pytest.raises(Refused, match="already exists"):
-        setup(run_repo, "t3", "mlx", budget=BUDGET)
+        setup(run_repo, "t3", "mlx", budget=BUDGET, noise_runs=1)
     assert repo.head.commit.hexsha == head
 
 
 def test_agents_that_do_not_deliver_are_logged_and_skipped(run_repo):
-    setup(run_repo, "t5", "mlx", budget=BUDGET)
+    setup(run_repo, "t5", "mlx", budget=BUDGET, noise_runs=1)
     repo = open_repo(run_repo)
     head = repo.head.commit.hexsha
     events = []
@@ -154,7 +157,7 @@ def test_agents_that_do_not_deliver_are_logged_and_skipped(run_repo):
 def test_prompt_carries_program_best_and_recent_rows(run_repo):
     from autoresearch.loop import build_prompt
 
-    setup(run_repo, "t6", "mlx", budget=BUDGET)
+    setup(run_repo, "t6", "mlx", budget=BUDGET, noise_runs=1)
     prompt = build_prompt(run_repo, "mlx", BUDGET)
     assert "Never stop" in prompt and "backends/mlx/train.py" in prompt
     best = read_ledger(run_repo / "results.tsv")[0]
