@@ -219,6 +219,8 @@ def setup_cmd(
     ctx: typer.Context,
     tag: str = typer.Option(..., "--tag", "-t", help="run name, e.g. nov24; the branch is autoresearch/<tag>-<hardware>"),
     noise_runs: int = typer.Option(3, "--noise-runs", help="baseline seeds, to measure the run-to-run spread"),
+    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="size the model for this hardware first"),
+    force_calibration: bool = typer.Option(False, "--force-calibration", help="measure again, ignoring the cache"),
     budget: Optional[float] = BudgetOption, seed: int = SeedOption, timeout: Optional[float] = TimeoutOption,
     verbose: bool = VerboseOption,
 ):
@@ -228,7 +230,8 @@ def setup_cmd(
     backend = resolve_backend(ctx.obj["backend"])
     budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
     run_with_progress(setup, budget, verbose, root=repo_root(), tag=tag, backend=backend, budget=budget,
-                      seed=seed, timeout=timeout, noise_runs=noise_runs)
+                      seed=seed, timeout=timeout, noise_runs=noise_runs, calibrate=calibrate,
+                      force_calibration=force_calibration)
 
 
 @app.command("run")
@@ -286,6 +289,28 @@ def loop_cmd(
     print(f"loop ended: {len(outcomes)} experiments, " + ", ".join(f"{v} {k}" for k, v in counts.items()))
 
 
+@app.command("calibrate")
+def calibrate_cmd(
+    ctx: typer.Context,
+    force: bool = typer.Option(False, "--force", help="measure again even if this hardware has a cached choice"),
+    budget: Optional[float] = BudgetOption,
+    time_limit: float = typer.Option(60.0, "--time-limit", help="seconds for the whole ladder"),
+):
+    """Measure a ladder of model sizes here and pick the one for the budget (cached per hardware tag)."""
+    from .calibrate import calibrate
+
+    backend = resolve_backend(ctx.obj["backend"])
+    budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
+    try:
+        result, cached = calibrate(backend, root=repo_root(), force=force, budget=budget, time_limit=time_limit,
+                                   on_line=lambda text: console.print(text, highlight=False, markup=False))
+    except RuntimeError as e:
+        fail(str(e))
+    source = f"cached {result.measured_at}; --force to measure again" if cached else f"measured in {result.seconds:g}s"
+    print(f"{result.hardware} ({result.eval_profile} profile, budget {result.budget:g}s): {result.config()} [{source}]")
+    print(result.reason)
+
+
 @app.command("verify")
 def verify_cmd(
     ctx: typer.Context,
@@ -303,28 +328,110 @@ def verify_cmd(
 
 
 @app.command("results")
-def results_cmd(path: Path = typer.Option(Path("results.tsv"), "--ledger", help="ledger file")):
-    """The ledger, grouped by hardware tag."""
-    from rich.table import Table
+def results_cmd(
+    path: Path = typer.Option(Path("results.tsv"), "--ledger", help="ledger file"),
+    as_json: bool = typer.Option(False, "--json", help="a machine-readable summary on stdout"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write the progress chart (PNG) here"),
+    plateau: int = typer.Option(10, "--plateau", help="plateau: no keep in the last K experiments"),
+):
+    """Per hardware (and eval profile, budget, run branch): baseline, best, keep rate, the kept changes,
+    plateau, throughput, noise floor."""
+    import json
 
     from .ledger import LedgerError, read_ledger
+    from .report import ReportError, plot_progress, print_results, results_summary, series_of
 
     try:
         rows = read_ledger(path)
     except LedgerError as e:
         fail(str(e))
     if not rows:
-        fail(f"{path}: no experiments yet")
-    out = Console()
-    for hw in dict.fromkeys(r.hardware for r in rows):
-        table = Table(title=hw, title_justify="left")
-        for col in ("commit", "val_bpb", "memory_gb", "status", "description", "eval_profile", "budget"):
-            table.add_column(col)
-        for r in rows:
-            if r.hardware == hw:
-                table.add_row(r.commit, f"{r.val_bpb:.6f}", f"{r.memory_gb:.1f}", r.status, r.description,
-                              r.eval_profile, f"{r.budget:g}")
-        out.print(table)
+        fail(f"{path}: no experiments yet (set up a run branch: autoresearch setup --tag TAG)")
+    summary = results_summary(rows, plateau, root=path.resolve().parent, ledger=path)
+    if plot is not None:
+        try:
+            plot_progress(series_of(rows), plot)
+        except (ReportError, OSError) as e:
+            fail(str(e))
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print_results(summary, Console())
+        if plot is not None:
+            print(f"chart: {plot}")
+
+
+bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmarks and cross-hardware reports.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("report")
+def bench_report_cmd(
+    sources: List[str] = typer.Argument(..., help="ledger files (results.tsv) or run branches of this repository"),
+    out: Path = typer.Option(Path("report"), "--out", "-o", help="folder for report.md and progress.png"),
+):
+    """Merge ledgers and run branches (their rows from refs/notes/autoresearch) into DIR/report.md and
+    DIR/progress.png: per-hardware table and the findings matrix of kept changes x hardware."""
+    import git
+
+    from .ledger import LedgerError
+    from .report import ReportError, bench_report
+
+    try:
+        repo = git.Repo(Path.cwd(), search_parent_directories=True)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        repo = None
+    try:
+        result = bench_report(sources, out, repo)
+    except (ReportError, LedgerError, OSError) as e:
+        fail(str(e))
+    print(f"{result['report']} ({len(result['rows'])} rows, {len(result['series'])} series, "
+          f"{len(result['matrix'])} kept changes), {result['png']}")
+
+
+@app.command("transfer")
+def transfer_cmd(
+    ctx: typer.Context,
+    from_branch: str = typer.Option(..., "--from", help="the run branch whose kept changes to replay here"),
+    backend_opt: Optional[str] = typer.Option(None, "--backend", "-b", help="the backend here (default: the global --backend)"),
+    budget: Optional[float] = typer.Option(None, "--budget", help="training seconds (default: this run branch's baseline's)"),
+    seed: int = SeedOption, timeout: Optional[float] = TimeoutOption, verbose: bool = VerboseOption,
+    gate: str = GateOption, k: float = KOption, seeds: int = SeedsOption, confidence: float = ConfidenceOption,
+):
+    """Replay another run branch's kept changes (oldest first) as experiments on this run branch."""
+    from rich.table import Table
+
+    from .experiment import EXIT, Refused
+    from .ledger import LedgerError
+    from .transfer import transfer
+
+    backend = resolve_backend(backend_opt or ctx.obj["backend"])
+    budget = budget if budget is not None else ctx.obj["budget"]
+    check_prepared(budget)
+    live = LiveTraining(budget or 300, verbose)
+
+    def on_result(item):
+        live.close()
+        print(f"{item.origin}: {item.outcome}: {item.message}", flush=True)
+
+    try:
+        results = transfer(repo_root(), from_branch, backend, budget=budget, seed=seed, timeout=timeout,
+                           on_line=live.line, gate=make_gate(gate, k, seeds, confidence), on_result=on_result)
+    except (Refused, LedgerError) as e:
+        fail(str(e), code=EXIT["refused"])
+    finally:
+        live.close()
+    table = Table(title=f"transfer from {from_branch}", title_justify="left")
+    for col in ("origin", "change", "outcome", "val_bpb", "commit here"):
+        table.add_column(col)
+    for item in results:
+        ran = item.row is not None and item.outcome in ("keep", "discard", "crash")
+        table.add_row(item.origin, item.description, item.outcome,
+                      f"{item.row.val_bpb:.6f}" if ran and item.outcome != "crash" else "-",
+                      item.row.commit if ran else "-")
+    Console().print(table)
+    if not results:
+        print(f"nothing to transfer: {from_branch} has no kept changes after its baseline")
 
 
 def main():

@@ -12,6 +12,7 @@ import git
 from . import train_file
 from .gate import Gate, decide, load_noise, save_noise, spread
 from .hardware import hardware_tag
+from .hparams import set_constants
 from .ledger import LEDGER_NAME, Row, append_row, best_kept, format_row, now, read_ledger
 from .runner import run_training
 
@@ -193,8 +194,10 @@ def train_and_record(repo, backend, description, base, commit, budget=None, seed
     return Outcome(status, row, best, message + f" commit={short}")
 
 
-def setup(root, tag, backend, budget=None, seed=42, timeout=None, on_line=None, noise_runs=3, gate=Gate()):
-    """Create the run branch autoresearch/<tag>-<hardware> from the current branch and record the baseline,
+def setup(root, tag, backend, budget=None, seed=42, timeout=None, on_line=None, noise_runs=3, gate=Gate(),
+          calibrate=False, force_calibration=False):
+    """Create the run branch autoresearch/<tag>-<hardware> from the current branch, commit the calibrated
+    hyperparameters for this hardware (measured once per hardware, then cached), and record the baseline,
     run with noise_runs seeds to measure the run-to-run spread the noise and seeds gates use."""
     repo = open_repo(root)
     if changed_files(repo):
@@ -207,9 +210,34 @@ def setup(root, tag, backend, budget=None, seed=42, timeout=None, on_line=None, 
     if name in repo.heads:
         raise Refused(f"branch {name} already exists: choose another --tag, or check it out and use `autoresearch run`")
     repo.create_head(name).checkout()
+    config = None
+    if calibrate:
+        config = apply_calibration(repo, backend, budget, force_calibration, on_line)
     head = repo.head.commit
     return train_and_record(repo, backend, "baseline", head, head, budget, seed, timeout, on_line, gate=gate,
-                            baseline=True, noise_runs=max(1, noise_runs))
+                            baseline=True, noise_runs=max(1, noise_runs), config=config)
+
+
+def apply_calibration(repo, backend, budget, force, on_line):
+    """Write this hardware's calibrated sizes into train.py as the run branch's first commit."""
+    from .calibrate import calibrate
+
+    root = Path(repo.working_tree_dir)
+    result, cached = calibrate(backend, root=root, force=force, budget=_budget(budget), on_line=on_line)
+    say = on_line or (lambda text: None)
+    say(f"calibration ({'cached' if cached else 'measured'}): {result.config()} — {result.reason}")
+    path = train_file(backend, root)
+    path.write_text(set_constants(path.read_text(), result.choice))
+    if changed_files(repo):
+        repo.index.add([str(path.relative_to(root))])
+        repo.index.commit(f"calibrate {result.hardware}: {result.config()}")
+    return result.config()
+
+
+def branch_config(root, branch):
+    """The calibrated config the run branch started from (its baseline row's), or None."""
+    rows = [r for r in read_ledger(Path(root) / LEDGER_NAME) if r.branch == branch and r.description == "baseline"]
+    return rows[0].config if rows and rows[0].config != "-" else None
 
 
 def check_candidate(repo, backend):
@@ -253,7 +281,8 @@ def run_experiment(root, backend, description, budget=None, seed=42, timeout=Non
     base = repo.head.commit
     repo.index.add([target])
     commit = repo.index.commit(description)
-    return train_and_record(repo, backend, description, base, commit, budget, seed, timeout, on_line, gate=gate)
+    return train_and_record(repo, backend, description, base, commit, budget, seed, timeout, on_line, gate=gate,
+                            config=branch_config(root, repo.active_branch.name))
 
 
 def verify(root, backend, runs=3, budget=None, seed=1000, timeout=None, on_line=None, gate=Gate()):

@@ -64,7 +64,7 @@ def check_ledger_and_branch(root, backend, n_rows):
 
 def test_random_loop_mlx_through_the_cli(run_repo):
     proc = cli(run_repo, "--backend", "mlx", "setup", "--tag", "t1", "--budget", str(BUDGET),
-               "--noise-runs", "1")
+               "--noise-runs", "1", "--no-calibrate")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert proc.stdout.strip().splitlines()[-1].startswith("RESULT keep")
     proc = cli(run_repo, "--backend", "mlx", "loop", "--agent", "random", "-n", "5", "--budget", str(BUDGET))

@@ -1,0 +1,165 @@
+"""
+Auto-calibration: pick the model size for the time budget on this machine, by measuring.
+
+For a ladder of depths (width from the file's ASPECT_RATIO and HEAD_DIM), train.py runs a few
+real training steps (AUTORESEARCH_CALIBRATE_STEPS: no evaluation) and reports tokens/s, peak
+memory and parameters. From those, the rule below picks the configuration; the rule and its
+constants live here and nowhere else.
+
+The rule:
+  1. predicted tokens = measured tokens/s x budget;
+  2. DEPTH: the deepest rung whose predicted tokens are at least TOKENS_PER_PARAM x its parameter
+     count (upstream's H100 default sees ~10 tokens per parameter in its 5 minutes), whose peak
+     memory stays under MEMORY_FRACTION of the device's memory; the shallowest rung if none does;
+  3. TOTAL_BATCH_SIZE: the power of two nearest predicted tokens / TARGET_STEPS, at least one device
+     batch (upstream: 2**19 tokens a step, ~1000 steps in 5 minutes);
+  4. DEVICE_BATCH_SIZE: the file's, halved until it divides the total batch into whole rows.
+"""
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import repo_root, train_file
+from .hardware import hardware_tag, memory_gb
+from .hparams import read_constants
+from .runner import run_training
+
+TOKENS_PER_PARAM = 10
+TARGET_STEPS = 1000
+MEMORY_FRACTION = 0.8
+DEPTH_LADDER = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24)
+CALIBRATE_STEPS = 3  # timed steps per rung, after the steps train.py excludes as warm-up
+TIME_LIMIT = 60.0  # seconds for the whole ladder; rungs not reached are not measured
+KEYS = ("DEPTH", "TOTAL_BATCH_SIZE", "DEVICE_BATCH_SIZE")
+
+
+@dataclass
+class Rung:
+    depth: int
+    tokens_per_sec: float
+    peak_mb: float
+    params_M: float
+    seconds: float  # wall time of the measurement, startup included
+
+    def predicted_tokens(self, budget):
+        return self.tokens_per_sec * budget
+
+
+@dataclass
+class Calibration:
+    hardware: str
+    eval_profile: str
+    budget: float
+    rungs: list
+    choice: dict  # {DEPTH, TOTAL_BATCH_SIZE, DEVICE_BATCH_SIZE}
+    reason: str
+    measured_at: str
+    seconds: float
+
+    def config(self):
+        return ",".join(f"{k}={self.choice[k]}" for k in KEYS)
+
+
+def cache_path(backend, profile_name, budget):
+    import prepare
+
+    return prepare.cache_dir() / "calibration" / f"{hardware_tag(backend)}-{profile_name}-{budget:g}s.json"
+
+
+def measure(backend, depth, root, budget, memory_limit_mb):
+    """One rung: a few real training steps of train.py at this depth (a temporary copy, nothing edited)."""
+    from .hparams import set_constants
+
+    source = train_file(backend, root).read_text()
+    probe_dir = root / ".autoresearch" / "calibrate" / "backends" / backend
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    (probe_dir / "train.py").write_text(set_constants(source, {"DEPTH": depth}))
+    (probe_dir.parent.parent / "prepare.py").write_bytes((root / "prepare.py").read_bytes())
+    env = dict(os.environ, AUTORESEARCH_CALIBRATE_STEPS=str(CALIBRATE_STEPS))
+    start = time.time()
+    result = run_training(backend, budget=budget, root=probe_dir.parent.parent, env=env,
+                          timeout=max(120.0, TIME_LIMIT * 2))
+    s = result.summary
+    if result.returncode != 0 or s is None or not s.get("tokens_per_sec"):
+        return None, result.tail(5)
+    return Rung(depth, float(s["tokens_per_sec"]), float(s["peak_vram_mb"]), float(s["num_params_M"]),
+                time.time() - start), None
+
+
+def choose(rungs, budget, seq_len, device_batch, memory_limit_mb):
+    """The rule in the module docstring, applied to measured rungs. Returns (choice, reason)."""
+    fits = [r for r in rungs if r.peak_mb <= memory_limit_mb]
+    good = [r for r in fits if r.predicted_tokens(budget) >= TOKENS_PER_PARAM * r.params_M * 1e6]
+    pick = max(good, key=lambda r: r.depth) if good else min(rungs, key=lambda r: r.depth)
+    tokens = pick.predicted_tokens(budget)
+    total = 2 ** round(math.log2(max(tokens / TARGET_STEPS, 1)))
+    total = max(total, seq_len)
+    rows = total // seq_len
+    while device_batch > 1 and (device_batch > rows or rows % device_batch):
+        device_batch //= 2
+    total = max(total, device_batch * seq_len)
+    reason = (f"DEPTH {pick.depth}: {pick.params_M:.2f}M parameters, {pick.tokens_per_sec:,.0f} tokens/s -> "
+              f"{tokens / 1e6:.1f}M tokens in {budget:g}s = {tokens / (pick.params_M * 1e6):.1f} tokens/parameter "
+              f"(rule: deepest with >= {TOKENS_PER_PARAM}); TOTAL_BATCH_SIZE {total} "
+              f"(~{tokens / total:.0f} steps, target {TARGET_STEPS})")
+    if not good:
+        reason = "no rung reaches the rule; the shallowest: " + reason
+    return {"DEPTH": pick.depth, "TOTAL_BATCH_SIZE": total, "DEVICE_BATCH_SIZE": device_batch}, reason
+
+
+def calibrate(backend, root=None, force=False, budget=None, on_line=None, time_limit=TIME_LIMIT):
+    """The cached choice for this hardware, profile and budget, or measure the ladder and choose."""
+    import prepare
+
+    root = Path(root or repo_root())
+    profile = prepare.load_profile()
+    budget = float(budget) if budget is not None else prepare.time_budget(profile)
+    path = cache_path(backend, profile.name, budget)
+    if path.exists() and not force:
+        data = json.loads(path.read_text())
+        data["rungs"] = [Rung(**r) for r in data["rungs"]]
+        return Calibration(**data), True
+    say = on_line or (lambda text: None)
+    constants = read_constants(train_file(backend, root).read_text())
+    memory_limit_mb = MEMORY_FRACTION * device_memory_mb(backend)
+    start, rungs = time.time(), []
+    for depth in DEPTH_LADDER:
+        if time.time() - start > time_limit and rungs:
+            say(f"calibrate: time limit {time_limit:g}s reached before depth {depth}")
+            break
+        rung, error = measure(backend, depth, root, budget, memory_limit_mb)
+        if rung is None:
+            say(f"calibrate: depth {depth} failed ({error.splitlines()[-1] if error else 'no output'}); stopping")
+            break
+        rungs.append(rung)
+        ratio = rung.predicted_tokens(budget) / (rung.params_M * 1e6)
+        say(f"calibrate: depth {depth:2d}  {rung.params_M:7.2f}M params  {rung.tokens_per_sec:10,.0f} tokens/s  "
+            f"{rung.peak_mb:8.0f} MB  {ratio:7.1f} tokens/param  ({rung.seconds:.0f}s)")
+        if ratio < TOKENS_PER_PARAM or rung.peak_mb > memory_limit_mb:
+            break  # deeper rungs are only slower and larger
+    if not rungs:
+        raise RuntimeError(f"calibration of {backend} failed: no rung could train")
+    choice, reason = choose(rungs, budget, profile.seq_len, constants["DEVICE_BATCH_SIZE"], memory_limit_mb)
+    result = Calibration(hardware_tag(backend), profile.name, budget, rungs, choice, reason,
+                         time.strftime("%Y-%m-%dT%H:%M:%S%z"), round(time.time() - start, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = asdict(result)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+    return result, False
+
+
+def device_memory_mb(backend):
+    """Memory a model may use: the GPU's for cuda, else system memory (unified on Apple Silicon)."""
+    if backend == "cuda":
+        from .hardware import cuda_device
+
+        gpu = cuda_device()
+        if gpu:
+            return gpu[1]
+    return memory_gb() * 1024
