@@ -181,12 +181,12 @@ class LiveTraining:
         self.close()
 
 
-def run_with_progress(fn, budget, verbose, **kwargs):
+def run_with_progress(fn, expected, verbose, **kwargs):
     from .experiment import EXIT, Refused
     from .ledger import LedgerError
 
     try:
-        with LiveTraining(budget, verbose) as live:
+        with LiveTraining(expected, verbose) as live:
             outcome = fn(on_line=live.line, **kwargs)
     except (Refused, LedgerError) as e:
         fail(str(e), code=EXIT["refused"])
@@ -334,8 +334,7 @@ def results_cmd(
     plot: Optional[Path] = typer.Option(None, "--plot", help="write the progress chart (PNG) here"),
     plateau: int = typer.Option(10, "--plateau", help="plateau: no keep in the last K experiments"),
 ):
-    """Per hardware (and eval profile, budget, run branch): baseline, best, keep rate, the kept changes,
-    plateau, throughput, noise floor."""
+    """Per hardware, eval profile and budget: baseline, best, keep rate, kept changes, plateau, throughput."""
     import json
 
     from .ledger import LedgerError, read_ledger

@@ -66,11 +66,11 @@ def peak_memory_mb():
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def to_device(array):
+def to_device(array, dev=device):
     """A numpy int32 batch on the device as int64 token ids; pinned + async on GPU so the copy overlaps compute."""
-    t = torch.from_numpy(np.ascontiguousarray(array))
-    if on_gpu:
-        t = t.pin_memory().to(device, non_blocking=True)
+    t = torch.from_numpy(np.array(array, dtype=np.int32))  # a copy: the loader's arrays may be read-only views
+    if dev.type == "cuda":
+        t = t.pin_memory().to(dev, non_blocking=True)
     return t.long()
 
 
@@ -128,11 +128,13 @@ def window_mask(T, window, dev):
 def attention(q, k, v, window):
     """Causal attention with a left window over (B, T, H, D) tensors, scale 1/sqrt(D); returns (B, T, H, D)."""
     T = q.size(1)
-    if fa3 is not None:
-        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))  # FA3 takes bf16 only
+    on_device = q.device.type == device.type  # a model kept on the CPU (the conformance test) stays float32
+    dtype = compute_dtype if on_device else torch.float32
+    q, k, v = (t.to(dtype) for t in (q, k, v))  # one dtype for all three, whatever autocast left them in
+    if fa3 is not None and on_device:  # FA3 (bf16 only) loads only on GPU, where compute_dtype is bf16
         y = fa3.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
         return y[0] if isinstance(y, tuple) else y
-    q, k, v = (t.to(v.dtype).transpose(1, 2) for t in (q, k, v))
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if window >= T - 1:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:
@@ -391,8 +393,8 @@ class MuonAdamW(torch.optim.Optimizer):
             state = self.state[p]
             if not state:
                 state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)  # moments in fp32 even for bf16 tables
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
             state["step"] += 1
             hyper = self._fill(step=state["step"], lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
                                eps=group["eps"], wd=group["weight_decay"])
@@ -474,14 +476,18 @@ def load_weights(model, weights):
     return model
 
 
-def per_token_loss(model, chunk_rows=16):
-    """loss_fn for evaluate_bpb: (b, T) int32 numpy inputs/targets -> (b, T) float32 nats, chunk_rows rows at a time."""
+def per_token_loss(model, rows_per_chunk=None):
+    """loss_fn for evaluate_bpb: (b, T) int32 numpy inputs/targets -> (b, T) float32 nats, computed in chunks
+    of rows_per_chunk rows (default DEVICE_BATCH_SIZE) so memory stays bounded whatever b is."""
+    chunk_rows = rows_per_chunk or DEVICE_BATCH_SIZE
+    dev = next(model.parameters()).device  # the model's own device: the conformance test runs GPU builds on the CPU
 
     @torch.no_grad()
     def loss_fn(inputs, targets):
         out = []
         for start in range(0, len(inputs), chunk_rows):
-            x, y = to_device(inputs[start : start + chunk_rows]), to_device(targets[start : start + chunk_rows])
+            rows = slice(start, start + chunk_rows)
+            x, y = to_device(inputs[rows], dev), to_device(targets[rows], dev)
             with autocast_ctx():
                 loss = model(x, y, reduction="none")
             out.append(loss.float().view(y.shape).cpu().numpy())
@@ -648,7 +654,7 @@ def main():
     if peak_flops and total_training_time > 0:
         print(f"mfu_percent:      {100 * flops_per_token * tokens_per_sec / peak_flops:.2f}")
     print(f"tokens_per_sec:   {tokens_per_sec:.0f}")
-    print(f"total_tokens_M:   {total_tokens / 1e6:.1f}")
+    print(f"total_tokens_M:   {total_tokens / 1e6:.3f}")  # 3 decimals: small CPU runs see thousands of tokens
     print(f"num_steps:        {step}")
     print(f"num_params_M:     {num_params / 1e6:.1f}")
     print(f"depth:            {DEPTH}")
