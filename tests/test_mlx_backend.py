@@ -1,0 +1,255 @@
+"""The MLX backend (backends/mlx/train.py): real training runs on the CPU, and its model against float64 numpy."""
+
+import importlib.util
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+
+import prepare
+from autoresearch.runner import run_training
+from conftest import ROOT, TINY, make_checkout
+
+mx = pytest.importorskip("mlx.core")
+
+STEP_LOSS = re.compile(r"^step (\d+) .*\| loss: ([0-9.eE+-]+|nan|inf) \|")
+# 2 layers with pattern "S": windows S, L (the last is forced to L); a value embedding on layer 1
+SMALL = dict(n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="S")
+
+
+def step_losses(log):
+    return [float(m.group(2)) for m in map(STEP_LOSS.match, log.splitlines()) if m]
+
+
+@pytest.fixture(scope="module")
+def train():
+    """backends/mlx/train.py imported by path: importing defines the model and trains nothing."""
+    spec = importlib.util.spec_from_file_location("mlx_train_under_test", ROOT / "backends" / "mlx" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def small_config(train):
+    profile = prepare.load_profile()
+    return train.GPTConfig(sequence_len=profile.seq_len, vocab_size=profile.vocab_size, **SMALL)
+
+
+def random_weights(train, config, seed=0):
+    """Non-zero random weights for every tensor (the init's zero projections and gates would hide bugs)."""
+    model = train.GPT(config)
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, w in train.export_weights(model).items():
+        if name == "transformer.wte.weight":
+            w = rng.normal(0, 1, w.shape)
+        elif name == "lm_head.weight":
+            w = rng.normal(0, 0.3, w.shape)  # logits of several units: the soft cap bends them
+        elif name in ("resid_lambdas", "x0_lambdas"):
+            w = rng.uniform(0.2, 1.2, w.shape)
+        else:  # every matrix, c_proj and ve_gate included
+            w = rng.uniform(-1, 1, w.shape) * 3**0.5 * w.shape[-1] ** -0.5
+        weights[name] = w.astype(np.float32)
+    return weights
+
+
+def reference_losses(w, config, x, y):
+    """backends/README.md's model in float64 numpy: per-token cross-entropy (B, T) in nats."""
+    w = {k: v.astype(np.float64) for k, v in w.items()}
+    B, T = x.shape
+    L, H, Hkv, d = config.n_layer, config.n_head, config.n_kv_head, config.n_embd
+    D = d // H
+
+    def norm(a):
+        return a / np.sqrt(np.mean(a * a, axis=-1, keepdims=True) + 1e-6)
+
+    theta = np.arange(T)[:, None] * 10000.0 ** (-np.arange(0, D, 2) / D)[None, :]
+    cos, sin = np.cos(theta)[None, :, None, :], np.sin(theta)[None, :, None, :]
+
+    def rotary(a):
+        a1, a2 = a[..., : D // 2], a[..., D // 2 :]
+        return np.concatenate([a1 * cos + a2 * sin, -a1 * sin + a2 * cos], axis=-1)
+
+    pattern = config.window_pattern
+    windows = [config.sequence_len // (1 if pattern[i % len(pattern)] == "L" else 2) for i in range(L)]
+    windows[-1] = config.sequence_len
+    dist = np.arange(T)[:, None] - np.arange(T)[None, :]
+
+    h = norm(w["transformer.wte.weight"][x])
+    h0 = h
+    for i in range(L):
+        p = f"transformer.h.{i}"
+        h = w["resid_lambdas"][i] * h + w["x0_lambdas"][i] * h0
+        a = norm(h)
+        q = (a @ w[f"{p}.attn.c_q.weight"].T).reshape(B, T, H, D)
+        k = (a @ w[f"{p}.attn.c_k.weight"].T).reshape(B, T, Hkv, D)
+        v = (a @ w[f"{p}.attn.c_v.weight"].T).reshape(B, T, Hkv, D)
+        if i % 2 == (L - 1) % 2:
+            gate = 2 / (1 + np.exp(-(a[..., :32] @ w[f"{p}.attn.ve_gate.weight"].T)))
+            v = v + gate[..., None] * w[f"value_embeds.{i}.weight"][x].reshape(B, T, Hkv, D)
+        q, k = norm(rotary(q)), norm(rotary(k))
+        scores = np.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)
+        scores = np.where((dist >= 0) & (dist <= windows[i]), scores, -np.inf)
+        att = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        att /= att.sum(axis=-1, keepdims=True)
+        h = h + np.einsum("bhts,bshd->bthd", att, v).reshape(B, T, d) @ w[f"{p}.attn.c_proj.weight"].T
+        h = h + np.maximum(norm(h) @ w[f"{p}.mlp.c_fc.weight"].T, 0) ** 2 @ w[f"{p}.mlp.c_proj.weight"].T
+    z = 15 * np.tanh(norm(h) @ w["lm_head.weight"].T / 15)
+    top = z.max(axis=-1, keepdims=True)
+    lse = (top + np.log(np.exp(z - top).sum(axis=-1, keepdims=True)))[..., 0]
+    return lse - np.take_along_axis(z, y[..., None], axis=-1)[..., 0]
+
+
+def val_batch(n_rows):
+    rows = np.ascontiguousarray(prepare.get_val_rows()[:n_rows])
+    return rows[:, :-1], rows[:, 1:]
+
+
+def test_trains_evaluates_and_reports(use_cache, tmp_path):
+    root = make_checkout(tmp_path / "project", backends=("mlx",), **TINY)
+    result = run_training("mlx", budget=4, root=root, timeout=240)
+    assert result.returncode == 0, result.tail()
+    s = result.summary
+    assert s is not None, result.tail()
+    assert math.isfinite(s["val_bpb"]) and 0 < s["val_bpb"] < 20
+    assert s["num_steps"] > 1
+    assert (s["backend"], s["device"], s["eval_profile"]) == ("mlx", "cpu", "cpu")
+    assert s["depth"] == TINY["DEPTH"] and s["seed"] == 42 and s["budget_seconds"] == 4
+    assert s["training_seconds"] >= 4 and s["total_seconds"] >= s["training_seconds"]
+    assert s["peak_vram_mb"] > 0 and s["tokens_per_sec"] > 0
+    assert "mfu_percent" not in s  # no known peak rate on a CPU
+    losses = step_losses(result.log)
+    assert len(losses) == s["num_steps"] and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0] - 0.1, f"loss did not go down: {losses}"
+
+
+def test_nan_loss_fails_fast(use_cache, tmp_path):
+    # absurd learning rates overflow the weights within a step or two
+    root = make_checkout(tmp_path / "project", backends=("mlx",), **TINY, MATRIX_LR=1e30, SCALAR_LR=1e30)
+    result = run_training("mlx", budget=30, root=root, timeout=240)
+    assert result.returncode != 0
+    assert any(line.startswith("FAIL") for line in result.log.splitlines()), result.tail()
+    assert result.summary is None
+
+
+def test_calibration_steps_skip_evaluation(use_cache, tmp_path):
+    """AUTORESEARCH_CALIBRATE_STEPS (autoresearch calibrate): a few timed steps, no evaluation, a summary."""
+    root = make_checkout(tmp_path / "project", backends=("mlx",), **TINY)
+    env = dict(os.environ, AUTORESEARCH_CALIBRATE_STEPS="2")
+    result = run_training("mlx", budget=300, root=root, timeout=240, env=env)
+    assert result.returncode == 0, result.tail()
+    s = result.summary
+    assert s is not None and math.isnan(s["val_bpb"]), result.tail()
+    assert s["num_steps"] == 3 and s["tokens_per_sec"] > 0 and s["peak_vram_mb"] > 0
+
+
+def test_losses_match_float64_reference(train, use_cache):
+    config = small_config(train)
+    weights = random_weights(train, config)
+    model = train.load_weights(train.GPT(config), weights)
+    exported = train.export_weights(model)
+    assert exported.keys() == weights.keys()
+    assert all(np.array_equal(exported[k], weights[k]) and exported[k].dtype == np.float32 for k in weights)
+    x, y = val_batch(3)
+    expected = reference_losses(weights, config, x, y)
+    assert 2 < expected.mean() < 20 and expected.std() > 0.5  # a model that actually predicts something
+    got = train.per_token_loss(model, 2)(x, y)
+    assert got.shape == y.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_custom_backward_matches_autodiff(train, use_cache):
+    """softcap_cross_entropy's hand-written vjp against autodiff through tanh and logsumexp."""
+    rng = np.random.default_rng(1)
+    logits = mx.array(rng.normal(0, 8, (3, 5, 97)).astype(np.float32))
+    targets = mx.array(rng.integers(0, 97, (3, 5)).astype(np.int32))
+    weight = mx.array(rng.uniform(0.5, 1.5, (3, 5)).astype(np.float32))  # uneven cotangents
+
+    def plain(z):
+        z = 15 * mx.tanh(z / 15)
+        return mx.sum(weight * (mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, targets[..., None], -1)[..., 0]))
+
+    def custom(z):
+        return mx.sum(weight * train.softcap_cross_entropy(z, targets)[0])
+
+    np.testing.assert_allclose(custom(logits).item(), plain(logits).item(), rtol=1e-5)
+    np.testing.assert_allclose(np.array(mx.grad(custom)(logits)), np.array(mx.grad(plain)(logits)), rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_step_matches_eager(train, use_cache):
+    """The compiled training step (state carried through mx.compile) updates exactly like the eager one."""
+    config = small_config(train)
+    weights = random_weights(train, config)
+    x, y = val_batch(4)
+    x, y = mx.array(x.reshape(2, 2, -1)), mx.array(y.reshape(2, 2, -1))  # two micro-batches of two rows
+    results = []
+    for compiled in (False, True):
+        model = train.load_weights(train.GPT(config), weights)
+        optimizer = train.setup_optimizer(model, 0.004, 0.6, 0.04, 0.2, (0.8, 0.95), 0.5)
+        train.use_compile = compiled
+        try:
+            step = train.make_train_step(model, optimizer, grad_accum_steps=2)
+        finally:
+            train.use_compile = True
+        losses = [step(x, y, mx.array(lrm), mx.array(0.85), mx.array(0.2)).item() for lrm in (1.0, 0.5, 0.25)]
+        results.append((losses, train.export_weights(model)))
+    (eager_losses, eager_w), (compiled_losses, compiled_w) = results
+    np.testing.assert_allclose(compiled_losses, eager_losses, rtol=1e-5)
+    assert eager_losses[-1] < eager_losses[0]
+    for name in eager_w:
+        assert not np.array_equal(eager_w[name], weights[name]), f"{name} was not updated"
+        np.testing.assert_allclose(compiled_w[name], eager_w[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_gradient_accumulation_keeps_memory_bounded(train, use_cache):
+    """Micro-batches run one after another inside the compiled step: 4 of them need about the memory of 1."""
+    config = small_config(train)
+    weights = random_weights(train, config)
+    rows_x, rows_y = val_batch(8)
+    extra = {}
+    for n in (1, 4):
+        model = train.load_weights(train.GPT(config), weights)
+        optimizer = train.setup_optimizer(model, 0.004, 0.6, 0.04, 0.2, (0.8, 0.95), 0.5)
+        step = train.make_train_step(model, optimizer, grad_accum_steps=n)
+        x, y = mx.array(rows_x[: 2 * n].reshape(n, 2, -1)), mx.array(rows_y[: 2 * n].reshape(n, 2, -1))
+        args = (x, y, mx.array(1.0), mx.array(0.85), mx.array(0.2))
+        mx.eval(step(*args), model.parameters(), optimizer.state)  # compiles
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        mx.eval(step(*args), model.parameters(), optimizer.state)
+        extra[n] = mx.get_peak_memory() - before
+    assert extra[4] < 1.5 * extra[1], extra
+
+
+def test_bpb_does_not_depend_on_eval_batch_size(train, use_cache, monkeypatch):
+    rows = np.array(prepare.get_val_rows()[:48])  # a slice keeps this fast without an optimized BLAS in-process
+    monkeypatch.setattr(prepare, "get_val_rows", lambda: rows)
+    config = small_config(train)
+    model = train.load_weights(train.GPT(config), random_weights(train, config, seed=2))
+    loss_fn = train.per_token_loss(model)  # chunks of DEVICE_BATCH_SIZE rows: 7-row batches split differently
+    a, b = prepare.evaluate_bpb(loss_fn, 16), prepare.evaluate_bpb(loss_fn, 7)
+    assert math.isfinite(a) and a > 0
+    assert abs(a - b) <= 1e-6 * a
+
+
+def test_bf16_compute_path_runs_and_agrees(train, use_cache):
+    """The GPU precision path (bf16 activations over float32 weights), exercised on the CPU."""
+    config = small_config(train)
+    model = train.load_weights(train.GPT(config), random_weights(train, config))
+    x, y = val_batch(2)
+    fp32 = train.per_token_loss(model)(x, y)
+    train.compute_dtype = mx.bfloat16
+    try:
+        bf16 = train.per_token_loss(model)(x, y)
+        optimizer = train.setup_optimizer(model, 0.004, 0.6, 0.04, 0.2, (0.8, 0.95), 0.5)
+        train.use_compile = False  # compiled CPU kernels for bf16 would first have to be built
+        step = train.make_train_step(model, optimizer, grad_accum_steps=1)
+        loss = step(mx.array(x[None]), mx.array(y[None]), mx.array(1.0), mx.array(0.85), mx.array(0.2))
+        mx.eval(loss, model.parameters())
+    finally:
+        train.compute_dtype, train.use_compile = mx.float32, True
+    assert bf16.dtype == np.float32 and math.isfinite(loss.item())
+    assert abs(bf16.mean() - fp32.mean()) < 0.02 * fp32.mean()
+    assert all(v.dtype == np.float32 for v in train.export_weights(model).values())  # master weights stay float32
