@@ -551,6 +551,7 @@ def main():
         torch.set_float32_matmul_precision("high")  # TF32 for any matmul left in float32
     profile = load_profile()
     budget = time_budget(profile)
+    calibrate_steps = int(os.environ.get("AUTORESEARCH_CALIBRATE_STEPS", "0"))  # autoresearch calibrate: time, no eval
     seq_len = profile.seq_len
     tokenizer = Tokenizer.from_directory()
     vocab_size = tokenizer.get_vocab_size()
@@ -633,7 +634,7 @@ def main():
         elif (step + 1) % 5000 == 0:
             gc.collect()
         step += 1
-        if step > exclude_steps and total_training_time >= budget:
+        if step > exclude_steps and (total_training_time >= budget or step - exclude_steps == calibrate_steps):
             break
 
     counted_steps = step - exclude_steps
@@ -642,7 +643,7 @@ def main():
 
     model.eval()
     t_eval = time.time()
-    val_bpb = evaluate_bpb(per_token_loss(train_model, DEVICE_BATCH_SIZE), DEVICE_BATCH_SIZE)
+    val_bpb = evaluate_bpb(per_token_loss(train_model, DEVICE_BATCH_SIZE), DEVICE_BATCH_SIZE) if not calibrate_steps else float("nan")
     t_end = time.time()
     print(f"startup: {t_start_training - t_start:.1f}s | evaluation: {t_end - t_eval:.1f}s")
 
@@ -656,7 +657,7 @@ def main():
     print(f"tokens_per_sec:   {tokens_per_sec:.0f}")
     print(f"total_tokens_M:   {total_tokens / 1e6:.3f}")  # 3 decimals: small CPU runs see thousands of tokens
     print(f"num_steps:        {step}")
-    print(f"num_params_M:     {num_params / 1e6:.1f}")
+    print(f"num_params_M:     {num_params / 1e6:.3f}")
     print(f"depth:            {DEPTH}")
     print("backend:          cuda")
     print(f"device:           {device_name()}")

@@ -624,9 +624,9 @@ def main():
     if peak_flops and total_training_time > 0:
         print(f"mfu_percent:      {100 * flops_per_token * tokens_per_sec / peak_flops:.2f}")
     print(f"tokens_per_sec:   {tokens_per_sec:.0f}")
-    print(f"total_tokens_M:   {total_tokens / 1e6:.1f}")
+    print(f"total_tokens_M:   {total_tokens / 1e6:.3f}")  # 3 decimals: small CPU runs see thousands of tokens
     print(f"num_steps:        {step}")
-    print(f"num_params_M:     {num_params / 1e6:.1f}")
+    print(f"num_params_M:     {num_params / 1e6:.3f}")
     print(f"depth:            {DEPTH}")
     print("backend:          mlx")
     print(f"device:           {device_name()}")
