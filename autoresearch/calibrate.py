@@ -8,11 +8,15 @@ constants live here and nowhere else.
 
 The rule:
   1. predicted tokens = measured tokens/s x budget;
-  2. DEPTH: the deepest rung whose predicted tokens are at least TOKENS_PER_PARAM x its parameter
-     count (upstream's H100 default sees ~10 tokens per parameter in its 5 minutes), whose peak
-     memory stays under MEMORY_FRACTION of the device's memory; the shallowest rung if none does;
-  3. TOTAL_BATCH_SIZE: the power of two nearest predicted tokens / TARGET_STEPS, at least one device
-     batch (upstream: 2**19 tokens a step, ~1000 steps in 5 minutes);
+  2. DEPTH: the deepest rung whose predicted tokens are at least TOKENS_PER_PARAM x its
+     non-embedding parameters (12 d^2 per layer, Kaplan's convention: embeddings are lookups, and in
+     small models they would swamp the count) and whose peak memory stays under MEMORY_FRACTION of
+     the device's memory; the shallowest rung if none does. Upstream's H100 default (depth 8, d 512,
+     25M non-embedding parameters, ~500M tokens in 5 minutes) sits at ~20 tokens per parameter,
+     Chinchilla's ratio;
+  3. TOTAL_BATCH_SIZE: the power of two nearest predicted tokens / TARGET_STEPS (upstream: 2**19
+     tokens a step, ~1000 steps in 5 minutes), but never below the file's device batch, the batch
+     the throughput was measured at (smaller steps would not reach it);
   4. DEVICE_BATCH_SIZE: the file's, halved until it divides the total batch into whole rows.
 """
 
@@ -28,7 +32,7 @@ from .hardware import hardware_tag, memory_gb
 from .hparams import read_constants
 from .runner import run_training
 
-TOKENS_PER_PARAM = 10
+TOKENS_PER_PARAM = 20
 TARGET_STEPS = 1000
 MEMORY_FRACTION = 0.8
 DEPTH_LADDER = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24)
@@ -40,13 +44,21 @@ KEYS = ("DEPTH", "TOTAL_BATCH_SIZE", "DEVICE_BATCH_SIZE")
 @dataclass
 class Rung:
     depth: int
+    model_dim: int
     tokens_per_sec: float
     peak_mb: float
-    params_M: float
+    params_M: float  # all parameters, as train.py reports them
     seconds: float  # wall time of the measurement, startup included
 
     def predicted_tokens(self, budget):
         return self.tokens_per_sec * budget
+
+    def scaling_params(self):
+        """Non-embedding parameters: attention 4 d^2 and MLP 8 d^2 per layer."""
+        return 12 * self.model_dim**2 * self.depth
+
+    def tokens_per_param(self, budget):
+        return self.predicted_tokens(budget) / self.scaling_params()
 
 
 @dataclass
@@ -86,24 +98,26 @@ def measure(backend, depth, root, budget, memory_limit_mb):
     s = result.summary
     if result.returncode != 0 or s is None or not s.get("tokens_per_sec"):
         return None, result.tail(5)
-    return Rung(depth, float(s["tokens_per_sec"]), float(s["peak_vram_mb"]), float(s["num_params_M"]),
+    constants = read_constants(source)
+    model_dim = math.ceil(depth * constants["ASPECT_RATIO"] / constants["HEAD_DIM"]) * constants["HEAD_DIM"]
+    return Rung(depth, model_dim, float(s["tokens_per_sec"]), float(s["peak_vram_mb"]), float(s["num_params_M"]),
                 time.time() - start), None
 
 
 def choose(rungs, budget, seq_len, device_batch, memory_limit_mb):
     """The rule in the module docstring, applied to measured rungs. Returns (choice, reason)."""
     fits = [r for r in rungs if r.peak_mb <= memory_limit_mb]
-    good = [r for r in fits if r.predicted_tokens(budget) >= TOKENS_PER_PARAM * r.params_M * 1e6]
+    good = [r for r in fits if r.tokens_per_param(budget) >= TOKENS_PER_PARAM]
     pick = max(good, key=lambda r: r.depth) if good else min(rungs, key=lambda r: r.depth)
     tokens = pick.predicted_tokens(budget)
     total = 2 ** round(math.log2(max(tokens / TARGET_STEPS, 1)))
-    total = max(total, seq_len)
+    total = max(total, device_batch * seq_len)
     rows = total // seq_len
     while device_batch > 1 and (device_batch > rows or rows % device_batch):
         device_batch //= 2
-    total = max(total, device_batch * seq_len)
-    reason = (f"DEPTH {pick.depth}: {pick.params_M:.2f}M parameters, {pick.tokens_per_sec:,.0f} tokens/s -> "
-              f"{tokens / 1e6:.1f}M tokens in {budget:g}s = {tokens / (pick.params_M * 1e6):.1f} tokens/parameter "
+    reason = (f"DEPTH {pick.depth}: {pick.scaling_params() / 1e6:.2f}M non-embedding parameters, "
+              f"{pick.tokens_per_sec:,.0f} tokens/s -> {tokens / 1e6:.1f}M tokens in {budget:g}s = "
+              f"{pick.tokens_per_param(budget):.1f} tokens/parameter "
               f"(rule: deepest with >= {TOKENS_PER_PARAM}); TOTAL_BATCH_SIZE {total} "
               f"(~{tokens / total:.0f} steps, target {TARGET_STEPS})")
     if not good:
@@ -136,8 +150,9 @@ def calibrate(backend, root=None, force=False, budget=None, on_line=None, time_l
             say(f"calibrate: depth {depth} failed ({error.splitlines()[-1] if error else 'no output'}); stopping")
             break
         rungs.append(rung)
-        ratio = rung.predicted_tokens(budget) / (rung.params_M * 1e6)
-        say(f"calibrate: depth {depth:2d}  {rung.params_M:7.2f}M params  {rung.tokens_per_sec:10,.0f} tokens/s  "
+        ratio = rung.tokens_per_param(budget)
+        say(f"calibrate: depth {depth:2d}  d {rung.model_dim:4d}  {rung.scaling_params() / 1e6:7.2f}M non-embedding "
+            f"params  {rung.tokens_per_sec:10,.0f} tokens/s  "
             f"{rung.peak_mb:8.0f} MB  {ratio:7.1f} tokens/param  ({rung.seconds:.0f}s)")
         if ratio < TOKENS_PER_PARAM or rung.peak_mb > memory_limit_mb:
             break  # deeper rungs are only slower and larger

@@ -4,13 +4,16 @@ import importlib.util
 import math
 import os
 import re
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 
 import prepare
 from autoresearch.runner import run_training
+import reference
 from conftest import ROOT, TINY, make_checkout
+from reference import val_batch
 
 mx = pytest.importorskip("mlx.core")
 
@@ -38,73 +41,11 @@ def small_config(train):
 
 
 def random_weights(train, config, seed=0):
-    """Non-zero random weights for every tensor (the init's zero projections and gates would hide bugs)."""
-    model = train.GPT(config)
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for name, w in train.export_weights(model).items():
-        if name == "transformer.wte.weight":
-            w = rng.normal(0, 1, w.shape)
-        elif name == "lm_head.weight":
-            w = rng.normal(0, 0.3, w.shape)  # logits of several units: the soft cap bends them
-        elif name in ("resid_lambdas", "x0_lambdas"):
-            w = rng.uniform(0.2, 1.2, w.shape)
-        else:  # every matrix, c_proj and ve_gate included
-            w = rng.uniform(-1, 1, w.shape) * 3**0.5 * w.shape[-1] ** -0.5
-        weights[name] = w.astype(np.float32)
-    return weights
+    return reference.random_weights(asdict(config), seed)
 
 
 def reference_losses(w, config, x, y):
-    """backends/README.md's model in float64 numpy: per-token cross-entropy (B, T) in nats."""
-    w = {k: v.astype(np.float64) for k, v in w.items()}
-    B, T = x.shape
-    L, H, Hkv, d = config.n_layer, config.n_head, config.n_kv_head, config.n_embd
-    D = d // H
-
-    def norm(a):
-        return a / np.sqrt(np.mean(a * a, axis=-1, keepdims=True) + 1e-6)
-
-    theta = np.arange(T)[:, None] * 10000.0 ** (-np.arange(0, D, 2) / D)[None, :]
-    cos, sin = np.cos(theta)[None, :, None, :], np.sin(theta)[None, :, None, :]
-
-    def rotary(a):
-        a1, a2 = a[..., : D // 2], a[..., D // 2 :]
-        return np.concatenate([a1 * cos + a2 * sin, -a1 * sin + a2 * cos], axis=-1)
-
-    pattern = config.window_pattern
-    windows = [config.sequence_len // (1 if pattern[i % len(pattern)] == "L" else 2) for i in range(L)]
-    windows[-1] = config.sequence_len
-    dist = np.arange(T)[:, None] - np.arange(T)[None, :]
-
-    h = norm(w["transformer.wte.weight"][x])
-    h0 = h
-    for i in range(L):
-        p = f"transformer.h.{i}"
-        h = w["resid_lambdas"][i] * h + w["x0_lambdas"][i] * h0
-        a = norm(h)
-        q = (a @ w[f"{p}.attn.c_q.weight"].T).reshape(B, T, H, D)
-        k = (a @ w[f"{p}.attn.c_k.weight"].T).reshape(B, T, Hkv, D)
-        v = (a @ w[f"{p}.attn.c_v.weight"].T).reshape(B, T, Hkv, D)
-        if i % 2 == (L - 1) % 2:
-            gate = 2 / (1 + np.exp(-(a[..., :32] @ w[f"{p}.attn.ve_gate.weight"].T)))
-            v = v + gate[..., None] * w[f"value_embeds.{i}.weight"][x].reshape(B, T, Hkv, D)
-        q, k = norm(rotary(q)), norm(rotary(k))
-        scores = np.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)
-        scores = np.where((dist >= 0) & (dist <= windows[i]), scores, -np.inf)
-        att = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        att /= att.sum(axis=-1, keepdims=True)
-        h = h + np.einsum("bhts,bshd->bthd", att, v).reshape(B, T, d) @ w[f"{p}.attn.c_proj.weight"].T
-        h = h + np.maximum(norm(h) @ w[f"{p}.mlp.c_fc.weight"].T, 0) ** 2 @ w[f"{p}.mlp.c_proj.weight"].T
-    z = 15 * np.tanh(norm(h) @ w["lm_head.weight"].T / 15)
-    top = z.max(axis=-1, keepdims=True)
-    lse = (top + np.log(np.exp(z - top).sum(axis=-1, keepdims=True)))[..., 0]
-    return lse - np.take_along_axis(z, y[..., None], axis=-1)[..., 0]
-
-
-def val_batch(n_rows):
-    rows = np.ascontiguousarray(prepare.get_val_rows()[:n_rows])
-    return rows[:, :-1], rows[:, 1:]
+    return reference.reference_losses(w, asdict(config), x, y)
 
 
 def test_trains_evaluates_and_reports(use_cache, tmp_path):
