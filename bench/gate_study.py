@@ -12,7 +12,6 @@ experiments under each gate, then `verify` of each branch's best with 3 fresh se
 
 import argparse
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -88,7 +87,7 @@ def main():
         print(f"| {gates[name].label()} | {s['spread']:.4f} | {s['baseline']:.4f} | {s['experiments']} | {s['keeps']} | "
               f"{s['best']:.4f} | {s['rerun']:.4f} ({s['rerun_samples']}) | {s['rerun'] - s['best']:+.4f} | "
               f"{s['verdict']} | {s['minutes']:.1f} |")
-    print(f"\nRegression = re-run mean minus the recorded best (positive: the recorded best was optimistic). "
+    print("\nRegression = re-run mean minus the recorded best (positive: the recorded best was optimistic). "
           f"Improvement over baseline that holds on re-run: " + ", ".join(
               f"{name} {s['baseline'] - s['rerun']:+.4f}" for name, s in summary.items()) + ".")
     print(f"\nReproduce: `AUTORESEARCH_CACHE=<cpu-profile cache of ../shared/data/mixed-en> python bench/gate_study.py "
