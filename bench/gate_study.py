@@ -88,7 +88,7 @@ def main():
               f"{s['best']:.4f} | {s['rerun']:.4f} ({s['rerun_samples']}) | {s['rerun'] - s['best']:+.4f} | "
               f"{s['verdict']} | {s['minutes']:.1f} |")
     print("\nRegression = re-run mean minus the recorded best (positive: the recorded best was optimistic). "
-          f"Improvement over baseline that holds on re-run: " + ", ".join(
+          "Improvement over baseline that holds on re-run: " + ", ".join(
               f"{name} {s['baseline'] - s['rerun']:+.4f}" for name, s in summary.items()) + ".")
     print(f"\nReproduce: `AUTORESEARCH_CACHE=<cpu-profile cache of ../shared/data/mixed-en> python bench/gate_study.py "
           f"--backend {args.backend} --budget {args.budget:g} -n {args.experiments} --agent-seed {args.agent_seed}`")
