@@ -420,6 +420,9 @@ def transfer_cmd(
         fail(str(e), code=EXIT["refused"])
     finally:
         live.close()
+    if not results:
+        print(f"nothing to transfer: {from_branch} has no kept changes after its baseline")
+        return
     table = Table(title=f"transfer from {from_branch}", title_justify="left")
     for col in ("origin", "change", "outcome", "val_bpb", "commit here"):
         table.add_column(col)
@@ -429,8 +432,6 @@ def transfer_cmd(
                       f"{item.row.val_bpb:.6f}" if ran and item.outcome != "crash" else "-",
                       item.row.commit if ran else "-")
     Console().print(table)
-    if not results:
-        print(f"nothing to transfer: {from_branch} has no kept changes after its baseline")
 
 
 def main():

@@ -1,0 +1,616 @@
+"""Results analysis: per-hardware summaries of a ledger, the progress chart, the cross-hardware bench report.
+
+Results compare only like with like: one series is one run branch on one hardware tag with one eval
+profile and budget (Row.key()). Nothing here ranks series of different eval profiles or budgets
+against each other; where a report shows several side by side it says so in a note.
+"""
+
+import math
+import re
+import statistics
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from .ledger import LedgerError, format_row, parse_row, read_ledger
+
+NOTES_REF = "autoresearch"  # as experiment.NOTES_REF: every row is also a note on its commit
+PLATEAU_K = 10
+TRANSFER = re.compile(r"^transfer ([0-9a-f]{4,40}): (.*)$")
+LABEL_CHARS = 48  # kept-point labels on the chart are shortened to this
+MIN_INTERVALS = 3  # experiments/hour and overhead need this many gaps between rows of a series
+
+
+class ReportError(Exception):
+    """A source cannot be read or holds nothing to report; the message says which and why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Series: the rows of one (run branch, hardware, eval profile, budget)
+
+
+@dataclass
+class Series:
+    hardware: str
+    eval_profile: str
+    budget: float
+    branch: str
+    rows: list = field(default_factory=list)  # in order, verify rows included
+
+    @property
+    def backend(self):
+        return self.rows[0].backend
+
+    @property
+    def experiments(self):
+        """Every row that is an experiment (baseline included); verify rows re-run a keep and decide nothing."""
+        return [r for r in self.rows if r.status != "verify"]
+
+    @property
+    def baseline(self):
+        kept = [r for r in self.experiments if r.status == "keep"]
+        named = [r for r in kept if r.description == "baseline"]
+        return (named or kept or [None])[0]
+
+    @property
+    def kept(self):
+        """Kept experiments after the baseline, in order."""
+        base = self.baseline
+        rows = self.experiments
+        start = rows.index(base) + 1 if base is not None else 0
+        return [r for r in rows[start:] if r.status == "keep" and math.isfinite(r.val_bpb)]
+
+    @property
+    def trials(self):
+        """Experiments after the baseline: what the keep rate counts."""
+        base = self.baseline
+        rows = self.experiments
+        return rows[rows.index(base) + 1:] if base is not None else rows
+
+    @property
+    def best(self):
+        """The lowest kept val_bpb (the earliest of a tie), baseline included."""
+        kept = [r for r in self.experiments if r.status == "keep" and math.isfinite(r.val_bpb)]
+        return min(kept, key=lambda r: r.val_bpb) if kept else None
+
+    @property
+    def config(self):
+        base = self.baseline or self.rows[0]
+        return base.config
+
+
+def series_of(rows):
+    """Rows grouped by (hardware, eval profile, budget, run branch), in order of first appearance."""
+    groups = {}
+    for r in rows:
+        key = (r.hardware, r.eval_profile, r.budget, r.branch)
+        if key not in groups:
+            groups[key] = Series(*key)
+        groups[key].rows.append(r)
+    return list(groups.values())
+
+
+def comparability_notes(series):
+    """What a reader must know before looking at several series side by side."""
+    notes = []
+    profiles = sorted({s.eval_profile for s in series})
+    if len(profiles) > 1:
+        notes.append(f"different eval profiles ({', '.join(profiles)}): val_bpb is measured differently under "
+                     "each, so results of different profiles are not ranked against each other")
+    budgets = sorted({s.budget for s in series})
+    if len(budgets) > 1:
+        notes.append(f"different training budgets ({', '.join(f'{b:g}s' for b in budgets)}): results of "
+                     "different budgets are not ranked against each other")
+    for hw in dict.fromkeys(s.hardware for s in series):
+        same = [s for s in series if s.hardware == hw]
+        if len(same) > 1:
+            differ = [what for what, attr in (("run branches", "branch"), ("eval profiles", "eval_profile"),
+                                              ("budgets", "budget"))
+                      if len({getattr(s, attr) for s in same}) > 1]
+            notes.append(f"{hw} has {len(same)} series (different {' and '.join(differ)}): each has its own "
+                         "baseline, and keep/discard compared results within one series only")
+    return notes
+
+
+def _r(value, digits=6):
+    return None if value is None else round(float(value), digits)
+
+
+def throughput(row):
+    """Training tokens per second of a row, or None where the ledger lacks the numbers."""
+    if row is None or row.tokens <= 0 or row.training_seconds <= 0:
+        return None
+    return round(row.tokens / row.training_seconds, 1)
+
+
+def summarize(s, plateau_k=PLATEAU_K, root=None):
+    """One series as a JSON-ready dict with fixed keys (see `autoresearch results --json`)."""
+    base, best, trials = s.baseline, s.best, s.trials
+    counts = {status: sum(r.status == status for r in trials) for status in ("keep", "discard", "crash")}
+    counts = {"experiments": len(trials), **counts, "verify": sum(r.status == "verify" for r in s.rows)}
+    kept, prev = [], base
+    for r in s.kept:
+        kept.append({"commit": r.commit, "description": r.description, "val_bpb": _r(r.val_bpb),
+                     "delta": _r(r.val_bpb - prev.val_bpb) if prev is not None else None})
+        prev = r
+    experiments = s.experiments
+    keeps = [i for i, r in enumerate(experiments) if r.status == "keep"]
+    since = len(experiments) - 1 - keeps[-1] if keeps else len(experiments)
+    improvement = None
+    if base is not None and best is not None:
+        gain = base.val_bpb - best.val_bpb
+        improvement = {"abs": _r(gain), "pct": _r(100 * gain / base.val_bpb, 4) if base.val_bpb else None}
+    noise = None
+    if root is not None:
+        from .gate import load_noise
+
+        stored = load_noise(root, s.hardware, s.eval_profile, s.budget)
+        if stored and stored.get("spread") is not None:
+            noise = {"spread": _r(stored["spread"]), "runs": len(stored.get("samples", [])),
+                     "commit": stored.get("commit")}
+            if improvement and stored["spread"] > 0:
+                noise["improvement_in_spreads"] = _r(improvement["abs"] / stored["spread"], 2)
+    return {
+        "hardware": s.hardware, "backend": s.backend, "eval_profile": s.eval_profile, "budget": s.budget,
+        "branch": s.branch, "config": s.config,
+        "baseline": {"commit": base.commit, "val_bpb": _r(base.val_bpb)} if base else None,
+        "best": {"commit": best.commit, "val_bpb": _r(best.val_bpb), "description": best.description,
+                 "memory_gb": best.memory_gb, "training_seconds": best.training_seconds, "tokens": best.tokens,
+                 "tokens_per_sec": throughput(best), "num_params_M": best.num_params_M} if best else None,
+        "improvement": improvement,
+        "counts": counts,
+        "keep_rate": _r(counts["keep"] / len(trials), 4) if trials else None,
+        "kept": kept,
+        "plateau": {"k": plateau_k, "since_last_keep": since, "plateau": since >= plateau_k},
+        "noise": noise,
+    }
+
+
+def results_summary(rows, plateau_k=PLATEAU_K, root=None, ledger=None):
+    """`autoresearch results --json`: {ledger, plateau_k, groups: [one per series], notes}."""
+    series = series_of(rows)
+    return {"ledger": str(ledger) if ledger is not None else None, "plateau_k": plateau_k,
+            "groups": [summarize(s, plateau_k, root) for s in series], "notes": comparability_notes(series)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Text output (rich)
+
+
+def _fmt(value, spec=".6f", none="-"):
+    return none if value is None else format(value, spec)
+
+
+def print_results(summary, console):
+    from rich.table import Table
+
+    for g in summary["groups"]:
+        console.print(f"[bold]{g['hardware']}[/bold]  {g['backend']} · profile {g['eval_profile']} · "
+                      f"budget {g['budget']:g}s · {g['branch']}", highlight=False, soft_wrap=True)
+        grid = Table(show_header=False, box=None, padding=(0, 2))
+        grid.add_column(style="bold")
+        grid.add_column()
+        base, best, imp, c = g["baseline"], g["best"], g["improvement"], g["counts"]
+        if g["config"] not in (None, "-"):
+            grid.add_row("config", g["config"])
+        grid.add_row("baseline", f"{base['val_bpb']:.6f} ({base['commit']})" if base else "-")
+        grid.add_row("best", f"{best['val_bpb']:.6f} ({best['commit']}: {best['description']})" if best else "-")
+        if imp:
+            grid.add_row("improvement", f"{imp['abs']:.6f} ({_fmt(imp['pct'], '.2f')}%)")
+        rate = f", keep rate {g['keep_rate'] * 100:.1f}%" if g["keep_rate"] is not None else ""
+        grid.add_row("experiments", f"{c['experiments']}: {c['keep']} keep, {c['discard']} discard, "
+                     f"{c['crash']} crash{rate}" + (f" (+{c['verify']} verify)" if c["verify"] else ""))
+        p = g["plateau"]
+        grid.add_row("plateau", (f"yes: no keep in the last {p['since_last_keep']} experiments (K={p['k']})"
+                                 if p["plateau"] else f"no ({p['since_last_keep']} since the last keep, K={p['k']})"))
+        if best:
+            tps = best["tokens_per_sec"]
+            grid.add_row("best's run", f"{_fmt(tps, ',.0f', 'n/a')} tokens/s, {best['memory_gb']:.1f} GB, "
+                         f"{best['num_params_M']:g}M params, {best['training_seconds']:g}s training")
+        n = g["noise"]
+        if n:
+            extra = f", improvement = {n['improvement_in_spreads']:g} x spread" if "improvement_in_spreads" in n else ""
+            grid.add_row("noise floor", f"spread {n['spread']:.6f} over {n['runs']} seeds{extra}")
+        console.print(grid)
+        if g["kept"]:
+            table = Table(title="kept changes", title_justify="left")
+            for col, kw in (("#", {"justify": "right"}), ("commit", {}), ("val_bpb", {"justify": "right"}),
+                            ("delta", {"justify": "right"}), ("description", {})):
+                table.add_column(col, **kw)
+            for i, k in enumerate(g["kept"], 1):
+                table.add_row(str(i), k["commit"], f"{k['val_bpb']:.6f}", _fmt(k["delta"], "+.6f"), k["description"])
+            console.print(table)
+        console.print()
+    for note in summary["notes"]:
+        console.print(f"note: {note}", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The progress chart
+
+
+def _short(text, n=LABEL_CHARS):
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1].rstrip() + "…"
+
+
+def plot_progress(series, path, title=None):
+    """Upstream's progress chart, one panel per series: every experiment in order (discards faint, keeps
+    bold, crashes as x on the bottom edge), the running best as a step line, kept points labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.transforms as mtransforms
+
+    series = [s for s in series if s.experiments]
+    if not series:
+        raise ReportError("nothing to plot: no experiments")
+    fig, axes = plt.subplots(len(series), 1, figsize=(12, 4.6 * len(series)), squeeze=False)
+    for ax, s, head in zip(axes[:, 0], series, labels(series)):
+        rows = s.experiments
+        xs = list(range(len(rows)))
+        ok = [(x, r) for x, r in zip(xs, rows) if r.status != "crash" and math.isfinite(r.val_bpb)]
+        kept = [(x, r) for x, r in ok if r.status == "keep"]
+        values = [r.val_bpb for _, r in ok]
+        base = s.baseline.val_bpb if s.baseline else (values[0] if values else 1.0)
+        low = min(values) if values else base
+        span = max(base - low, 0.02 * base, 1e-3)
+        # everything in view but outliers (a diverged run would flatten the rest): those sit on the top edge
+        top = min(max(values) if values else base, base + max(4 * span, 0.1 * abs(base)))
+        bottom = low - 0.35 * span
+        top += 0.12 * (top - bottom)  # headroom for the labels of the highest keeps
+        ax.set_ylim(bottom, top)
+        last = len(rows) - 1
+        ax.set_xlim(-0.6, last + max(1.2, 0.2 * last))  # room on the right for the last keeps' labels
+        edge = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
+
+        inside = [(x, r) for x, r in ok if r.status != "keep" and r.val_bpb <= top]
+        above = [(x, r) for x, r in ok if r.status != "keep" and r.val_bpb > top]
+        ax.scatter([x for x, _ in inside], [r.val_bpb for _, r in inside], s=26, color="#8c8c8c", alpha=0.55,
+                   linewidths=0, label="discarded", zorder=2)
+        if above:
+            ax.scatter([x for x, _ in above], [0.975] * len(above), s=26, marker="^", color="#9a9a9a",
+                       alpha=0.6, linewidths=0, transform=edge, label="discarded, off the top", zorder=2)
+        if kept:
+            ax.scatter([x for x, _ in kept], [r.val_bpb for _, r in kept], s=52, color="#1a9850",
+                       edgecolors="#0b3d20", linewidths=0.9, label="kept", zorder=4)
+            # running best: a step from each keep that improved on the best so far to the last experiment
+            best, steps_x, steps_y = math.inf, [], []
+            for x, r in kept:
+                if r.val_bpb < best:
+                    best = r.val_bpb
+                    steps_x.append(x)
+                    steps_y.append(best)
+            steps_x.append(len(rows) - 1)
+            steps_y.append(best)
+            ax.step(steps_x, steps_y, where="post", color="#1a9850", linewidth=1.6, alpha=0.85,
+                    label="running best", zorder=3)
+            for x, r in kept:
+                m = TRANSFER.match(r.description)
+                label = "baseline" if r is s.baseline else _short(f"from {m[1]}: {m[2]}" if m else r.description)
+                ax.annotate(label, (x, r.val_bpb), xytext=(6, 6), textcoords="offset points", fontsize=7.5,
+                            color="#145a32", rotation=25, rotation_mode="anchor", ha="left", va="bottom",
+                            zorder=5, annotation_clip=False)
+        crashes = [x for x, r in zip(xs, rows) if r.status == "crash" or not math.isfinite(r.val_bpb)]
+        if crashes:
+            ax.scatter(crashes, [0.04] * len(crashes), marker="x", s=40, color="#d73027", linewidths=1.6,
+                       transform=edge, label="crash", zorder=4, clip_on=False)
+        n_trials = len(s.trials)
+        keeps = sum(r.status == "keep" for r in s.trials)
+        sub = f"{s.backend} · {s.eval_profile} profile · budget {s.budget:g}s · {s.branch}"
+        stats = f"{n_trials} experiment{'s' if n_trials != 1 else ''} after the baseline, {keeps} kept"
+        if s.baseline and s.best and s.baseline.val_bpb:
+            gain = s.baseline.val_bpb - s.best.val_bpb
+            stats += (f" · baseline {s.baseline.val_bpb:.4f} → best {s.best.val_bpb:.4f} "
+                      f"({100 * gain / s.baseline.val_bpb:.2f}% lower)")
+        ax.set_title(head, loc="left", fontsize=11, fontweight="bold", pad=32)
+        ax.text(0, 1.015, f"{sub}\n{stats}", transform=ax.transAxes, fontsize=9, va="bottom", ha="left",
+                linespacing=1.5, color="#333333")
+        ax.set_xlabel("experiment # (0 = baseline)", fontsize=9)
+        ax.set_ylabel("val_bpb (lower is better)", fontsize=9)
+        ax.grid(True, alpha=0.25)
+        if len(rows) <= 30:
+            ax.set_xticks(xs)
+        ax.tick_params(labelsize=8)
+        ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=12, x=0.01, ha="left")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.15)  # labels near an edge are never cut
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: ledger files and run branches (their rows live in the git notes of their commits)
+
+
+def notes_rows(repo):
+    """Every row stored in refs/notes/autoresearch, as (row, full commit sha) in no particular order."""
+    import git
+
+    try:
+        listing = repo.git.notes("--ref", NOTES_REF, "list")
+    except git.GitCommandError:
+        return []
+    found = []
+    for line in listing.splitlines():
+        if not line.strip():
+            continue
+        blob, commit = line.split()
+        text = repo.odb.stream(bytes.fromhex(blob)).read().decode("utf-8")
+        for lineno, entry in enumerate(text.splitlines(), 1):
+            if entry.strip():
+                found.append((parse_row(entry, lineno, f"refs/notes/{NOTES_REF}:{commit[:7]}"), commit))
+    return found
+
+
+def _when(row):
+    try:
+        return datetime.strptime(row.timestamp, "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except ValueError:
+        return None
+
+
+def in_time_order(rows):
+    """Rows sorted by timestamp (stable); left as they are where a timestamp does not parse."""
+    times = [_when(r) for r in rows]
+    if any(t is None for t in times):
+        return list(rows)
+    return [r for _, r in sorted(zip(times, rows), key=lambda p: p[0])]
+
+
+def branch_names(repo, name):
+    """The names a branch's rows carry in their branch column: name, without refs/heads/ or a remote."""
+    names = {name, name.removeprefix("refs/heads/"), name.removeprefix("refs/remotes/")}
+    for remote in repo.remotes:
+        for n in list(names):
+            if n.startswith(remote.name + "/"):
+                names.add(n[len(remote.name) + 1:])
+    return names
+
+
+def branch_rows(repo, name):
+    """The rows of run branch `name` from the git notes, in time order; ReportError if none."""
+    import git
+
+    try:
+        repo.git.rev_parse("--verify", "--quiet", f"{name}^{{commit}}")
+    except git.GitCommandError:
+        raise ReportError(f"{name}: neither a ledger file nor a branch of {repo.working_tree_dir}") from None
+    names = branch_names(repo, name)
+    rows = [r for r, _ in notes_rows(repo) if r.branch in names]
+    if not rows:
+        raise ReportError(f"{name}: no rows of this branch in refs/notes/{NOTES_REF} (on another machine: "
+                          f"git fetch origin refs/notes/{NOTES_REF}:refs/notes/{NOTES_REF})")
+    return in_time_order(rows)
+
+
+def load_source(source, repo=None):
+    """A ledger file's rows, or a run branch's rows from the git notes."""
+    path = Path(source)
+    if path.is_file():
+        rows = read_ledger(path)
+        if not rows:
+            raise ReportError(f"{source}: no experiments in this ledger")
+        return rows
+    if repo is None:
+        raise ReportError(f"{source}: not a ledger file, and not inside a git repository to look for a branch")
+    return branch_rows(repo, str(source))
+
+
+def merge(sources):
+    """Rows of several sources in order, identical rows (the same experiment seen twice) once."""
+    seen, rows = set(), []
+    for source_rows in sources:
+        for r in source_rows:
+            line = format_row(r)
+            if line not in seen:
+                seen.add(line)
+                rows.append(r)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The bench report: per-hardware table and findings matrix
+
+
+def run_tag(branch, hardware):
+    """The --tag of a run branch autoresearch/<tag>-<hardware>; the branch name where it is not one."""
+    name = branch.removeprefix("autoresearch/")
+    return name[: -len(hardware) - 1] if name.endswith(f"-{hardware}") and len(name) > len(hardware) + 1 else name
+
+
+def labels(series):
+    """A label per series: its hardware tag, with the run's tag where a hardware has several series,
+    and the eval profile and budget where those are what differs."""
+    out = [s.hardware for s in series]
+    for i, s in enumerate(series):
+        if sum(t.hardware == s.hardware for t in series) > 1:
+            out[i] = f"{s.hardware} ({run_tag(s.branch, s.hardware)})"
+    for i, s in enumerate(series):
+        if out.count(out[i]) > 1:
+            out[i] = f"{out[i]} [{s.eval_profile}, {s.budget:g}s]"
+    return out
+
+
+def pace(s):
+    """(experiments per hour, overhead seconds per experiment) or Nones: the median wall time between
+    consecutive rows, and the median of that beyond each row's training_seconds. Medians, so that a pause
+    between two sessions of a run does not count as work; at least three intervals, else Nones."""
+    rows = s.experiments
+    times = [_when(r) for r in rows]
+    if len(rows) < MIN_INTERVALS + 1 or any(t is None for t in times):
+        return None, None
+    walls = [b - a for a, b in zip(times, times[1:])]
+    wall = statistics.median(walls)
+    if wall <= 0:
+        return None, None
+    overhead = statistics.median(w - r.training_seconds for w, r in zip(walls, rows[1:]))
+    return round(3600 / wall, 1), round(overhead, 1)
+
+
+def hardware_table(series):
+    """One dict per series: what the per-hardware table of the report shows."""
+    table = []
+    for label, s in zip(labels(series), series):
+        g = summarize(s)
+        per_hour, overhead = pace(s)
+        table.append({
+            "label": label, "hardware": s.hardware, "backend": s.backend, "config": s.config,
+            "eval_profile": s.eval_profile, "budget": s.budget, "branch": s.branch,
+            "baseline": g["baseline"]["val_bpb"] if g["baseline"] else None,
+            "best": g["best"]["val_bpb"] if g["best"] else None,
+            "improvement_pct": g["improvement"]["pct"] if g["improvement"] else None,
+            "experiments": g["counts"]["experiments"], "keep": g["counts"]["keep"],
+            "discard": g["counts"]["discard"], "crash": g["counts"]["crash"],
+            "tokens_per_sec": g["best"]["tokens_per_sec"] if g["best"] else None,
+            "experiments_per_hour": per_hour, "overhead_s": overhead,
+        })
+    return table
+
+
+def _same_commit(a, b):
+    return a.startswith(b) or b.startswith(a)
+
+
+def findings_matrix(series):
+    """Each kept change (its origin series' keeps after the baseline) against every series: a cell
+    {status: kept|discarded|crashed|untested, ...}. A transferred experiment ("transfer <commit>: ...")
+    fills the origin change's cell of the series it ran on."""
+    names = labels(series)
+    changes = []  # {commit, description, origin, cells}
+    for label, s in zip(names, series):
+        prev = s.baseline
+        for r in s.kept:
+            if not TRANSFER.match(r.description):
+                changes.append({"commit": r.commit, "description": r.description, "origin": label,
+                                "cells": {label: {"status": "kept", "commit": r.commit, "val_bpb": _r(r.val_bpb),
+                                                  "delta": _r(r.val_bpb - prev.val_bpb) if prev else None}}})
+            prev = r
+    status_word = {"keep": "kept", "discard": "discarded", "crash": "crashed"}
+    for label, s in zip(names, series):
+        best = None
+        for r in s.experiments:
+            m = TRANSFER.match(r.description)
+            if m:
+                origin, description = m.groups()
+                change = next((c for c in changes if _same_commit(c["commit"], origin)), None)
+                if change is None:  # its origin is not among the sources: a row of its own
+                    change = {"commit": origin, "description": description, "origin": None, "cells": {}}
+                    changes.append(change)
+                crashed = r.status == "crash" or not math.isfinite(r.val_bpb)
+                change["cells"][label] = {
+                    "status": status_word[r.status], "commit": r.commit,
+                    "val_bpb": None if crashed else _r(r.val_bpb),
+                    "delta": None if crashed or best is None else _r(r.val_bpb - best)}
+            if r.status == "keep" and math.isfinite(r.val_bpb):
+                best = r.val_bpb if best is None else min(best, r.val_bpb)
+    for c in changes:
+        c["cells"] = {label: c["cells"].get(label, {"status": "untested"}) for label in names}
+    return changes
+
+
+def _cell(cell):
+    if cell["status"] == "untested":
+        return "untested"
+    if cell["status"] == "crashed":
+        return f"crashed ({cell['commit']})"
+    delta = f" {cell['delta']:+.4f}" if cell.get("delta") is not None else ""
+    word = "**kept**" if cell["status"] == "kept" else "discarded"
+    return f"{word}{delta} ({cell['commit']})"
+
+
+def _md_escape(text):
+    """Plain text in a markdown table cell: no stray emphasis, code, html or column breaks."""
+    return re.sub(r"([\\*|`<])", r"\\\1", str(text))
+
+
+def render_markdown(sources, rows, series, table, matrix, notes, png_name="progress.png"):
+    def num(v, spec):
+        return "–" if v is None else format(v, spec)
+
+    out = ["# autoresearch bench report", "",
+           f"{len(rows)} rows from {len(sources)} source{'s' if len(sources) != 1 else ''}: "
+           + ", ".join(f"`{s}`" for s in sources) + ".", "",
+           "val_bpb: validation bits per byte, lower is better. Each series is one run branch on one hardware "
+           "tag with one eval profile and training budget; keep/discard only ever compared results within "
+           "a series.", ""]
+    if notes:
+        out += ["> **Note:** " + "\n>\n> **Note:** ".join(notes), ""]
+    out += ["## Per hardware", "",
+            "| hardware | backend | config | profile | budget | baseline | best | improvement | experiments "
+            "(keep/discard/crash) | tokens/s (best) | experiments/hour | overhead s/experiment |",
+            "|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for t in table:
+        config = t["config"] if t["config"] not in ("", "-") else "–"
+        out.append(
+            f"| {_md_escape(t['label'])} | {t['backend']} | {_md_escape(config)} | {t['eval_profile']} | "
+            f"{t['budget']:g}s | {num(t['baseline'], '.6f')} | {num(t['best'], '.6f')} | "
+            f"{num(t['improvement_pct'], '.2f')}% | {t['experiments']} ({t['keep']}/{t['discard']}/{t['crash']}) | "
+            f"{num(t['tokens_per_sec'], ',.0f')} | {num(t['experiments_per_hour'], '.1f')} | "
+            f"{num(t['overhead_s'], '.1f')} |")
+    out += ["", "Run branches: " + "; ".join(f"{_md_escape(t['label'])} = `{t['branch']}`" for t in table) + ".",
+            "", "Experiments exclude the baseline and verify re-runs. tokens/s is the best run's training tokens "
+            "over its training seconds (– where the ledger records no tokens). "
+            "Experiments/hour and overhead come from the wall time between consecutive rows (medians, so pauses "
+            "between sessions do not count; – with fewer than four rows): overhead is the time per experiment "
+            "beyond training (startup, evaluation, the agent's turn).", ""]
+    out += ["## Findings", "",
+            "Each kept change (rows) against each series (columns): kept / discarded / crashed / untested, "
+            "with the val_bpb change against that series' best before it (its previous keep where the change "
+            "originated). A change reaches another series with `autoresearch transfer`, whose experiments are "
+            "described `transfer <origin commit>: ...`.", ""]
+    names = [t["label"] for t in table]
+    if matrix:
+        out += ["| change | commit | " + " | ".join(_md_escape(n) for n in names) + " |",
+                "|---|---|" + "---|" * len(names)]
+        for c in matrix:
+            out.append(f"| {_md_escape(c['description'])} | {c['commit']} | "
+                       + " | ".join(_cell(c["cells"][n]) for n in names) + " |")
+    else:
+        out.append("No kept changes yet.")
+    out += ["", "## Progress", "", f"![progress]({png_name})", "",
+            "Every experiment in order (0 = baseline): discards faint grey, keeps bold green and labelled, "
+            "crashes as red x on the bottom edge, the running best as a step line; one panel per series.", ""]
+    for label, s in zip(names, series):
+        kept = s.kept
+        if not kept:
+            continue
+        out += [f"### Kept on {_md_escape(label)}", ""]
+        prev = s.baseline
+        for r in kept:
+            delta = f"{r.val_bpb - prev.val_bpb:+.6f}" if prev else "–"
+            out.append(f"1. `{r.commit}` {r.val_bpb:.6f} ({delta}) {_md_escape(r.description)}")
+            prev = r
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def bench_report(sources, out, repo=None):
+    """Read the sources (ledger files or run branches), merge, write out/report.md and out/progress.png.
+    Returns {rows, series, table, matrix, notes, report, png}."""
+    loaded = [load_source(s, repo) for s in sources]
+    rows = merge(loaded)
+    series = series_of(rows)
+    for s in series:  # notes and several ledgers: order each series by time
+        s.rows = in_time_order(s.rows)
+    table = hardware_table(series)
+    matrix = findings_matrix(series)
+    notes = comparability_notes(series)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot_progress(series, out / "progress.png")
+    report = out / "report.md"
+    report.write_text(render_markdown([str(s) for s in sources], rows, series, table, matrix, notes))
+    return {"rows": rows, "series": series, "table": table, "matrix": matrix, "notes": notes,
+            "report": report, "png": png}
+
+
+__all__ = ["LedgerError", "ReportError", "Series", "bench_report", "findings_matrix", "hardware_table",
+           "load_source", "merge", "notes_rows", "plot_progress", "results_summary", "series_of", "summarize"]

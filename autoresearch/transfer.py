@@ -1,0 +1,145 @@
+"""Transfer: replay the kept changes of another run branch as experiments on this one.
+
+Each kept commit of the source branch after its baseline, oldest first: its diff of
+backends/<its backend>/train.py (parent -> commit) is applied to this branch's train.py and run as an
+ordinary experiment described "transfer <origin commit>: <origin description>", so the bench report
+can put the outcome into the origin change's row of its findings matrix.
+"""
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import git
+
+from .experiment import BRANCH_PREFIX, Refused, changed_files, open_repo, run_experiment
+from .gate import Gate
+from .ledger import LEDGER_NAME, Row, read_ledger
+from .report import TRANSFER, ReportError, branch_rows, in_time_order
+
+
+@dataclass
+class Transferred:
+    origin: str  # the change's origin commit (short), through earlier transfers
+    description: str  # the origin change's description
+    backend: str  # the backend the source commit changed
+    source_commit: str  # the source branch's commit whose diff was replayed
+    outcome: str  # keep, discard, crash, repeat, or "not applicable (...)"
+    row: Row | None  # the recorded row, None when nothing ran
+    message: str
+
+
+def origin_of(row):
+    """(origin commit, description) of a kept row; a transferred row points at its own origin."""
+    m = TRANSFER.match(row.description)
+    return m.groups() if m else (row.commit, row.description)
+
+
+def source_keeps(repo, branch):
+    """The kept rows of run branch `branch` after its baseline, oldest first, each with its full commit.
+    Rows come from the branch's git notes, else from this checkout's results.tsv."""
+    try:
+        rows = branch_rows(repo, branch)
+    except ReportError:
+        try:
+            repo.git.rev_parse("--verify", "--quiet", f"{branch}^{{commit}}")
+        except git.GitCommandError:
+            raise Refused(f"--from {branch}: no such branch") from None
+        ledger = Path(repo.working_tree_dir) / LEDGER_NAME
+        rows = in_time_order([r for r in read_ledger(ledger) if r.branch == branch])
+    kept = [r for r in rows if r.status == "keep"]
+    if not kept:
+        raise Refused(f"--from {branch}: no kept experiments recorded for this branch (in refs/notes/autoresearch "
+                      f"or {LEDGER_NAME})")
+    base = next((r for r in kept if r.description == "baseline"), kept[0])
+    tip = repo.commit(branch)
+    found = []
+    for r in kept[kept.index(base) + 1:]:
+        try:
+            commit = repo.commit(r.commit)
+        except (git.BadName, ValueError):
+            continue
+        if repo.is_ancestor(commit, tip):
+            found.append((r, commit))
+    return found
+
+
+def _target_budget(repo, branch, budget):
+    """--budget if given, else the budget this run branch's baseline was measured with (results of other
+    budgets would not compare with it), else the profile's."""
+    if budget is not None:
+        return float(budget)
+    if os.environ.get("AUTORESEARCH_BUDGET"):
+        return None  # the harness reads it
+    rows = [r for r in read_ledger(Path(repo.working_tree_dir) / LEDGER_NAME) if r.branch == branch]
+    base = next((r for r in rows if r.status == "keep" and r.description == "baseline"), None)
+    return base.budget if base else None
+
+
+def _restore(repo):
+    repo.head.reset("HEAD", index=True, working_tree=True)
+
+
+def transfer(root, from_branch, backend, budget=None, seed=42, timeout=None, on_line=None, gate=Gate(),
+             on_result=None):
+    """Replay from_branch's kept changes on the checked-out run branch; one Transferred per kept commit."""
+    repo = open_repo(root)
+    if repo.head.is_detached or not repo.active_branch.name.startswith(BRANCH_PREFIX):
+        raise Refused(f"not on a run branch: set one up with `autoresearch setup --tag TAG --backend {backend}` "
+                      "and transfer into it")
+    here = repo.active_branch.name
+    if from_branch in (here, f"refs/heads/{here}"):
+        raise Refused(f"--from {from_branch} is the branch checked out: transfer from another run branch")
+    if changed_files(repo):
+        raise Refused(f"working tree has uncommitted changes ({', '.join(changed_files(repo))}): "
+                      "commit or stash them first")
+    keeps = source_keeps(repo, from_branch)
+    budget = _target_budget(repo, here, budget)
+    results = []
+
+    def done(item):
+        results.append(item)
+        if on_result:
+            on_result(item)
+
+    for row, commit in keeps:
+        origin, description = origin_of(row)
+        common = dict(origin=origin, description=description, backend=row.backend, source_commit=row.commit)
+        if row.backend != backend:
+            done(Transferred(**common, outcome=f"not applicable (backend {row.backend})", row=None,
+                             message=f"{row.commit} changed backends/{row.backend}/train.py, not {backend}'s"))
+            continue
+        path = f"backends/{row.backend}/train.py"
+        parent = commit.parents[0].hexsha if commit.parents else None
+        if parent is None:
+            done(Transferred(**common, outcome="not applicable (no parent)", row=None, message="root commit"))
+            continue
+        patch = repo.git.diff("--full-index", parent, commit.hexsha, "--", path)
+        if not patch.strip():
+            done(Transferred(**common, outcome="not applicable (train.py unchanged)", row=None,
+                             message=f"{row.commit} does not change {path}"))
+            continue
+        with tempfile.NamedTemporaryFile("w", suffix=".patch", delete=False) as f:
+            f.write(patch + "\n")
+        try:
+            repo.git.apply("--3way", f.name)
+        except git.GitCommandError as e:
+            _restore(repo)
+            why = " ".join(str(e.stderr).split())[:200]
+            done(Transferred(**common, outcome="not applicable (conflict)", row=None,
+                             message=f"{row.commit}'s diff does not apply here: {why}"))
+            continue
+        finally:
+            os.unlink(f.name)
+        try:
+            outcome = run_experiment(root, backend, f"transfer {origin}: {description}", budget=budget, seed=seed,
+                                     timeout=timeout, on_line=on_line, gate=gate)
+        except Refused as e:
+            _restore(repo)
+            done(Transferred(**common, outcome="not applicable (no change here)", row=None, message=str(e)))
+            continue
+        if changed_files(repo):  # never leave a half-applied change behind
+            _restore(repo)
+        done(Transferred(**common, outcome=outcome.status, row=outcome.row, message=outcome.message))
+    return results
