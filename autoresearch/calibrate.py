@@ -8,12 +8,15 @@ constants live here and nowhere else.
 
 The rule:
   1. predicted tokens = measured tokens/s x budget;
-  2. DEPTH: the deepest rung whose predicted tokens are at least TOKENS_PER_PARAM x its
-     non-embedding parameters (12 d^2 per layer, Kaplan's convention: embeddings are lookups, and in
-     small models they would swamp the count) and whose peak memory stays under MEMORY_FRACTION of
-     the device's memory; the shallowest rung if none does. Upstream's H100 default (depth 8, d 512,
-     25M non-embedding parameters, ~500M tokens in 5 minutes) sits at ~20 tokens per parameter,
-     Chinchilla's ratio;
+  2. DEPTH: the deepest rung whose predicted tokens per non-embedding parameter (12 d^2 per layer,
+     Kaplan's convention: embeddings are lookups, and in small models they would swamp the count)
+     reach the compute-dependent ratio R(C) = REF_TOKENS_PER_PARAM x (C / REF_COMPUTE)^RATIO_EXPONENT,
+     C = 6 x parameters x tokens, and whose peak memory stays under MEMORY_FRACTION of the device's
+     memory; the shallowest rung if none does. The anchors: upstream's tuned H100 default (depth 8,
+     25M non-embedding parameters, ~500M tokens in 5 minutes: C = 7.5e16, ~20 tokens/parameter,
+     Chinchilla's ratio) and bench/calibration_study.md on a 2-core CPU, where the best of the
+     measured sizes saw ~0.3 tokens/parameter at C = 1.6e13 (a fixed 20 there picked a model 0.22
+     bpb worse). Small budgets favour bigger models than Chinchilla's ratio, large ones approach it;
   3. TOTAL_BATCH_SIZE: the power of two nearest predicted tokens / TARGET_STEPS (upstream: 2**19
      tokens a step, ~1000 steps in 5 minutes), but never below the file's device batch, the batch
      the throughput was measured at (smaller steps would not reach it);
@@ -23,16 +26,20 @@ The rule:
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import repo_root, train_file
 from .hardware import hardware_tag, memory_gb
-from .hparams import read_constants
+from .hparams import read_constants, set_constants
 from .runner import run_training
 
-TOKENS_PER_PARAM = 20
+REF_TOKENS_PER_PARAM = 20  # at REF_COMPUTE FLOPs: upstream's H100 default
+REF_COMPUTE = 7.5e16
+RATIO_EXPONENT = 0.55  # fit through the CPU study's best (0.3 tokens/parameter at 1.6e13 FLOPs), with margin
 TARGET_STEPS = 1000
 MEMORY_FRACTION = 0.8
 DEPTH_LADDER = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24)
@@ -60,6 +67,11 @@ class Rung:
     def tokens_per_param(self, budget):
         return self.predicted_tokens(budget) / self.scaling_params()
 
+    def required_ratio(self, budget):
+        """R(C): the tokens per parameter this rung's compute calls for (module docstring, rule 2)."""
+        compute = 6 * self.scaling_params() * self.predicted_tokens(budget)
+        return REF_TOKENS_PER_PARAM * (compute / REF_COMPUTE) ** RATIO_EXPONENT
+
 
 @dataclass
 class Calibration:
@@ -82,19 +94,13 @@ def cache_path(backend, profile_name, budget):
     return prepare.cache_dir() / "calibration" / f"{hardware_tag(backend)}-{profile_name}-{budget:g}s.json"
 
 
-def measure(backend, depth, root, budget, memory_limit_mb):
-    """One rung: a few real training steps of train.py at this depth (a temporary copy, nothing edited)."""
-    from .hparams import set_constants
-
+def measure(backend, depth, root, budget, scratch):
+    """One rung: a few real training steps of train.py at this depth, run from a scratch copy."""
     source = train_file(backend, root).read_text()
-    probe_dir = root / ".autoresearch" / "calibrate" / "backends" / backend
-    probe_dir.mkdir(parents=True, exist_ok=True)
-    (probe_dir / "train.py").write_text(set_constants(source, {"DEPTH": depth}))
-    (probe_dir.parent.parent / "prepare.py").write_bytes((root / "prepare.py").read_bytes())
+    train_file(backend, scratch).write_text(set_constants(source, {"DEPTH": depth}))
     env = dict(os.environ, AUTORESEARCH_CALIBRATE_STEPS=str(CALIBRATE_STEPS))
     start = time.time()
-    result = run_training(backend, budget=budget, root=probe_dir.parent.parent, env=env,
-                          timeout=max(120.0, TIME_LIMIT * 2))
+    result = run_training(backend, budget=budget, root=scratch, env=env, timeout=max(120.0, TIME_LIMIT * 2))
     s = result.summary
     if result.returncode != 0 or s is None or not s.get("tokens_per_sec"):
         return None, result.tail(5)
@@ -107,7 +113,7 @@ def measure(backend, depth, root, budget, memory_limit_mb):
 def choose(rungs, budget, seq_len, device_batch, memory_limit_mb):
     """The rule in the module docstring, applied to measured rungs. Returns (choice, reason)."""
     fits = [r for r in rungs if r.peak_mb <= memory_limit_mb]
-    good = [r for r in fits if r.tokens_per_param(budget) >= TOKENS_PER_PARAM]
+    good = [r for r in fits if r.tokens_per_param(budget) >= r.required_ratio(budget)]
     pick = max(good, key=lambda r: r.depth) if good else min(rungs, key=lambda r: r.depth)
     tokens = pick.predicted_tokens(budget)
     total = 2 ** round(math.log2(max(tokens / TARGET_STEPS, 1)))
@@ -117,8 +123,8 @@ def choose(rungs, budget, seq_len, device_batch, memory_limit_mb):
         device_batch //= 2
     reason = (f"DEPTH {pick.depth}: {pick.scaling_params() / 1e6:.2f}M non-embedding parameters, "
               f"{pick.tokens_per_sec:,.0f} tokens/s -> {tokens / 1e6:.1f}M tokens in {budget:g}s = "
-              f"{pick.tokens_per_param(budget):.1f} tokens/parameter "
-              f"(rule: deepest with >= {TOKENS_PER_PARAM}); TOTAL_BATCH_SIZE {total} "
+              f"{pick.tokens_per_param(budget):.2f} tokens/parameter "
+              f"(rule: deepest with >= R(C) = {pick.required_ratio(budget):.2f}); TOTAL_BATCH_SIZE {total} "
               f"(~{tokens / total:.0f} steps, target {TARGET_STEPS})")
     if not good:
         reason = "no rung reaches the rule; the shallowest: " + reason
@@ -141,21 +147,25 @@ def calibrate(backend, root=None, force=False, budget=None, on_line=None, time_l
     constants = read_constants(train_file(backend, root).read_text())
     memory_limit_mb = MEMORY_FRACTION * device_memory_mb(backend)
     start, rungs = time.time(), []
+    scratch = Path(tempfile.mkdtemp(prefix="autoresearch-calibrate-"))
+    train_file(backend, scratch).parent.mkdir(parents=True)
+    shutil.copy2(root / "prepare.py", scratch / "prepare.py")
     for depth in DEPTH_LADDER:
         if time.time() - start > time_limit and rungs:
             say(f"calibrate: time limit {time_limit:g}s reached before depth {depth}")
             break
-        rung, error = measure(backend, depth, root, budget, memory_limit_mb)
+        rung, error = measure(backend, depth, root, budget, scratch)
         if rung is None:
             say(f"calibrate: depth {depth} failed ({error.splitlines()[-1] if error else 'no output'}); stopping")
             break
         rungs.append(rung)
-        ratio = rung.tokens_per_param(budget)
+        ratio, need = rung.tokens_per_param(budget), rung.required_ratio(budget)
         say(f"calibrate: depth {depth:2d}  d {rung.model_dim:4d}  {rung.scaling_params() / 1e6:7.2f}M non-embedding "
             f"params  {rung.tokens_per_sec:10,.0f} tokens/s  "
-            f"{rung.peak_mb:8.0f} MB  {ratio:7.1f} tokens/param  ({rung.seconds:.0f}s)")
-        if ratio < TOKENS_PER_PARAM or rung.peak_mb > memory_limit_mb:
+            f"{rung.peak_mb:8.0f} MB  {ratio:7.2f} tokens/param (R(C) {need:.2f})  ({rung.seconds:.0f}s)")
+        if ratio < need or rung.peak_mb > memory_limit_mb:
             break  # deeper rungs are only slower and larger
+    shutil.rmtree(scratch, ignore_errors=True)
     if not rungs:
         raise RuntimeError(f"calibration of {backend} failed: no rung could train")
     choice, reason = choose(rungs, budget, profile.seq_len, constants["DEVICE_BATCH_SIZE"], memory_limit_mb)

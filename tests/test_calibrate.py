@@ -1,0 +1,83 @@
+"""Calibration: the rule on controlled measurements, and a real ladder on this CPU."""
+
+import json
+import math
+
+import git
+import pytest
+
+from autoresearch import calibrate as cal
+from autoresearch.calibrate import Rung, choose
+from autoresearch.experiment import setup
+from autoresearch.hparams import read_constants
+from autoresearch.ledger import read_ledger
+from conftest import TINY, make_checkout
+
+GB = 24 * 1024
+
+
+def rung(depth, dim, tokens_per_sec, peak_mb=500.0):
+    return Rung(depth, dim, tokens_per_sec, peak_mb, params_M=1.0, seconds=5.0)
+
+
+def test_rule_picks_the_deepest_rung_that_reaches_its_ratio():
+    # budget 300 s: depth 4 (d 256) predicts 0.9M tokens for 3.1M parameters = 0.29 tokens/param,
+    # where R(C) = 20 (6 * 3.1M * 0.9M / 7.5e16) ** 0.55 = 0.19: it passes; depth 6 does not
+    rungs = [rung(1, 64, 8500), rung(2, 128, 6700), rung(3, 192, 4100), rung(4, 256, 3000), rung(6, 384, 1500)]
+    assert rungs[3].tokens_per_param(300) == pytest.approx(0.9e6 / (12 * 256**2 * 4))
+    expected_r = 20 * (6 * 12 * 256**2 * 4 * 0.9e6 / 7.5e16) ** 0.55
+    assert rungs[3].required_ratio(300) == pytest.approx(expected_r)
+    assert rungs[3].tokens_per_param(300) >= expected_r and rungs[4].tokens_per_param(300) < rungs[4].required_ratio(300)
+    choice, reason = choose(rungs, budget=300, seq_len=256, device_batch=16, memory_limit_mb=GB)
+    # total batch: 2 ** round(log2(0.9M / 1000)) = 1024, raised to one device batch, 16 x 256
+    assert choice == {"DEPTH": 4, "TOTAL_BATCH_SIZE": 4096, "DEVICE_BATCH_SIZE": 16}
+    assert "DEPTH 4" in reason and "R(C)" in reason
+
+
+def test_rule_respects_memory_and_falls_back_to_the_shallowest():
+    rungs = [rung(1, 64, 8500), rung(2, 128, 6700), rung(3, 192, 4100), rung(4, 256, 3000, peak_mb=30_000)]
+    assert choose(rungs, 300, 256, 16, memory_limit_mb=GB)[0]["DEPTH"] == 3  # depth 4 does not fit
+    slow = [rung(4, 256, 10), rung(6, 384, 5)]
+    choice, reason = choose(slow, 300, 256, 16, GB)
+    assert choice["DEPTH"] == 4 and reason.startswith("no rung reaches the rule")
+
+
+def test_large_budget_total_batch_and_device_batch_division():
+    # an H100-like rung: 500M tokens in 300 s at depth 8, d 512 -> 2 ** round(log2(5e5)) = 2 ** 19
+    fast = [rung(8, 512, 500e6 / 300)]
+    choice, _ = choose(fast, 300, 2048, 128, memory_limit_mb=80_000)
+    assert choice == {"DEPTH": 8, "TOTAL_BATCH_SIZE": 2**19, "DEVICE_BATCH_SIZE": 128}
+    assert math.isclose(fast[0].required_ratio(300), 20 * (6 * 12 * 512**2 * 8 * 500e6 / 7.5e16) ** 0.55)
+
+
+def test_real_ladder_is_cached_and_written_by_setup(tmp_path, use_cache):
+    root = make_checkout(tmp_path / "project", backends=("mlx",), **TINY)
+    repo = git.Repo.init(root, initial_branch="main")
+    repo.git.add(A=True)
+    repo.index.commit("project")
+    lines = []
+    result, cached = cal.calibrate("mlx", root=root, budget=30, on_line=lines.append, time_limit=20)
+    assert not cached and result.rungs and result.rungs[0].depth == 1
+    assert all(r.tokens_per_sec > 0 and r.peak_mb > 0 for r in result.rungs)
+    assert any(line.startswith("calibrate: depth  1") for line in lines)
+    assert result.choice["DEPTH"] in [r.depth for r in result.rungs]
+    assert result.choice["TOTAL_BATCH_SIZE"] % (result.choice["DEVICE_BATCH_SIZE"] * 256) == 0
+    stored = json.loads(cal.cache_path("mlx", "cpu", 30.0).read_text())
+    assert stored["choice"] == result.choice
+    again, cached = cal.calibrate("mlx", root=root, budget=30)
+    assert cached and again.choice == result.choice  # the same machine gives the same answer
+    # nothing in the checkout was edited by measuring
+    assert not repo.is_dirty(untracked_files=True)
+    # setup commits the calibrated sizes as the run branch's first commit, and every row records them
+    out = setup(root, "c", "mlx", budget=2, noise_runs=1, calibrate=False)
+    assert out.row.config == "-"
+    repo.git.checkout("main")
+    # the 30 s decision stands in for the 2 s budget, so this setup trains briefly without measuring again
+    cal.cache_path("mlx", "cpu", 2.0).write_text(cal.cache_path("mlx", "cpu", 30.0).read_text())
+    out = setup(root, "d", "mlx", budget=2, noise_runs=1, calibrate=True)
+    assert out.row.config == result.config()
+    head = repo.head.commit
+    assert head.message.startswith("calibrate mlx-") and result.config() in head.message
+    constants = read_constants((root / "backends/mlx/train.py").read_text())
+    assert {k: constants[k] for k in cal.KEYS} == result.choice
+    assert read_ledger(root / "results.tsv")[-1].config == result.config()
