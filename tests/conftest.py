@@ -3,6 +3,8 @@
 import shutil
 from pathlib import Path
 
+import git
+
 import pytest
 
 import prepare
@@ -52,3 +54,18 @@ def make_checkout(dest, backends=("cuda", "mps", "mlx"), **constants):
             text = set_constants(text, constants)
         (dest / "backends" / name / "train.py").write_text(text)
     return dest
+
+
+def make_repo(dest, backends=("mps", "mlx")):
+    """A fresh project checkout (tiny hyperparameters, program.md) committed on main, as a real git repo."""
+    root = make_checkout(dest, backends=backends, **TINY)
+    shutil.copy(ROOT / "program.md", root / "program.md")
+    repo = git.Repo.init(root, initial_branch="main")
+    repo.git.add(A=True)
+    repo.index.commit("project")
+    return root
+
+
+@pytest.fixture
+def run_repo(tmp_path, use_cache):
+    return make_repo(tmp_path / "project")

@@ -1,6 +1,5 @@
 """Keep rules on controlled numbers, never-repeat and verify on a real temporary run branch."""
 
-import shutil
 
 import git
 import pytest
@@ -9,7 +8,7 @@ from autoresearch.experiment import find_repeat, run_experiment, setup, verify
 from autoresearch.gate import Gate, decide, load_noise, spread
 from autoresearch.hparams import set_constants
 from autoresearch.ledger import read_ledger
-from conftest import ROOT, TINY, make_checkout
+from conftest import make_repo
 
 SIGMA = 0.01
 
@@ -60,12 +59,7 @@ def test_spread_of_samples():
 
 @pytest.fixture
 def branch(tmp_path, use_cache):
-    root = make_checkout(tmp_path / "project", backends=("mlx",), **TINY)
-    shutil.copy(ROOT / "program.md", root / "program.md")
-    repo = git.Repo.init(root, initial_branch="main")
-    repo.git.add(A=True)
-    repo.index.commit("project")
-    return root
+    return make_repo(tmp_path / "project", backends=("mlx",))
 
 
 def test_noise_floor_never_repeat_and_verify(branch):

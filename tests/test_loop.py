@@ -1,7 +1,6 @@
 """The experiment loop on real git repositories with real CPU training runs (a few seconds each)."""
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,20 +14,9 @@ from autoresearch.hardware import hardware_tag
 from autoresearch.hparams import set_constants
 from autoresearch.ledger import COLUMNS, read_ledger
 from autoresearch.loop import run_loop
-from conftest import ROOT, TINY, make_checkout
 
 BUDGET = 3
 
-
-@pytest.fixture
-def run_repo(tmp_path, use_cache):
-    """A fresh project checkout (tiny hyperparameters) committed on main."""
-    root = make_checkout(tmp_path / "project", backends=("mps", "mlx"), **TINY)
-    shutil.copy(ROOT / "program.md", root / "program.md")
-    repo = git.Repo.init(root, initial_branch="main")
-    repo.git.add(A=True)
-    repo.index.commit("project")
-    return root
 
 
 def cli(root, *args, env=None, timeout=600):

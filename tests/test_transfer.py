@@ -2,7 +2,6 @@
 few seconds, and the bench report of both branches read back from their git notes."""
 
 import re
-import shutil
 
 import git
 import pytest
@@ -17,20 +16,10 @@ from autoresearch.hparams import read_constants, set_constants
 from autoresearch.ledger import read_ledger
 from autoresearch.report import bench_report
 from autoresearch.transfer import transfer
-from conftest import ROOT, TINY, make_checkout
 
 BUDGET = 2
 GREEDY = Gate("greedy")
 
-
-@pytest.fixture
-def run_repo(tmp_path, use_cache):
-    root = make_checkout(tmp_path / "project", backends=("mps", "mlx"), **TINY)
-    shutil.copy(ROOT / "program.md", root / "program.md")
-    repo = git.Repo.init(root, initial_branch="main")
-    repo.git.add(A=True)
-    repo.index.commit("project")
-    return root
 
 
 @pytest.fixture
