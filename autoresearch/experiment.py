@@ -305,20 +305,17 @@ def verify(root, backend, runs=3, budget=None, seed=1000, timeout=None, on_line=
         if not _ok(results[-1]):
             break
         samples.append(results[-1].summary["val_bpb"])
-    if not samples or len(samples) < runs:
-        status, message = "crash", "VERIFY crash: " + _crash_reason(results[-1])
-    else:
-        noise = load_noise(root, *key[1:])
-        sigma = noise["spread"] if noise else None
-        regression = statistics.fmean(samples) - best.val_bpb
-        allowed = gate.k * sigma if sigma is not None else 0.0
-        status = "holds" if regression <= allowed else "regressed"
-        message = (f"VERIFY {status}: recorded {best.val_bpb:.6f}, re-run mean {statistics.fmean(samples):.6f} "
-                   f"(n={len(samples)}), regression {regression:+.6f}, allowed {allowed:.6f}"
-                   + (f" ({gate.k:g} x spread {sigma:.6f})" if sigma is not None else " (no noise floor)"))
-    row = _row(results, samples or [0.0], "verify" if samples else "crash", best.commit,
-               f"verify {best.commit}: {best.description}", backend, budget, seed, key[0], best.config,
-               gate.label(), train_file(backend, root).read_text())
-    if status != "crash":
-        record(repo, row, repo.head.commit)
+    if len(samples) < runs:  # a re-run that crashes says nothing about the recorded value: no row
+        return Outcome("crash", None, best, "VERIFY crash: " + _crash_reason(results[-1]))
+    noise = load_noise(root, *key[1:])
+    sigma = noise["spread"] if noise else None
+    regression = statistics.fmean(samples) - best.val_bpb
+    allowed = gate.k * sigma if sigma is not None else 0.0
+    status = "holds" if regression <= allowed else "regressed"
+    message = (f"VERIFY {status}: recorded {best.val_bpb:.6f}, re-run mean {statistics.fmean(samples):.6f} "
+               f"(n={len(samples)}), regression {regression:+.6f}, allowed {allowed:.6f}"
+               + (f" ({gate.k:g} x spread {sigma:.6f})" if sigma is not None else " (no noise floor)"))
+    row = _row(results, samples, "verify", best.commit, f"verify {best.commit}: {best.description}", backend,
+               budget, seed, key[0], best.config, gate.label(), train_file(backend, root).read_text())
+    record(repo, row, repo.head.commit)
     return Outcome(status, row, best, message)
