@@ -204,15 +204,15 @@ def download_file(url, dest, retries=5, timeout=30, backoff=0.5):
     raise PrepareError(f"download of {url} failed after {retries} attempts ({last})")
 
 
-def download_dataset(name, num_shards, workers=8, base_url=None, retries=5, progress=None):
-    """Download training shards 0..num_shards-1 and the pinned validation shard into data/."""
+def download_dataset(name, num_shards, workers=8, base_url=None, retries=5, progress=None, out=None):
+    """Download training shards 0..num_shards-1 and the pinned validation shard into out (default data/)."""
     if name not in DATASETS:
         raise PrepareError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)} or use --source PATH")
     spec = DATASETS[name]
     if num_shards < 1:
         raise PrepareError(f"--num-shards must be at least 1, got {num_shards}")
     base_url = (base_url or spec.base_url).rstrip("/")
-    out = data_dir()
+    out = Path(out or data_dir())
     out.mkdir(parents=True, exist_ok=True)
     indices = list(range(min(num_shards, spec.max_shard))) + [spec.val_shard]
     todo = [i for i in indices if not (out / shard_name(i)).exists()]
@@ -573,9 +573,11 @@ def prepare(profile="cpu", dataset=None, sources=None, num_shards=10, workers=8,
     root = cache_dir()
     _check_writable(root)
     origin = {"dataset": dataset} if dataset else {"sources": [str(Path(s).resolve()) for s in sources]}
+    other_data = False  # the cache holds shards of other data: downloads must not mix with them
     if _meta_path().exists():
         old = load_meta()
-        if not force and old["profile"] == asdict(prof) and all(old.get(k) == v for k, v in origin.items()):
+        other_data = any(old.get(k) != v for k, v in origin.items())
+        if not force and old["profile"] == asdict(prof) and not other_data:
             return old
         if not force:
             raise PrepareError(f"{root} was prepared with profile {old['profile']['name']!r} from other data; "
@@ -593,8 +595,9 @@ def prepare(profile="cpu", dataset=None, sources=None, num_shards=10, workers=8,
             stats = import_sources(sources, staging / "data", val_fraction)
             train_shards, val_shard = list_shards(staging / "data")
         else:
-            download_dataset(dataset, num_shards, workers, base_url, progress=progress)
-            train_shards, val_shard = list_shards(data_dir())
+            fresh = staging / "data" if other_data else data_dir()
+            download_dataset(dataset, num_shards, workers, base_url, progress=progress, out=fresh)
+            train_shards, val_shard = list_shards(fresh)
         for path in train_shards + [val_shard]:
             _check_parquet(path)
         if progress:
@@ -624,7 +627,7 @@ def prepare(profile="cpu", dataset=None, sources=None, num_shards=10, workers=8,
         }
         # commit: replace what a previous prepare left, then write profile.json last
         _meta_path().unlink(missing_ok=True)
-        for sub in ("tokenizer", "tokens") + (("data",) if sources else ()):
+        for sub in ("tokenizer", "tokens") + (("data",) if sources or other_data else ()):
             shutil.rmtree(root / sub, ignore_errors=True)
             os.replace(staging / sub, root / sub)
         tmp = root / "profile.json.tmp"

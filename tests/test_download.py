@@ -146,3 +146,17 @@ def test_unreachable_host_names_the_offline_alternative(tmp_path):
     assert len(errors) == 1 and "--source" in errors[0] and "failed after" in errors[0]
     assert not (tmp_path / "cache" / "profile.json").exists()
     assert not list((tmp_path / "cache" / "data").glob("*.parquet"))
+
+
+def test_switching_from_local_sources_to_a_download_never_mixes_shards(mirror, tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path / "cache"))
+    prepare.prepare(profile="cpu", sources=[MIXED_EN / "shard_00002.parquet"])  # imported shard_00000 + val
+    with pytest.raises(prepare.PrepareError, match="--force"):
+        prepare.prepare(profile="cpu", dataset="climbmix", num_shards=2, base_url=mirror.url)
+    meta = prepare.prepare(profile="cpu", dataset="climbmix", num_shards=2, base_url=mirror.url, force=True)
+    assert meta["dataset"] == "climbmix" and "sources" not in meta
+    data = tmp_path / "cache" / "data"
+    assert sorted(p.name for p in data.iterdir()) == ["shard_00000.parquet", "shard_00001.parquet",
+                                                       "shard_06542.parquet"]
+    for p in data.iterdir():  # the imported shard of the same name was replaced, not reused
+        assert p.read_bytes() == (mirror.folder / p.name).read_bytes()
