@@ -200,8 +200,9 @@ def setup(root, tag, backend, budget=None, seed=42, timeout=None, on_line=None, 
     hyperparameters for this hardware (measured once per hardware, then cached), and record the baseline,
     run with noise_runs seeds to measure the run-to-run spread the noise and seeds gates use."""
     repo = open_repo(root)
-    if changed_files(repo):
-        raise Refused(f"working tree has uncommitted changes ({', '.join(changed_files(repo))}): commit or stash them first")
+    dirty = changed_files(repo)
+    if dirty:
+        raise Refused(f"working tree has uncommitted changes ({', '.join(dirty)}): commit or stash them first")
     name = run_branch(tag, backend)
     try:
         repo.git.check_ref_format("--branch", name)
@@ -290,8 +291,9 @@ def verify(root, backend, runs=3, budget=None, seed=1000, timeout=None, on_line=
     repo = open_repo(root)
     if repo.head.is_detached or not repo.active_branch.name.startswith(BRANCH_PREFIX):
         raise Refused("not on a run branch: check out the autoresearch/... branch to verify")
-    if changed_files(repo):
-        raise Refused(f"working tree has uncommitted changes ({', '.join(changed_files(repo))}): commit or stash them first")
+    dirty = changed_files(repo)
+    if dirty:
+        raise Refused(f"working tree has uncommitted changes ({', '.join(dirty)}): commit or stash them first")
     budget = _budget(budget)
     key = (repo.active_branch.name, hardware_tag(backend), _profile_name(), budget)
     best = best_kept(read_ledger(Path(root) / LEDGER_NAME), key)
