@@ -17,15 +17,23 @@ The rule:
      Chinchilla's ratio) and bench/calibration_study.md on a 2-core CPU, where the best of the
      measured sizes saw ~0.3 tokens/parameter at C = 1.6e13 (a fixed 20 there picked a model 0.22
      bpb worse). Small budgets favour bigger models than Chinchilla's ratio, large ones approach it;
-  3. TOTAL_BATCH_SIZE: the power of two nearest predicted tokens / TARGET_STEPS (upstream: 2**19
-     tokens a step, ~1000 steps in 5 minutes), but never below the file's device batch, the batch
-     the throughput was measured at (smaller steps would not reach it);
-  4. DEVICE_BATCH_SIZE: the file's, halved until it divides the total batch into whole rows.
+  3. TOTAL_BATCH_SIZE: predicted tokens / S(C), to the nearest power of two, where the step count
+     S(C) = REF_STEPS x (C / REF_COMPUTE)^STEPS_EXPONENT. Upstream takes ~1000 steps of 2**19 tokens at
+     C = 7.5e16; the critical batch grows about as the square root of the tokens trained (Zhang et al.
+     2024, "How does critical batch size scale in pre-training?") and compute-optimal tokens grow about
+     as the square root of compute, so steps ~ C^0.25. Small budgets want fewer, larger steps: on the
+     2-core CPU (C = 1.7e13) this gives ~120 steps, where 8192-token steps (~110) beat 4096 (~215) by
+     0.04 bpb and matched 16384 (~60). At least one row;
+  4. DEVICE_BATCH_SIZE: the one the pick was measured at, lowered to the largest that divides the total
+     batch into whole rows. Measuring starts at the file's and halves it on out-of-memory or peak memory
+     over the limit (the largest that fits), and for deeper rungs once a step takes over MAX_STEP_SECONDS:
+     a device that busy gains no throughput from a bigger batch, and the ladder would overrun its time.
 """
 
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -40,10 +48,12 @@ from .runner import run_training
 REF_TOKENS_PER_PARAM = 20  # at REF_COMPUTE FLOPs: upstream's H100 default
 REF_COMPUTE = 7.5e16
 RATIO_EXPONENT = 0.55  # fit through the CPU study's best (0.3 tokens/parameter at 1.6e13 FLOPs), with margin
-TARGET_STEPS = 1000
+REF_STEPS = 1000  # optimizer steps at REF_COMPUTE: upstream's 2**19-token steps in 5 minutes on an H100
+STEPS_EXPONENT = 0.25  # critical batch ~ sqrt(tokens), tokens ~ sqrt(compute): rule 3
 MEMORY_FRACTION = 0.8
 DEPTH_LADDER = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24)
 CALIBRATE_STEPS = 3  # timed steps per rung, after the steps train.py excludes as warm-up
+MAX_STEP_SECONDS = 2.0  # rule 4: e.g. cuda/train.py on a CPU, 128 rows of 256 tokens take ~4 s a step
 TIME_LIMIT = 60.0  # seconds for the whole ladder; rungs not reached are not measured
 KEYS = ("DEPTH", "TOTAL_BATCH_SIZE", "DEVICE_BATCH_SIZE")
 
@@ -56,6 +66,7 @@ class Rung:
     peak_mb: float
     params_M: float  # all parameters, as train.py reports them
     seconds: float  # wall time of the measurement, startup included
+    device_batch: int = 0  # rows per forward/backward it was measured at (0: the file's, in older caches)
 
     def predicted_tokens(self, budget):
         return self.tokens_per_sec * budget
@@ -67,10 +78,17 @@ class Rung:
     def tokens_per_param(self, budget):
         return self.predicted_tokens(budget) / self.scaling_params()
 
+    def compute(self, budget):
+        """C = 6 x non-embedding parameters x predicted tokens, in FLOPs."""
+        return 6 * self.scaling_params() * self.predicted_tokens(budget)
+
     def required_ratio(self, budget):
         """R(C): the tokens per parameter this rung's compute calls for (module docstring, rule 2)."""
-        compute = 6 * self.scaling_params() * self.predicted_tokens(budget)
-        return REF_TOKENS_PER_PARAM * (compute / REF_COMPUTE) ** RATIO_EXPONENT
+        return REF_TOKENS_PER_PARAM * (self.compute(budget) / REF_COMPUTE) ** RATIO_EXPONENT
+
+    def target_steps(self, budget):
+        """S(C): the optimizer steps this rung's compute calls for (module docstring, rule 3)."""
+        return REF_STEPS * (self.compute(budget) / REF_COMPUTE) ** STEPS_EXPONENT
 
 
 @dataclass
@@ -94,10 +112,13 @@ def cache_path(backend, profile_name, budget):
     return prepare.cache_dir() / "calibration" / f"{hardware_tag(backend)}-{profile_name}-{budget:g}s.json"
 
 
-def measure(backend, depth, root, budget, scratch):
-    """One rung: a few real training steps of train.py at this depth, run from a scratch copy."""
+def measure(backend, depth, device_batch, root, budget, seq_len, scratch):
+    """One rung: a few real training steps of train.py at this depth and device batch, one forward/backward
+    per optimizer step (throughput is per token; whole accumulated steps of a large total batch would only
+    make the ladder slower), run from a scratch copy. Returns (rung, error tail)."""
     source = train_file(backend, root).read_text()
-    train_file(backend, scratch).write_text(set_constants(source, {"DEPTH": depth}))
+    sizes = {"DEPTH": depth, "DEVICE_BATCH_SIZE": device_batch, "TOTAL_BATCH_SIZE": device_batch * seq_len}
+    train_file(backend, scratch).write_text(set_constants(source, sizes))
     env = dict(os.environ, AUTORESEARCH_CALIBRATE_STEPS=str(CALIBRATE_STEPS))
     start = time.time()
     result = run_training(backend, budget=budget, root=scratch, env=env, timeout=max(120.0, TIME_LIMIT * 2))
@@ -107,7 +128,12 @@ def measure(backend, depth, root, budget, scratch):
     constants = read_constants(source)
     model_dim = math.ceil(depth * constants["ASPECT_RATIO"] / constants["HEAD_DIM"]) * constants["HEAD_DIM"]
     return Rung(depth, model_dim, float(s["tokens_per_sec"]), float(s["peak_vram_mb"]), float(s["num_params_M"]),
-                time.time() - start), None
+                time.time() - start, device_batch), None
+
+
+def out_of_memory(error):
+    """Whether a failed rung ran out of memory (CUDA, MPS, Metal or host allocators), so a smaller batch may fit."""
+    return bool(error) and re.search(r"out of memory|unable to allocate|insufficient memory|bad_alloc", error, re.I)
 
 
 def choose(rungs, budget, seq_len, device_batch, memory_limit_mb):
@@ -115,17 +141,18 @@ def choose(rungs, budget, seq_len, device_batch, memory_limit_mb):
     fits = [r for r in rungs if r.peak_mb <= memory_limit_mb]
     good = [r for r in fits if r.tokens_per_param(budget) >= r.required_ratio(budget)]
     pick = max(good, key=lambda r: r.depth) if good else min(rungs, key=lambda r: r.depth)
+    device_batch = pick.device_batch or device_batch
     tokens = pick.predicted_tokens(budget)
-    total = 2 ** round(math.log2(max(tokens / TARGET_STEPS, 1)))
-    total = max(total, device_batch * seq_len)
+    steps = pick.target_steps(budget)
+    total = 2 ** round(math.log2(max(tokens / steps, 1)))
+    total = max(total, seq_len)
     rows = total // seq_len
-    while device_batch > 1 and (device_batch > rows or rows % device_batch):
-        device_batch //= 2
+    device_batch = max(d for d in range(1, min(device_batch, rows) + 1) if rows % d == 0)
     reason = (f"DEPTH {pick.depth}: {pick.scaling_params() / 1e6:.2f}M non-embedding parameters, "
               f"{pick.tokens_per_sec:,.0f} tokens/s -> {tokens / 1e6:.1f}M tokens in {budget:g}s = "
               f"{pick.tokens_per_param(budget):.2f} tokens/parameter "
               f"(rule: deepest with >= R(C) = {pick.required_ratio(budget):.2f}); TOTAL_BATCH_SIZE {total} "
-              f"(~{tokens / total:.0f} steps, target {TARGET_STEPS})")
+              f"(~{tokens / total:.0f} steps, S(C) = {steps:.0f})")
     if not good:
         reason = "no rung reaches the rule; the shallowest: " + reason
     return {"DEPTH": pick.depth, "TOTAL_BATCH_SIZE": total, "DEVICE_BATCH_SIZE": device_batch}, reason
@@ -150,21 +177,28 @@ def calibrate(backend, root=None, force=False, budget=None, on_line=None, time_l
     scratch = Path(tempfile.mkdtemp(prefix="autoresearch-calibrate-"))
     train_file(backend, scratch).parent.mkdir(parents=True)
     shutil.copy2(root / "prepare.py", scratch / "prepare.py")
+    batch = constants["DEVICE_BATCH_SIZE"]
     for depth in DEPTH_LADDER:
         if time.time() - start > time_limit and rungs:
             say(f"calibrate: time limit {time_limit:g}s reached before depth {depth}")
             break
-        rung, error = measure(backend, depth, root, budget, scratch)
+        rung, error = measure(backend, depth, batch, root, budget, profile.seq_len, scratch)
+        while batch > 1 and (out_of_memory(error) or (rung and rung.peak_mb > memory_limit_mb)):
+            batch //= 2  # the largest device batch that fits: deeper rungs start from it
+            say(f"calibrate: depth {depth} does not fit at device batch {batch * 2}; trying {batch}")
+            rung, error = measure(backend, depth, batch, root, budget, profile.seq_len, scratch)
         if rung is None:
             say(f"calibrate: depth {depth} failed ({error.splitlines()[-1] if error else 'no output'}); stopping")
             break
         rungs.append(rung)
         ratio, need = rung.tokens_per_param(budget), rung.required_ratio(budget)
         say(f"calibrate: depth {depth:2d}  d {rung.model_dim:4d}  {rung.scaling_params() / 1e6:7.2f}M non-embedding "
-            f"params  {rung.tokens_per_sec:10,.0f} tokens/s  "
+            f"params  batch {rung.device_batch:3d}  {rung.tokens_per_sec:10,.0f} tokens/s  "
             f"{rung.peak_mb:8.0f} MB  {ratio:7.2f} tokens/param (R(C) {need:.2f})  ({rung.seconds:.0f}s)")
         if ratio < need or rung.peak_mb > memory_limit_mb:
             break  # deeper rungs are only slower and larger
+        while batch > 1 and batch * profile.seq_len / rung.tokens_per_sec > MAX_STEP_SECONDS:
+            batch //= 2  # rule 4: deeper rungs measure at a batch whose steps stay short
     shutil.rmtree(scratch, ignore_errors=True)
     if not rungs:
         raise RuntimeError(f"calibration of {backend} failed: no rung could train")

@@ -31,8 +31,8 @@ def resolve_backend(requested):
         backend, reason = pick_backend(requested)
     except ValueError as e:
         fail(str(e))
-    if requested == "auto":
-        console.print(f"backend: {backend} ({reason})", highlight=False)
+    if reason != "requested":
+        console.print(f"backend: {backend} ({reason})", highlight=False, soft_wrap=True)
     return backend
 
 
@@ -303,7 +303,7 @@ def calibrate_cmd(
     budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
     try:
         result, cached = calibrate(backend, root=repo_root(), force=force, budget=budget, time_limit=time_limit,
-                                   on_line=lambda text: console.print(text, highlight=False, markup=False))
+                                   on_line=lambda text: console.print(text, highlight=False, markup=False, soft_wrap=True))
     except RuntimeError as e:
         fail(str(e))
     source = f"cached {result.measured_at}; --force to measure again" if cached else f"measured in {result.seconds:g}s"

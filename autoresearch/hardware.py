@@ -56,10 +56,11 @@ def pick_backend(requested="auto"):
     if requested != "auto":
         if requested not in BACKENDS:
             raise ValueError(f"unknown backend {requested!r}: choose auto or one of {', '.join(BACKENDS)}")
+        if requested == "cuda" and "cuda" not in found and _has("torch"):
+            return "cuda", "requested; no NVIDIA GPU, so cuda/train.py runs on the CPU (float32, no compile)"
         if requested not in found:
             need = "torch" if requested in ("cuda", "mps") else "mlx"
-            extra = " and an NVIDIA GPU" if requested == "cuda" else ""
-            raise ValueError(f"backend {requested} needs {need}{extra}; install with: pip install -e '.[{requested}]'")
+            raise ValueError(f"backend {requested} needs {need}; install with: pip install -e '.[{requested}]'")
         return requested, "requested"
     if "cuda" in found:
         return "cuda", f"NVIDIA GPU found ({cuda_device()[0]})"

@@ -1,10 +1,10 @@
 """
 Calibration study: at the full budget, does the calibrated pick beat its ladder neighbours and the
-backend's fixed default? One run each (the pick twice, for the run-to-run spread), in a scratch copy
-of the project so nothing here is edited.
+backend's fixed default? One run each (the pick once per seed, for the run-to-run spread), in a
+scratch copy of the project so nothing here is edited. Prints one markdown section.
 
     AUTORESEARCH_CACHE=/tmp/bench autoresearch prepare --source ../shared/data/mixed-en --profile cpu
-    AUTORESEARCH_CACHE=/tmp/bench python bench/calibration_study.py --backend mlx > bench/calibration_study.md
+    AUTORESEARCH_CACHE=/tmp/bench python bench/calibration_study.py --backend mlx >> bench/calibration_study.md
 """
 
 import argparse
@@ -29,65 +29,85 @@ def run_variant(backend, constants, budget, seed, scratch):
     source = (ROOT / "backends" / backend / "train.py").read_text()
     (scratch / "backends" / backend / "train.py").write_text(set_constants(source, constants) if constants else source)
     result = run_training(backend, budget=budget, seed=seed, root=scratch)
+    if result.timed_out:
+        return None, f"timed out after {result.elapsed:.0f} s"
     if not result.ok:
         return None, result.tail(3)
     return result.summary, None
+
+
+def variants_for(pick, default, seeds, kinds, seq_len):
+    """The pick (once per seed), its ladder neighbours (DEPTH one rung down and up; TOTAL_BATCH_SIZE halved
+    and doubled) and the file's fixed default, each once at seed 42."""
+    ladder = list(cal.DEPTH_LADDER)
+    i = ladder.index(pick["DEPTH"])
+    out = [("calibrated pick" + (f", seed {s}" if s != 42 else ""), pick, s) for s in seeds]
+    if "depth" in kinds:
+        out += [(f"neighbour: DEPTH {d}", dict(pick, DEPTH=d), 42) for d in (ladder[i - 1] if i else None, ladder[i + 1]) if d]
+    if "batch" in kinds:
+        for total in (pick["TOTAL_BATCH_SIZE"] // 2, pick["TOTAL_BATCH_SIZE"] * 2):
+            if total >= pick["DEVICE_BATCH_SIZE"] * seq_len:
+                out.append((f"neighbour: TOTAL_BATCH_SIZE {total}", dict(pick, TOTAL_BATCH_SIZE=total), 42))
+    if default != pick:
+        out.append(("fixed default of the file", default, 42))
+    return out
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--backend", default="mlx")
     parser.add_argument("--budget", type=float, default=None, help="default: the profile's (300 s)")
+    parser.add_argument("--seeds", type=int, default=3, help="runs of the pick, for the run-to-run spread")
+    parser.add_argument("--neighbours", default="depth,batch", help="which ladder neighbours: depth, batch or both")
     args = parser.parse_args()
     profile = prepare.load_profile()
     budget = args.budget or profile.time_budget
-    calibration, cached = cal.calibrate(args.backend, root=ROOT, budget=budget)
+    lines = []
+    calibration, cached = cal.calibrate(args.backend, root=ROOT, budget=budget, on_line=lines.append)
     pick = calibration.choice
-    depths = [r.depth for r in calibration.rungs]
-    ladder = list(cal.DEPTH_LADDER)
-    i = ladder.index(pick["DEPTH"])
-    neighbours = [d for d in (ladder[i - 1] if i else None, ladder[i + 1], ladder[i + 2]) if d]
     default = {k: v for k, v in read_constants((ROOT / "backends" / args.backend / "train.py").read_text()).items()
                if k in cal.KEYS}
-    variants = [("calibrated pick", pick, 42), ("calibrated pick, seed 43", pick, 43)]
-    variants += [(f"neighbour: DEPTH {d}", dict(pick, DEPTH=d), 42) for d in neighbours]
-    variants.append(("fixed default of the file", default, 42))
+    variants = variants_for(pick, default, [42 + i for i in range(args.seeds)], args.neighbours.split(","),
+                            profile.seq_len)
 
     scratch = Path(tempfile.mkdtemp(prefix="calib-study-"))
     shutil.copy2(ROOT / "prepare.py", scratch / "prepare.py")
     (scratch / "backends" / args.backend).mkdir(parents=True)
     rows = []
     for label, constants, seed in variants:
-        start = time.time()
         summary, error = run_variant(args.backend, constants, budget, seed, scratch)
-        rows.append((label, constants, seed, summary, error, time.time() - start))
+        rows.append((label, constants, seed, summary, error))
         print(f"{label}: {summary['val_bpb'] if summary else error}", file=sys.stderr, flush=True)
     shutil.rmtree(scratch, ignore_errors=True)
 
-    picks = [r[3]["val_bpb"] for r in rows[:2] if r[3]]
-    spread = statistics.stdev(picks) if len(picks) == 2 else float("nan")
-    print(f"# Calibration study: {args.backend} on {hardware_tag(args.backend)}\n")
-    print(f"Eval profile `{profile.name}`, budget {budget:g} s per run, {time.strftime('%Y-%m-%d')}.")
-    print(f"Calibration ({'cached' if cached else 'measured'}, rungs measured: depth {', '.join(map(str, depths))}): "
+    picks = [r[3]["val_bpb"] for r in rows[:args.seeds] if r[3]]
+    spread = statistics.stdev(picks) if len(picks) >= 2 else float("nan")
+    print(f"## {args.backend} on {hardware_tag(args.backend)}\n")
+    print(f"Eval profile `{profile.name}`, budget {budget:g} s per run, {time.strftime('%Y-%m-%d')}. "
+          f"Calibration ({'cached' if cached else f'measured in {calibration.seconds:g} s'}): "
           f"`{calibration.config()}` — {calibration.reason}\n")
+    if lines:
+        print("```\n" + "\n".join(lines) + "\n```\n")
     print("| run | DEPTH | TOTAL_BATCH_SIZE | DEVICE_BATCH_SIZE | seed | val_bpb | steps | tokens/s | params (M) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for label, constants, seed, s, error, _ in rows:
+    for label, constants, seed, s, error in rows:
         c = dict(default, **constants)
+        head = f"| {label} | {c['DEPTH']} | {c['TOTAL_BATCH_SIZE']} | {c['DEVICE_BATCH_SIZE']} | {seed} | "
         if s:
-            print(f"| {label} | {c['DEPTH']} | {c['TOTAL_BATCH_SIZE']} | {c['DEVICE_BATCH_SIZE']} | {seed} | "
-                  f"{s['val_bpb']:.4f} | {s['num_steps']} | {s['tokens_per_sec']:.0f} | {s['num_params_M']:.2f} |")
+            print(head + f"{s['val_bpb']:.4f} | {s['num_steps']} | {s['tokens_per_sec']:.0f} | {s['num_params_M']:.2f} |")
         else:
-            print(f"| {label} | {c['DEPTH']} | {c['TOTAL_BATCH_SIZE']} | {c['DEVICE_BATCH_SIZE']} | {seed} | "
-                  f"crash: {error.splitlines()[-1] if error else '?'} | | | |")
+            print(head + f"failed: {error.splitlines()[-1] if error else '?'} | | | |")
+    if default == pick:
+        print("\nThe file's fixed default is the pick itself.")
     ok = [(r[0], r[3]["val_bpb"]) for r in rows if r[3]]
     best_label, best = min(ok, key=lambda t: t[1])
     pick_mean = statistics.fmean(picks) if picks else float("nan")
-    print(f"\nRun-to-run spread of the pick (two seeds): {spread:.4f}. Best run: {best_label} ({best:.4f}); "
-          f"the pick's mean {pick_mean:.4f} is {pick_mean - best:+.4f} from it, "
+    print(f"\nRun-to-run spread of the pick ({len(picks)} seeds, standard deviation): {spread:.4f}. "
+          f"Best run: {best_label} ({best:.4f}); the pick's mean {pick_mean:.4f} is {pick_mean - best:+.4f} from it, "
           f"{'within' if pick_mean - best <= 2 * spread else 'outside'} 2 x spread.")
     print(f"\nReproduce: `AUTORESEARCH_CACHE=<cpu-profile cache of ../shared/data/mixed-en> "
-          f"python bench/calibration_study.py --backend {args.backend}`")
+          f"python bench/calibration_study.py --backend {args.backend} --seeds {args.seeds} "
+          f"--neighbours {args.neighbours}`\n")
 
 
 if __name__ == "__main__":

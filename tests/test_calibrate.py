@@ -16,8 +16,8 @@ from conftest import TINY, make_checkout
 GB = 24 * 1024
 
 
-def rung(depth, dim, tokens_per_sec, peak_mb=500.0):
-    return Rung(depth, dim, tokens_per_sec, peak_mb, params_M=1.0, seconds=5.0)
+def rung(depth, dim, tokens_per_sec, peak_mb=500.0, device_batch=16):
+    return Rung(depth, dim, tokens_per_sec, peak_mb, params_M=1.0, seconds=5.0, device_batch=device_batch)
 
 
 def test_rule_picks_the_deepest_rung_that_reaches_its_ratio():
@@ -28,10 +28,17 @@ def test_rule_picks_the_deepest_rung_that_reaches_its_ratio():
     expected_r = 20 * (6 * 12 * 256**2 * 4 * 0.9e6 / 7.5e16) ** 0.55
     assert rungs[3].required_ratio(300) == pytest.approx(expected_r)
     assert rungs[3].tokens_per_param(300) >= expected_r and rungs[4].tokens_per_param(300) < rungs[4].required_ratio(300)
+    # steps: S(C) = 1000 (C / 7.5e16) ** 0.25 = 123; 0.9M / 123 = 7335 tokens a step -> 2 ** 13
+    compute = 6 * 12 * 256**2 * 4 * 0.9e6
+    assert rungs[3].target_steps(300) == pytest.approx(1000 * (compute / 7.5e16) ** 0.25)
+    assert 122 < rungs[3].target_steps(300) < 124
     choice, reason = choose(rungs, budget=300, seq_len=256, device_batch=16, memory_limit_mb=GB)
-    # total batch: 2 ** round(log2(0.9M / 1000)) = 1024, raised to one device batch, 16 x 256
-    assert choice == {"DEPTH": 4, "TOTAL_BATCH_SIZE": 4096, "DEVICE_BATCH_SIZE": 16}
-    assert "DEPTH 4" in reason and "R(C)" in reason
+    assert choice == {"DEPTH": 4, "TOTAL_BATCH_SIZE": 8192, "DEVICE_BATCH_SIZE": 16}
+    assert "DEPTH 4" in reason and "R(C)" in reason and "S(C) = 123" in reason
+    # a tenth of the budget: depth 3 is the deepest that reaches R(C) (0.09 >= 0.04); 123k tokens / S(C) = 60
+    # steps -> 2 ** 11 = 8 rows of 256, so the device batch comes down to 8
+    short = choose(rungs, budget=30, seq_len=256, device_batch=16, memory_limit_mb=GB)[0]
+    assert short == {"DEPTH": 3, "TOTAL_BATCH_SIZE": 2048, "DEVICE_BATCH_SIZE": 8}
 
 
 def test_rule_respects_memory_and_falls_back_to_the_shallowest():
@@ -40,14 +47,40 @@ def test_rule_respects_memory_and_falls_back_to_the_shallowest():
     slow = [rung(4, 256, 10), rung(6, 384, 5)]
     choice, reason = choose(slow, 300, 256, 16, GB)
     assert choice["DEPTH"] == 4 and reason.startswith("no rung reaches the rule")
+    # the device batch is the one the pick was measured at (halved there until it fit), not the file's
+    halved = [rung(1, 64, 8500, device_batch=4), rung(2, 128, 6700, device_batch=4)]
+    assert choose(halved, 300, 256, 16, GB)[0]["DEVICE_BATCH_SIZE"] == 4
 
 
 def test_large_budget_total_batch_and_device_batch_division():
-    # an H100-like rung: 500M tokens in 300 s at depth 8, d 512 -> 2 ** round(log2(5e5)) = 2 ** 19
-    fast = [rung(8, 512, 500e6 / 300)]
+    # an H100-like rung: 500M tokens in 300 s at depth 8, d 512: C = 7.5e16, S(C) = 1000 steps -> 2 ** 19
+    fast = [rung(8, 512, 500e6 / 300, device_batch=128)]
     choice, _ = choose(fast, 300, 2048, 128, memory_limit_mb=80_000)
     assert choice == {"DEPTH": 8, "TOTAL_BATCH_SIZE": 2**19, "DEVICE_BATCH_SIZE": 128}
     assert math.isclose(fast[0].required_ratio(300), 20 * (6 * 12 * 512**2 * 8 * 500e6 / 7.5e16) ** 0.55)
+    # 48 rows of 2048 do not divide 2 ** 19 / 2048 = 256 rows: the largest that does is 32
+    odd = [rung(8, 512, 500e6 / 300, device_batch=48)]
+    assert choose(odd, 300, 2048, 128, memory_limit_mb=80_000)[0]["DEVICE_BATCH_SIZE"] == 32
+
+
+def test_out_of_memory_messages_are_recognised():
+    assert cal.out_of_memory("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert cal.out_of_memory("RuntimeError: MPS backend out of memory (MPS allocated: 17.00 GB)")
+    assert cal.out_of_memory("[metal::malloc] Unable to allocate 4294967296 bytes.")
+    assert cal.out_of_memory("terminate called after throwing an instance of 'std::bad_alloc'")
+    assert not cal.out_of_memory("ValueError: shapes (4,3) and (2,) not aligned")
+    assert not cal.out_of_memory(None)
+
+
+def test_real_ladder_halves_the_device_batch_that_does_not_fit(tmp_path, use_cache, monkeypatch):
+    # a device with 1 MB of memory: depth 1 is measured at the file's 2 rows, over the limit, then at 1
+    root = make_checkout(tmp_path / "project", backends=("mlx",), **dict(TINY, DEVICE_BATCH_SIZE=2, TOTAL_BATCH_SIZE=512))
+    monkeypatch.setattr(cal, "device_memory_mb", lambda backend: 1.0 / cal.MEMORY_FRACTION)
+    lines = []
+    result, _ = cal.calibrate("mlx", root=root, budget=30, force=True, on_line=lines.append, time_limit=20)
+    assert "calibrate: depth 1 does not fit at device batch 2; trying 1" in lines
+    assert [(r.depth, r.device_batch) for r in result.rungs] == [(1, 1)]  # still over: deeper rungs only grow
+    assert result.choice["DEVICE_BATCH_SIZE"] == 1 and result.reason.startswith("no rung reaches the rule")
 
 
 def test_real_ladder_is_cached_and_written_by_setup(tmp_path, use_cache):
@@ -56,7 +89,7 @@ def test_real_ladder_is_cached_and_written_by_setup(tmp_path, use_cache):
     repo.git.add(A=True)
     repo.index.commit("project")
     lines = []
-    result, cached = cal.calibrate("mlx", root=root, budget=30, on_line=lines.append, time_limit=20)
+    result, cached = cal.calibrate("mlx", root=root, budget=30, force=True, on_line=lines.append, time_limit=20)
     assert not cached and result.rungs and result.rungs[0].depth == 1
     assert all(r.tokens_per_sec > 0 and r.peak_mb > 0 for r in result.rungs)
     assert any(line.startswith("calibrate: depth  1") for line in lines)
