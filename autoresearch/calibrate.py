@@ -18,12 +18,14 @@ The rule:
      measured sizes saw ~0.3 tokens/parameter at C = 1.6e13 (a fixed 20 there picked a model 0.22
      bpb worse). Small budgets favour bigger models than Chinchilla's ratio, large ones approach it;
   3. TOTAL_BATCH_SIZE: predicted tokens / S(C), to the nearest power of two, where the step count
-     S(C) = REF_STEPS x (C / REF_COMPUTE)^STEPS_EXPONENT. Upstream takes ~1000 steps of 2**19 tokens at
-     C = 7.5e16; the critical batch grows about as the square root of the tokens trained (Zhang et al.
-     2024, "How does critical batch size scale in pre-training?") and compute-optimal tokens grow about
-     as the square root of compute, so steps ~ C^0.25. Small budgets want fewer, larger steps: on the
-     2-core CPU (C = 1.7e13) this gives ~120 steps, where 8192-token steps (~110) beat 4096 (~215) by
-     0.04 bpb and matched 16384 (~60). At least one row;
+     S(C) = REF_STEPS x (C / REF_COMPUTE)^STEPS_EXPONENT: small budgets want fewer, larger steps.
+     Anchors: upstream's ~1000 steps of 2**19 tokens at C = 7.5e16, and bench/calibration_study.md on
+     a 2-core CPU (C = 1.5-2.3e13), where the best step counts were ~60-110: mlx at depth 4, 8192-token
+     steps (~115) beat 4096 (~210) by 0.035 bpb and tied 16384 (~57); the faster PyTorch CPU path
+     was 0.09 better at 16384 (~83) than at 8192 (~164). Theory gives a similar slope (the critical
+     batch grows about as the square root of the tokens trained, Zhang et al. 2024, and
+     compute-optimal tokens about as the square root of compute: C^0.25), which at CPU scale picked
+     twice too many steps for the PyTorch path. At least one row;
   4. DEVICE_BATCH_SIZE: the one the pick was measured at, lowered to the largest that divides the total
      batch into whole rows. Measuring starts at the file's and halves it on out-of-memory or peak memory
      over the limit (the largest that fits), and for deeper rungs once a step takes over MAX_STEP_SECONDS:
@@ -49,7 +51,7 @@ REF_TOKENS_PER_PARAM = 20  # at REF_COMPUTE FLOPs: upstream's H100 default
 REF_COMPUTE = 7.5e16
 RATIO_EXPONENT = 0.55  # fit through the CPU study's best (0.3 tokens/parameter at 1.6e13 FLOPs), with margin
 REF_STEPS = 1000  # optimizer steps at REF_COMPUTE: upstream's 2**19-token steps in 5 minutes on an H100
-STEPS_EXPONENT = 0.25  # critical batch ~ sqrt(tokens), tokens ~ sqrt(compute): rule 3
+STEPS_EXPONENT = 0.3  # through the CPU studies' best step counts (rule 3)
 MEMORY_FRACTION = 0.8
 DEPTH_LADDER = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24)
 CALIBRATE_STEPS = 3  # timed steps per rung, after the steps train.py excludes as warm-up
@@ -166,13 +168,16 @@ def calibrate(backend, root=None, force=False, budget=None, on_line=None, time_l
     profile = prepare.load_profile()
     budget = float(budget) if budget is not None else prepare.time_budget(profile)
     path = cache_path(backend, profile.name, budget)
+    constants = read_constants(train_file(backend, root).read_text())
+    memory_limit_mb = MEMORY_FRACTION * device_memory_mb(backend)
     if path.exists() and not force:
         data = json.loads(path.read_text())
         data["rungs"] = [Rung(**r) for r in data["rungs"]]
+        # the measurements are what is cached; the rule is applied to them again, so a revised rule takes effect
+        data["choice"], data["reason"] = choose(data["rungs"], budget, profile.seq_len, constants["DEVICE_BATCH_SIZE"],
+                                                memory_limit_mb)
         return Calibration(**data), True
     say = on_line or (lambda text: None)
-    constants = read_constants(train_file(backend, root).read_text())
-    memory_limit_mb = MEMORY_FRACTION * device_memory_mb(backend)
     start, rungs = time.time(), []
     scratch = Path(tempfile.mkdtemp(prefix="autoresearch-calibrate-"))
     train_file(backend, scratch).parent.mkdir(parents=True)

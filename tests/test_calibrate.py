@@ -28,17 +28,22 @@ def test_rule_picks_the_deepest_rung_that_reaches_its_ratio():
     expected_r = 20 * (6 * 12 * 256**2 * 4 * 0.9e6 / 7.5e16) ** 0.55
     assert rungs[3].required_ratio(300) == pytest.approx(expected_r)
     assert rungs[3].tokens_per_param(300) >= expected_r and rungs[4].tokens_per_param(300) < rungs[4].required_ratio(300)
-    # steps: S(C) = 1000 (C / 7.5e16) ** 0.25 = 123; 0.9M / 123 = 7335 tokens a step -> 2 ** 13
+    # steps: S(C) = 1000 (C / 7.5e16) ** 0.3 = 81; 0.9M / 81 = 11.2k tokens a step -> 2 ** 13
     compute = 6 * 12 * 256**2 * 4 * 0.9e6
-    assert rungs[3].target_steps(300) == pytest.approx(1000 * (compute / 7.5e16) ** 0.25)
-    assert 122 < rungs[3].target_steps(300) < 124
+    assert rungs[3].target_steps(300) == pytest.approx(1000 * (compute / 7.5e16) ** 0.3)
+    assert 80 < rungs[3].target_steps(300) < 81
     choice, reason = choose(rungs, budget=300, seq_len=256, device_batch=16, memory_limit_mb=GB)
     assert choice == {"DEPTH": 4, "TOTAL_BATCH_SIZE": 8192, "DEVICE_BATCH_SIZE": 16}
-    assert "DEPTH 4" in reason and "R(C)" in reason and "S(C) = 123" in reason
-    # a tenth of the budget: depth 3 is the deepest that reaches R(C) (0.09 >= 0.04); 123k tokens / S(C) = 60
-    # steps -> 2 ** 11 = 8 rows of 256, so the device batch comes down to 8
+    assert "DEPTH 4" in reason and "R(C)" in reason and "S(C) = 81" in reason
+    # 4,000 tokens/s (the PyTorch CPU path): 1.2M tokens, S(C) = 88 steps, 13.6k a step -> 2 ** 14
+    assert choose([rung(4, 256, 4000)], 300, 256, 16, GB)[0]["TOTAL_BATCH_SIZE"] == 16384
+    # a tenth of the budget: depth 3 is the deepest that reaches R(C) (0.09 >= 0.04); 123k tokens / S(C) = 34
+    # steps -> 2 ** 12 = 16 rows of 256
     short = choose(rungs, budget=30, seq_len=256, device_batch=16, memory_limit_mb=GB)[0]
-    assert short == {"DEPTH": 3, "TOTAL_BATCH_SIZE": 2048, "DEVICE_BATCH_SIZE": 8}
+    assert short == {"DEPTH": 3, "TOTAL_BATCH_SIZE": 4096, "DEVICE_BATCH_SIZE": 16}
+    # a hundredth: depth 2, 20k tokens / S(C) = 14 steps = 1.4k -> 2 ** 11 = 8 rows: the device batch comes down to 8
+    tiny = choose(rungs, budget=3, seq_len=256, device_batch=16, memory_limit_mb=GB)[0]
+    assert tiny == {"DEPTH": 2, "TOTAL_BATCH_SIZE": 2048, "DEVICE_BATCH_SIZE": 8}
 
 
 def test_rule_respects_memory_and_falls_back_to_the_shallowest():
@@ -105,12 +110,37 @@ def test_real_ladder_is_cached_and_written_by_setup(tmp_path, use_cache):
     out = setup(root, "c", "mlx", budget=2, noise_runs=1, calibrate=False)
     assert out.row.config == "-"
     repo.git.checkout("main")
-    # the 30 s decision stands in for the 2 s budget, so this setup trains briefly without measuring again
+    # the 30 s measurements stand in for the 2 s budget, so this setup trains briefly without measuring again;
+    # the rule is applied to them for 2 s, so the decision is the cached measurements' for that budget
     cal.cache_path("mlx", "cpu", 2.0).write_text(cal.cache_path("mlx", "cpu", 30.0).read_text())
+    expected, cached = cal.calibrate("mlx", root=root, budget=2)
+    assert cached and [r.tokens_per_sec for r in expected.rungs] == [r.tokens_per_sec for r in result.rungs]
+    assert expected.choice == cal.choose(result.rungs, 2, 256, TINY["DEVICE_BATCH_SIZE"], 1e9)[0]
     out = setup(root, "d", "mlx", budget=2, noise_runs=1, calibrate=True)
-    assert out.row.config == result.config()
+    assert out.row.config == expected.config()
     head = repo.head.commit
-    assert head.message.startswith("calibrate mlx-") and result.config() in head.message
+    assert head.message.startswith("calibrate mlx-") and expected.config() in head.message
     constants = read_constants((root / "backends/mlx/train.py").read_text())
-    assert {k: constants[k] for k in cal.KEYS} == result.choice
-    assert read_ledger(root / "results.tsv")[-1].config == result.config()
+    assert {k: constants[k] for k in cal.KEYS} == expected.choice
+    assert read_ledger(root / "results.tsv")[-1].config == expected.config()
+
+
+@pytest.mark.parametrize("backend", ["mps", "cuda"])
+def test_torch_backends_calibrate_through_the_cli_on_this_cpu(tmp_path, use_cache, backend):
+    import subprocess
+    import sys
+
+    import torch
+
+    root = make_checkout(tmp_path / "project", backends=(backend,), **TINY)
+    done = subprocess.run([sys.executable, "-m", "autoresearch", "--backend", backend, "calibrate", "--budget", "30",
+                           "--time-limit", "5", "--force"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr + done.stdout
+    if backend == "cuda" and not torch.cuda.is_available():
+        assert "no NVIDIA GPU, so cuda/train.py runs on the CPU" in done.stderr
+    assert "calibrate: depth  1" in done.stderr  # progress on stderr, the decision on stdout
+    stored = json.loads(cal.cache_path(backend, "cpu", 30.0).read_text())
+    choice = stored["choice"]
+    assert f"DEPTH={choice['DEPTH']},TOTAL_BATCH_SIZE={choice['TOTAL_BATCH_SIZE']}" in done.stdout
+    assert choice["DEPTH"] in [r["depth"] for r in stored["rungs"]]
+    assert choice["TOTAL_BATCH_SIZE"] % (choice["DEVICE_BATCH_SIZE"] * 256) == 0
