@@ -25,7 +25,8 @@ The rule:
      was 0.09 better at 16384 (~83) than at 8192 (~164). Theory gives a similar slope (the critical
      batch grows about as the square root of the tokens trained, Zhang et al. 2024, and
      compute-optimal tokens about as the square root of compute: C^0.25), which at CPU scale picked
-     twice too many steps for the PyTorch path. At least one row;
+     twice too many steps for the PyTorch path. Caveat: those CPU runs repeated their small training set
+     4-6 times (bench/calibration_study.md); the fit should be redone on data that does not repeat. At least one row;
   4. DEVICE_BATCH_SIZE: the one the pick was measured at, lowered to the largest that divides the total
      batch into whole rows. Measuring starts at the file's and halves it on out-of-memory or peak memory
      over the limit (the largest that fits), and for deeper rungs once a step takes over MAX_STEP_SECONDS:
