@@ -115,11 +115,10 @@ def cache_path(backend, profile_name, budget):
     return prepare.cache_dir() / "calibration" / f"{hardware_tag(backend)}-{profile_name}-{budget:g}s.json"
 
 
-def measure(backend, depth, device_batch, root, budget, seq_len, scratch):
+def measure(backend, source, depth, device_batch, budget, seq_len, scratch):
     """One rung: a few real training steps of train.py at this depth and device batch, one forward/backward
     per optimizer step (throughput is per token; whole accumulated steps of a large total batch would only
-    make the ladder slower), run from a scratch copy. Returns (rung, error tail)."""
-    source = train_file(backend, root).read_text()
+    make the ladder slower), run from a scratch copy of train.py's source. Returns (rung, error tail)."""
     sizes = {"DEPTH": depth, "DEVICE_BATCH_SIZE": device_batch, "TOTAL_BATCH_SIZE": device_batch * seq_len}
     train_file(backend, scratch).write_text(set_constants(source, sizes))
     env = dict(os.environ, AUTORESEARCH_CALIBRATE_STEPS=str(CALIBRATE_STEPS))
@@ -169,7 +168,8 @@ def calibrate(backend, root=None, force=False, budget=None, on_line=None, time_l
     profile = prepare.load_profile()
     budget = float(budget) if budget is not None else prepare.time_budget(profile)
     path = cache_path(backend, profile.name, budget)
-    constants = read_constants(train_file(backend, root).read_text())
+    source = train_file(backend, root).read_text()
+    constants = read_constants(source)
     memory_limit_mb = MEMORY_FRACTION * device_memory_mb(backend)
     if path.exists() and not force:
         data = json.loads(path.read_text())
@@ -188,11 +188,11 @@ def calibrate(backend, root=None, force=False, budget=None, on_line=None, time_l
         if time.time() - start > time_limit and rungs:
             say(f"calibrate: time limit {time_limit:g}s reached before depth {depth}")
             break
-        rung, error = measure(backend, depth, batch, root, budget, profile.seq_len, scratch)
+        rung, error = measure(backend, source, depth, batch, budget, profile.seq_len, scratch)
         while batch > 1 and (out_of_memory(error) or (rung and rung.peak_mb > memory_limit_mb)):
             batch //= 2  # the largest device batch that fits: deeper rungs start from it
             say(f"calibrate: depth {depth} does not fit at device batch {batch * 2}; trying {batch}")
-            rung, error = measure(backend, depth, batch, root, budget, profile.seq_len, scratch)
+            rung, error = measure(backend, source, depth, batch, budget, profile.seq_len, scratch)
         if rung is None:
             say(f"calibrate: depth {depth} failed ({error.splitlines()[-1] if error else 'no output'}); stopping")
             break

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import repo_root
+from .calibrate import TIME_LIMIT
 from .hardware import available_backends, blas_library, device_name, hardware_tag, pick_backend
 
 app = typer.Typer(add_completion=False, no_args_is_help=False,
@@ -294,7 +295,7 @@ def calibrate_cmd(
     ctx: typer.Context,
     force: bool = typer.Option(False, "--force", help="measure again even if this hardware has a cached choice"),
     budget: Optional[float] = BudgetOption,
-    time_limit: float = typer.Option(60.0, "--time-limit", help="seconds for the whole ladder"),
+    time_limit: float = typer.Option(TIME_LIMIT, "--time-limit", help="seconds for the whole ladder"),
 ):
     """Measure a ladder of model sizes here and pick the one for the budget (cached per hardware tag)."""
     from .calibrate import calibrate

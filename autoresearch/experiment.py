@@ -13,7 +13,7 @@ from . import train_file
 from .gate import Gate, decide, load_noise, save_noise, spread
 from .hardware import hardware_tag
 from .hparams import set_constants
-from .ledger import LEDGER_NAME, Row, append_row, best_kept, format_row, now, read_ledger
+from .ledger import LEDGER_NAME, NOTES_REF, Row, append_row, best_kept, format_row, now, read_ledger
 from .runner import run_training
 
 STATE_DIR = ".autoresearch"  # untracked: run.log, last_crash.log, the agent's description
@@ -74,7 +74,6 @@ def state_dir(root):
     return path
 
 
-NOTES_REF = "autoresearch"
 
 
 def record(repo, row, commit):

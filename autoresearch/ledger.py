@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 
 STATUSES = ("keep", "discard", "crash", "verify")  # verify: a re-run of a kept commit, decides nothing
 LEDGER_NAME = "results.tsv"
+NOTES_REF = "autoresearch"  # every row is also a git note on its commit: refs/notes/autoresearch
 
 
 @dataclass

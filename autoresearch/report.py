@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from .ledger import LedgerError, format_row, parse_row, read_ledger
+from .ledger import NOTES_REF, LedgerError, format_row, parse_row, read_ledger
 
-NOTES_REF = "autoresearch"  # as experiment.NOTES_REF: every row is also a note on its commit
 PLATEAU_K = 10
 TRANSFER = re.compile(r"^transfer ([0-9a-f]{4,40}): (.*)$")
 LABEL_CHARS = 48  # kept-point labels on the chart are shortened to this

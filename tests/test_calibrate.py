@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import git
 import pytest
@@ -127,11 +129,7 @@ def test_real_ladder_is_cached_and_written_by_setup(tmp_path, use_cache):
 
 @pytest.mark.parametrize("backend", ["mps", "cuda"])
 def test_torch_backends_calibrate_through_the_cli_on_this_cpu(tmp_path, use_cache, backend):
-    import subprocess
-    import sys
-
-    import torch
-
+    torch = pytest.importorskip("torch")
     root = make_checkout(tmp_path / "project", backends=(backend,), **TINY)
     done = subprocess.run([sys.executable, "-m", "autoresearch", "--backend", backend, "calibrate", "--budget", "30",
                            "--time-limit", "5", "--force"], cwd=root, capture_output=True, text=True, timeout=300)
