@@ -52,11 +52,13 @@ def test_packing_invariants(use_cache):
     tok = prepare.Tokenizer.from_directory()
     bos = tok.get_bos_token_id()
     tokens, offsets = prepare._load_tokens("shard_00000")
-    docs = {tuple(tokens[a:b].tolist()) for a, b in zip(offsets[:-1], offsets[1:])}
+    docs = [tokens[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    whole = {tuple(d.tolist()) for d in docs}
+    text = b"|".join(d[1:].astype(np.int32).tobytes() for d in docs)  # all text, to find slices in
     B, T = 8, 256
     loader = prepare.make_dataloader(tok, B, T, "train")
-    used, emitted = 0, 0
-    for _ in range(20):
+    used, emitted, remainders = 0, 0, 0
+    for _ in range(60):
         x, y, epoch = next(loader)
         assert x.shape == (B, T) and y.shape == (B, T) and x.dtype == np.int32 and epoch in (1, 2)  # 928 docs < the 1000-doc buffer: it reads ahead
         assert (x[:, 1:] == y[:, :-1]).all()
@@ -65,13 +67,39 @@ def test_packing_invariants(use_cache):
         for row in rows:
             segs = _segments(row, bos)
             assert sum(len(s) for s in segs) == T + 1  # no padding: documents fill the row
-            for s in segs[:-1]:
-                assert tuple(s.tolist()) in docs  # whole documents, unchanged
-            last = tuple(segs[-1].tolist())
-            assert any(d[: len(last)] == last for d in docs)  # only the last one may be cropped
+            for s in segs:
+                # a whole document, or BOS then one contiguous piece of a document's text
+                if tuple(s.tolist()) not in whole:
+                    assert s[1:].tobytes() in text
+                    remainders += s is not segs[-1]
             used += len(segs)
         emitted += rows.size
-    assert emitted == 20 * B * (T + 1) and used > 20 * B  # several documents per row on average
+    assert emitted == 60 * B * (T + 1) and used > 60 * B  # several documents per row on average
+    assert remainders > 0  # cropped tails come back later, whole within a row
+
+
+def _token_use(keep_remainders, batches=1500, buffer_size=64):
+    """Share of the documents' text tokens (BOS excluded) that packed rows carry, steady state."""
+    read = [0]
+
+    def counted():
+        for doc, epoch in prepare._documents("train"):
+            read[0] += len(doc) - 1
+            yield doc, epoch
+
+    rows = prepare.pack_rows(counted(), 16, 256, buffer_size, keep_remainders)
+    bos = next(rows)[0][0, 0]
+    start, carried = read[0], 0
+    for _ in range(batches):
+        carried += int((next(rows)[0] != bos).sum())
+    return carried / (read[0] - start)
+
+
+def test_training_rows_keep_cropped_remainders(use_cache):
+    # mixed-en's documents average ~1,100 tokens: cropping at 257 without keeping the tail
+    # (upstream's rule, still used for the fixed validation rows) would train on a fifth of them
+    assert _token_use(keep_remainders=True) > 0.97
+    assert _token_use(keep_remainders=False) < 0.5
 
 
 def test_validation_rows_are_fixed(use_cache):
