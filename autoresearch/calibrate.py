@@ -31,6 +31,8 @@ The rule:
      batch into whole rows. Measuring starts at the file's and halves it on out-of-memory or peak memory
      over the limit (the largest that fits), and for deeper rungs once a step takes over MAX_STEP_SECONDS:
      a device that busy gains no throughput from a bigger batch, and the ladder would overrun its time.
+The reason printed with the pick also counts its passes over the prepared training tokens and says so
+past MAX_PASSES: the rule assumes text that does not repeat, and a small local dataset can break that.
 """
 
 import json
@@ -58,6 +60,7 @@ DEPTH_LADDER = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24)
 CALIBRATE_STEPS = 3  # timed steps per rung, after the steps train.py excludes as warm-up
 MAX_STEP_SECONDS = 2.0  # rule 4: e.g. cuda/train.py on a CPU, 128 rows of 256 tokens take ~4 s a step
 TIME_LIMIT = 60.0  # seconds for the whole ladder; rungs not reached are not measured
+MAX_PASSES = 4  # beyond ~4 epochs repeated text is worth far less than fresh (Muennighoff et al. 2023)
 KEYS = ("DEPTH", "TOTAL_BATCH_SIZE", "DEVICE_BATCH_SIZE")
 
 
@@ -138,7 +141,7 @@ def out_of_memory(error):
     return bool(error) and re.search(r"out of memory|unable to allocate|insufficient memory|bad_alloc", error, re.I)
 
 
-def choose(rungs, budget, seq_len, device_batch, memory_limit_mb):
+def choose(rungs, budget, seq_len, device_batch, memory_limit_mb, train_tokens=None):
     """The rule in the module docstring, applied to measured rungs. Returns (choice, reason)."""
     fits = [r for r in rungs if r.peak_mb <= memory_limit_mb]
     good = [r for r in fits if r.tokens_per_param(budget) >= r.required_ratio(budget)]
@@ -155,6 +158,11 @@ def choose(rungs, budget, seq_len, device_batch, memory_limit_mb):
               f"{pick.tokens_per_param(budget):.2f} tokens/parameter "
               f"(rule: deepest with >= R(C) = {pick.required_ratio(budget):.2f}); TOTAL_BATCH_SIZE {total} "
               f"(~{tokens / total:.0f} steps, S(C) = {steps:.0f})")
+    if train_tokens:
+        passes = tokens / train_tokens
+        reason += f"; {passes:.1f} passes over the {train_tokens / 1e6:.2f}M training tokens"
+        if passes > MAX_PASSES:
+            reason += f" (over {MAX_PASSES}: repeated text overfits, prepare more)"
     if not good:
         reason = "no rung reaches the rule; the shallowest: " + reason
     return {"DEPTH": pick.depth, "TOTAL_BATCH_SIZE": total, "DEVICE_BATCH_SIZE": device_batch}, reason
@@ -171,12 +179,13 @@ def calibrate(backend, root=None, force=False, budget=None, on_line=None, time_l
     source = train_file(backend, root).read_text()
     constants = read_constants(source)
     memory_limit_mb = MEMORY_FRACTION * device_memory_mb(backend)
+    train_tokens = prepare.load_meta().get("train_tokens")
     if path.exists() and not force:
         data = json.loads(path.read_text())
         data["rungs"] = [Rung(**r) for r in data["rungs"]]
         # the measurements are what is cached; the rule is applied to them again, so a revised rule takes effect
         data["choice"], data["reason"] = choose(data["rungs"], budget, profile.seq_len, constants["DEVICE_BATCH_SIZE"],
-                                                memory_limit_mb)
+                                                memory_limit_mb, train_tokens)
         return Calibration(**data), True
     say = on_line or (lambda text: None)
     start, rungs = time.time(), []
@@ -208,7 +217,7 @@ def calibrate(backend, root=None, force=False, budget=None, on_line=None, time_l
     shutil.rmtree(scratch, ignore_errors=True)
     if not rungs:
         raise RuntimeError(f"calibration of {backend} failed: no rung could train")
-    choice, reason = choose(rungs, budget, profile.seq_len, constants["DEVICE_BATCH_SIZE"], memory_limit_mb)
+    choice, reason = choose(rungs, budget, profile.seq_len, constants["DEVICE_BATCH_SIZE"], memory_limit_mb, train_tokens)
     result = Calibration(hardware_tag(backend), profile.name, budget, rungs, choice, reason,
                          time.strftime("%Y-%m-%dT%H:%M:%S%z"), round(time.time() - start, 1))
     path.parent.mkdir(parents=True, exist_ok=True)

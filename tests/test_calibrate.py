@@ -59,6 +59,14 @@ def test_rule_respects_memory_and_falls_back_to_the_shallowest():
     assert choose(halved, 300, 256, 16, GB)[0]["DEVICE_BATCH_SIZE"] == 4
 
 
+def test_reason_counts_passes_over_the_training_text():
+    # depth 4 at 3,000 tokens/s sees 0.9M tokens in 300 s
+    fits = choose([rung(4, 256, 3000)], 300, 256, 16, GB, train_tokens=1_000_000)[1]
+    assert "0.9 passes over the 1.00M training tokens" in fits and "prepare more" not in fits
+    repeats = choose([rung(4, 256, 3000)], 300, 256, 16, GB, train_tokens=200_000)[1]
+    assert "4.5 passes over the 0.20M training tokens (over 4: repeated text overfits, prepare more)" in repeats
+
+
 def test_large_budget_total_batch_and_device_batch_division():
     # an H100-like rung: 500M tokens in 300 s at depth 8, d 512: C = 7.5e16, S(C) = 1000 steps -> 2 ** 19
     fast = [rung(8, 512, 500e6 / 300, device_batch=128)]
