@@ -5,9 +5,16 @@ scratch copy of the project so nothing here is edited. Prints one markdown secti
 
     AUTORESEARCH_CACHE=/tmp/bench autoresearch prepare --source ../shared/data/mixed-en --profile cpu
     AUTORESEARCH_CACHE=/tmp/bench python bench/calibration_study.py --backend mlx >> bench/calibration_study.md
+
+Every finished run is kept in <cache>/calibration/study-runs.jsonl, keyed by what decides its result (hardware,
+profile, budget, sizes, seed, and the hashes of train.py and prepare.py); a later study that needs the same run
+reads it from there instead of training again, so a stopped study resumes and a revised rule re-runs only what
+is new. --fresh ignores them.
 """
 
 import argparse
+import hashlib
+import json
 import shutil
 import statistics
 import sys
@@ -23,6 +30,19 @@ from autoresearch import calibrate as cal  # noqa: E402
 from autoresearch.hardware import hardware_tag  # noqa: E402
 from autoresearch.hparams import read_constants, set_constants  # noqa: E402
 from autoresearch.runner import run_training  # noqa: E402
+
+
+def run_key(backend, constants, budget, seed, profile):
+    source = (ROOT / "backends" / backend / "train.py").read_bytes()
+    digest = hashlib.sha256(source + (ROOT / "prepare.py").read_bytes()).hexdigest()[:16]
+    sizes = ",".join(f"{k}={constants[k]}" for k in sorted(constants))
+    return f"{hardware_tag(backend)}|{profile.name}|{budget:g}s|{sizes}|seed={seed}|{digest}"
+
+
+def load_runs(path):
+    if not path.exists():
+        return {}
+    return {r["key"]: r["summary"] for r in map(json.loads, path.read_text().splitlines()) if r.get("summary")}
 
 
 def run_variant(backend, constants, budget, seed, scratch):
@@ -64,6 +84,7 @@ def main():
     parser.add_argument("--budget", type=float, default=None, help="default: the profile's (300 s)")
     parser.add_argument("--seeds", type=int, default=3, help="runs of the pick, for the run-to-run spread")
     parser.add_argument("--neighbours", default="depth,batch", help="which ladder neighbours: depth, batch or both")
+    parser.add_argument("--fresh", action="store_true", help="train every run, ignoring kept results")
     args = parser.parse_args()
     profile = prepare.load_profile()
     budget = args.budget or profile.time_budget
@@ -78,9 +99,19 @@ def main():
     scratch = Path(tempfile.mkdtemp(prefix="calib-study-"))
     shutil.copy2(ROOT / "prepare.py", scratch / "prepare.py")
     (scratch / "backends" / args.backend).mkdir(parents=True)
-    rows = []
+    runs_path = prepare.cache_dir() / "calibration" / "study-runs.jsonl"
+    kept = {} if args.fresh else load_runs(runs_path)
+    rows, reused = [], 0
     for label, constants, seed in variants:
-        summary, error = run_variant(args.backend, constants, budget, seed, scratch)
+        key = run_key(args.backend, dict(default, **constants), budget, seed, profile)
+        summary, error = kept.get(key), None
+        if summary:
+            reused += 1
+        else:
+            summary, error = run_variant(args.backend, constants, budget, seed, scratch)
+            if summary:
+                with open(runs_path, "a") as f:
+                    f.write(json.dumps({"key": key, "summary": summary, "at": time.strftime("%Y-%m-%dT%H:%M")}) + "\n")
         rows.append((label, constants, seed, summary, error))
         print(f"{label}: {summary['val_bpb'] if summary else error}", file=sys.stderr, flush=True)
     shutil.rmtree(scratch, ignore_errors=True)
@@ -93,6 +124,8 @@ def main():
           f"`{calibration.config()}` — {calibration.reason}\n")
     if lines:
         print("```\n" + "\n".join(lines) + "\n```\n")
+    if reused:
+        print(f"{reused} of the {len(rows)} runs were kept from an earlier study with the same key ({runs_path.name}).\n")
     print("| run | DEPTH | TOTAL_BATCH_SIZE | DEVICE_BATCH_SIZE | seed | val_bpb | steps | tokens/s | params (M) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for label, constants, seed, s, error in rows:
