@@ -14,19 +14,19 @@ The rule:
      C = 6 x parameters x tokens, and whose peak memory stays under MEMORY_FRACTION of the device's
      memory; the shallowest rung if none does. The anchors: upstream's tuned H100 default (depth 8,
      25M non-embedding parameters, ~500M tokens in 5 minutes: C = 7.5e16, ~20 tokens/parameter,
-     Chinchilla's ratio) and bench/calibration_study.md on a 2-core CPU, where the best of the
-     measured sizes saw ~0.3 tokens/parameter at C = 1.6e13 (a fixed 20 there picked a model 0.22
-     bpb worse). Small budgets favour bigger models than Chinchilla's ratio, large ones approach it;
+     Chinchilla's ratio) and bench/calibration_study.md on a 2-core CPU (C ~ 1e13), where depth 3
+     (~1 token/parameter) beat depth 4 (~0.3) on mlx and on PyTorch, and depth 6 (~0.04) lost by 0.1
+     bpb on both. The exponent is inside the range that picks depth 3 from all three backends'
+     measurements there (0.44-0.49). Small budgets favour bigger models than Chinchilla's ratio,
+     large ones approach it;
   3. TOTAL_BATCH_SIZE: predicted tokens / S(C), to the nearest power of two, where the step count
      S(C) = REF_STEPS x (C / REF_COMPUTE)^STEPS_EXPONENT: small budgets want fewer, larger steps.
-     Anchors: upstream's ~1000 steps of 2**19 tokens at C = 7.5e16, and bench/calibration_study.md on
-     a 2-core CPU (C = 1.5-2.3e13), where the best step counts were ~60-110: mlx at depth 4, 8192-token
-     steps (~115) beat 4096 (~210) by 0.035 bpb and tied 16384 (~57); the faster PyTorch CPU path
-     was 0.09 better at 16384 (~83) than at 8192 (~164). Theory gives a similar slope (the critical
-     batch grows about as the square root of the tokens trained, Zhang et al. 2024, and
-     compute-optimal tokens about as the square root of compute: C^0.25), which at CPU scale picked
-     twice too many steps for the PyTorch path. Caveat: those CPU runs repeated their small training set
-     4-6 times (bench/calibration_study.md); the fit should be redone on data that does not repeat. At least one row;
+     Anchors: upstream's ~1000 steps of 2**19 tokens at C = 7.5e16, and theory: the critical batch
+     grows about as the square root of the tokens trained (Zhang et al. 2024), compute-optimal tokens
+     about as the square root of compute, so steps ~ C^0.25. bench/calibration_study.md agrees on a
+     2-core CPU (S ~ 105-120 there): mlx at depth 4 tied at ~110 and ~220 steps and lost 0.07 bpb at
+     ~60; PyTorch at depth 4 was 0.06 better at ~165 steps than at ~85. (The third study, on training data that repeated 4-6 times, had favoured fewer steps and
+     C^0.3; with the loader keeping cropped remainders, the data no longer repeats.) At least one row;
   4. DEVICE_BATCH_SIZE: the one the pick was measured at, lowered to the largest that divides the total
      batch into whole rows. Measuring starts at the file's and halves it on out-of-memory or peak memory
      over the limit (the largest that fits), and for deeper rungs once a step takes over MAX_STEP_SECONDS:
