@@ -59,7 +59,7 @@ MEMORY_FRACTION = 0.8
 DEPTH_LADDER = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24)
 CALIBRATE_STEPS = 3  # timed steps per rung, after the steps train.py excludes as warm-up
 MAX_STEP_SECONDS = 2.0  # rule 4: e.g. cuda/train.py on a CPU, 128 rows of 256 tokens take ~4 s a step
-TIME_LIMIT = 60.0  # seconds for the whole ladder; rungs not reached are not measured
+TIME_LIMIT = 60.0  # seconds for the whole ladder; a rung that would end past it is not started
 MAX_PASSES = 4  # beyond ~4 epochs repeated text is worth far less than fresh (Muennighoff et al. 2023)
 KEYS = ("DEPTH", "TOTAL_BATCH_SIZE", "DEVICE_BATCH_SIZE")
 
@@ -194,8 +194,9 @@ def calibrate(backend, root=None, force=False, budget=None, on_line=None, time_l
     shutil.copy2(root / "prepare.py", scratch / "prepare.py")
     batch = constants["DEVICE_BATCH_SIZE"]
     for depth in DEPTH_LADDER:
-        if time.time() - start > time_limit and rungs:
-            say(f"calibrate: time limit {time_limit:g}s reached before depth {depth}")
+        if rungs and time.time() - start + rungs[-1].seconds > time_limit:
+            # a deeper rung takes at least as long as the last one: starting it would overrun the limit
+            say(f"calibrate: depth {depth} would end past the {time_limit:g}s limit; stopping")
             break
         rung, error = measure(backend, source, depth, batch, budget, profile.seq_len, scratch)
         while batch > 1 and (out_of_memory(error) or (rung and rung.peak_mb > memory_limit_mb)):

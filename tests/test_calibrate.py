@@ -101,6 +101,16 @@ def test_real_ladder_halves_the_device_batch_that_does_not_fit(tmp_path, use_cac
     assert result.choice["DEVICE_BATCH_SIZE"] == 1 and result.reason.startswith("no rung reaches the rule")
 
 
+def test_real_ladder_does_not_start_a_rung_that_would_overrun_the_limit(tmp_path, use_cache):
+    # depth 1 takes a few seconds (startup, warm-up, timed steps); depth 2 would take longer, past 3 s in all
+    root = make_checkout(tmp_path / "project", backends=("mlx",), **TINY)
+    lines = []
+    result, _ = cal.calibrate("mlx", root=root, budget=30, force=True, on_line=lines.append, time_limit=3)
+    assert result.rungs[0].seconds > 1.5
+    assert [r.depth for r in result.rungs] == [1]
+    assert "calibrate: depth 2 would end past the 3s limit; stopping" in lines
+
+
 def test_real_ladder_is_cached_and_written_by_setup(tmp_path, use_cache):
     root = make_checkout(tmp_path / "project", backends=("mlx",), **TINY)
     repo = git.Repo.init(root, initial_branch="main")
