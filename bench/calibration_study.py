@@ -6,10 +6,11 @@ scratch copy of the project so nothing here is edited. Prints one markdown secti
     AUTORESEARCH_CACHE=/tmp/bench autoresearch prepare --source ../shared/data/mixed-en --profile cpu
     AUTORESEARCH_CACHE=/tmp/bench python bench/calibration_study.py --backend mlx >> bench/calibration_study.md
 
-Every finished run is kept in <cache>/calibration/study-runs.jsonl, keyed by what decides its result (hardware,
+Every run is kept in <cache>/calibration/study-runs.jsonl, keyed by what decides its result (hardware,
 profile, budget, sizes, seed, and the hashes of train.py and prepare.py); a later study that needs the same run
-reads it from there instead of training again, so a stopped study resumes and a revised rule re-runs only what
-is new. --fresh ignores them.
+reads it from there instead of training again (a failed run too: one that timed out would again), so a stopped
+study resumes and a revised rule re-runs only what is new. --fresh ignores them. The run-to-run noise the
+verdict uses is pooled over every configuration kept with several seeds on this machine.
 """
 
 import argparse
@@ -32,6 +33,9 @@ from autoresearch.hparams import read_constants, set_constants  # noqa: E402
 from autoresearch.runner import run_training  # noqa: E402
 
 
+RUNS_FILE = "study-runs.jsonl"
+
+
 def run_key(backend, constants, budget, seed, profile):
     source = (ROOT / "backends" / backend / "train.py").read_bytes()
     digest = hashlib.sha256(source + (ROOT / "prepare.py").read_bytes()).hexdigest()[:16]
@@ -40,9 +44,29 @@ def run_key(backend, constants, budget, seed, profile):
 
 
 def load_runs(path):
+    """key -> (summary, error) of every kept run, failures included (a run that timed out would again)."""
     if not path.exists():
         return {}
-    return {r["key"]: r["summary"] for r in map(json.loads, path.read_text().splitlines()) if r.get("summary")}
+    return {r["key"]: (r.get("summary"), r.get("error")) for r in map(json.loads, path.read_text().splitlines())}
+
+
+def pooled_spread(kept, key):
+    """Run-to-run noise on this machine: the pooled standard deviation over every configuration kept with
+    more than one seed, any backend, at this profile and budget. One pair of seeds alone is a poor estimate."""
+    def machine(k):  # the hardware tag less its backend, the profile and the budget
+        tag, profile, budget = k.split("|")[:3]
+        return tag.split("-", 1)[1], profile, budget
+
+    groups = {}
+    for k, (summary, _) in kept.items():
+        if summary and machine(k) == machine(key):
+            groups.setdefault(k.split("|seed=")[0] + k.split("|")[-1], []).append(summary["val_bpb"])
+    repeated = [v for v in groups.values() if len(v) > 1]
+    dof = sum(len(v) - 1 for v in repeated)
+    if not dof:
+        return float("nan"), 0, 0
+    var = sum(statistics.variance(v) * (len(v) - 1) for v in repeated) / dof
+    return var**0.5, len(repeated), sum(map(len, repeated))
 
 
 def run_variant(backend, constants, budget, seed, scratch):
@@ -99,19 +123,20 @@ def main():
     scratch = Path(tempfile.mkdtemp(prefix="calib-study-"))
     shutil.copy2(ROOT / "prepare.py", scratch / "prepare.py")
     (scratch / "backends" / args.backend).mkdir(parents=True)
-    runs_path = prepare.cache_dir() / "calibration" / "study-runs.jsonl"
+    runs_path = prepare.cache_dir() / "calibration" / RUNS_FILE
     kept = {} if args.fresh else load_runs(runs_path)
     rows, reused = [], 0
     for label, constants, seed in variants:
         key = run_key(args.backend, dict(default, **constants), budget, seed, profile)
-        summary, error = kept.get(key), None
-        if summary:
+        if key in kept:
+            summary, error = kept[key]
             reused += 1
         else:
             summary, error = run_variant(args.backend, constants, budget, seed, scratch)
-            if summary:
-                with open(runs_path, "a") as f:
-                    f.write(json.dumps({"key": key, "summary": summary, "at": time.strftime("%Y-%m-%dT%H:%M")}) + "\n")
+            kept[key] = summary, error
+            with open(runs_path, "a") as f:
+                record = {"key": key, "summary": summary, "error": error, "at": time.strftime("%Y-%m-%dT%H:%M")}
+                f.write(json.dumps(record) + "\n")
         rows.append((label, constants, seed, summary, error))
         print(f"{label}: {summary['val_bpb'] if summary else error}", file=sys.stderr, flush=True)
     shutil.rmtree(scratch, ignore_errors=True)
@@ -125,7 +150,7 @@ def main():
     if lines:
         print("```\n" + "\n".join(lines) + "\n```\n")
     if reused:
-        print(f"{reused} of the {len(rows)} runs were kept from an earlier study with the same key ({runs_path.name}).\n")
+        print(f"{reused} of the {len(rows)} runs were kept from an earlier study with the same key ({RUNS_FILE}).\n")
     print("| run | DEPTH | TOTAL_BATCH_SIZE | DEVICE_BATCH_SIZE | seed | val_bpb | steps | tokens/s | params (M) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for label, constants, seed, s, error in rows:
@@ -140,9 +165,11 @@ def main():
     ok = [(r[0], r[3]["val_bpb"]) for r in rows if r[3]]
     best_label, best = min(ok, key=lambda t: t[1])
     pick_mean = statistics.fmean(picks) if picks else float("nan")
-    print(f"\nRun-to-run spread of the pick ({len(picks)} seeds, standard deviation): {spread:.4f}. "
+    noise, configs, runs = pooled_spread(kept, run_key(args.backend, dict(default, **pick), budget, 42, profile))
+    print(f"\nRun-to-run spread of the pick ({len(picks)} seeds, standard deviation): {spread:.4f}; pooled over the "
+          f"{configs} configurations run with several seeds on this machine ({runs} runs, {RUNS_FILE}): {noise:.4f}. "
           f"Best run: {best_label} ({best:.4f}); the pick's mean {pick_mean:.4f} is {pick_mean - best:+.4f} from it, "
-          f"{'within' if pick_mean - best <= 2 * spread else 'outside'} 2 x spread.")
+          f"{'within' if pick_mean - best <= 2 * noise else 'outside'} 2 x the pooled spread.")
     print(f"\nReproduce: `AUTORESEARCH_CACHE=<cpu-profile cache of ../shared/data/mixed-en> "
           f"python bench/calibration_study.py --backend {args.backend} --seeds {args.seeds} "
           f"--neighbours {args.neighbours}`\n")
