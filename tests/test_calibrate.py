@@ -102,13 +102,15 @@ def test_real_ladder_halves_the_device_batch_that_does_not_fit(tmp_path, use_cac
 
 
 def test_real_ladder_does_not_start_a_rung_that_would_overrun_the_limit(tmp_path, use_cache):
-    # depth 1 takes a few seconds (startup, warm-up, timed steps); depth 2 would take longer, past 3 s in all
     root = make_checkout(tmp_path / "project", backends=("mlx",), **TINY)
+    first, _ = cal.calibrate("mlx", root=root, budget=30, force=True, time_limit=0)  # depth 1 only
+    assert [r.depth for r in first.rungs] == [1]
+    # a limit between one rung's time and two: depth 1 ends inside it, depth 2 (at least as long) would not
+    limit = 1.3 * first.rungs[0].seconds
     lines = []
-    result, _ = cal.calibrate("mlx", root=root, budget=30, force=True, on_line=lines.append, time_limit=3)
-    assert result.rungs[0].seconds > 1.5
+    result, _ = cal.calibrate("mlx", root=root, budget=30, force=True, on_line=lines.append, time_limit=limit)
     assert [r.depth for r in result.rungs] == [1]
-    assert "calibrate: depth 2 would end past the 3s limit; stopping" in lines
+    assert f"calibrate: depth 2 would end past the {limit:g}s limit; stopping" in lines
 
 
 def test_real_ladder_is_cached_and_written_by_setup(tmp_path, use_cache):
