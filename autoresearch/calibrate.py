@@ -25,8 +25,9 @@ The rule:
      grows about as the square root of the tokens trained (Zhang et al. 2024), compute-optimal tokens
      about as the square root of compute, so steps ~ C^0.25. bench/calibration_study.md agrees on a
      2-core CPU (S ~ 105-120 there): mlx at depth 4 tied at ~110 and ~220 steps and lost 0.07 bpb at
-     ~60; PyTorch at depth 4 was 0.06 better at ~165 steps than at ~85. (The third study, on training data that repeated 4-6 times, had favoured fewer steps and
-     C^0.3; with the loader keeping cropped remainders, the data no longer repeats.) At least one row;
+     ~60; PyTorch at depth 4 was 0.06 better at ~165 steps than at ~85. (The third study, on training
+     data that repeated 4-6 times, had favoured fewer steps and C^0.3; with the loader keeping cropped
+     remainders, the data no longer repeats.) At least one row;
   4. DEVICE_BATCH_SIZE: the one the pick was measured at, lowered to the largest that divides the total
      batch into whole rows. Measuring starts at the file's and halves it on out-of-memory or peak memory
      over the limit (the largest that fits), and for deeper rungs once a step takes over MAX_STEP_SECONDS:

@@ -74,8 +74,6 @@ def state_dir(root):
     return path
 
 
-
-
 def record(repo, row, commit):
     """Append the row to results.tsv, and to the commit's git note (refs/notes/autoresearch), so a run
     branch carries its own ledger to other machines: `git push origin refs/notes/autoresearch`."""
