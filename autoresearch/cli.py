@@ -1,5 +1,6 @@
 """The `autoresearch` command line."""
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from . import repo_root
 from .calibrate import TIME_LIMIT
+from .experiment import EXIT
 from .hardware import available_backends, blas_library, device_name, hardware_tag, pick_backend
 
 app = typer.Typer(add_completion=False, no_args_is_help=False,
@@ -47,15 +49,18 @@ def main_callback(
     ctx.obj = {"backend": backend, "budget": budget}
     if ctx.invoked_subcommand is not None:
         return
-    from .runner import run_training
+    from .experiment import CacheBroken, check_cache, manual_run
 
     name = resolve_backend(backend)
-    root = repo_root()
-    check_prepared(budget)
-    result = run_training(name, budget=budget, root=root, on_line=print)
-    if not result.ok:
-        fail("training crashed" + (" (timeout)" if result.timed_out else f" (exit {result.returncode})"),
-             code=result.returncode or 1)
+    budget = check_prepared(budget)
+    try:
+        check_cache()
+        status, text = manual_run(repo_root(), name, budget, on_line=print)
+    except CacheBroken as e:
+        fail(str(e))
+    print(text)
+    if status != "ok":
+        fail(f"training {status}", code=EXIT[status])
 
 
 def check_prepared(budget=None):
@@ -65,6 +70,8 @@ def check_prepared(budget=None):
     import prepare
 
     if budget is not None:
+        if not (budget > 0 and math.isfinite(budget)):
+            fail(f"--budget must be a positive number of seconds, got {budget:g}", code=EXIT["refused"])
         os.environ["AUTORESEARCH_BUDGET"] = str(budget)
     try:
         return prepare.time_budget(prepare.load_profile())
@@ -183,18 +190,28 @@ class LiveTraining:
 
 
 def run_with_progress(fn, expected, verbose, **kwargs):
-    from .experiment import EXIT, Refused
-    from .ledger import LedgerError
-
-    try:
-        with LiveTraining(expected, verbose) as live:
-            outcome = fn(on_line=live.line, **kwargs)
-    except (Refused, LedgerError) as e:
-        fail(str(e), code=EXIT["refused"])
+    with LiveTraining(expected, verbose) as live:
+        outcome = guarded(fn, on_line=live.line, **kwargs)
     print(outcome.message)
     raise typer.Exit(EXIT[outcome.status])
 
 
+def guarded(fn, **kwargs):
+    """fn(**kwargs), its refusals and errors as one line and the exit code the contract gives them."""
+    from .experiment import CacheBroken, Refused
+    from .ledger import LedgerError
+
+    try:
+        return fn(**kwargs)
+    except ValueError as e:  # an option out of range, caught before anything was committed
+        fail(str(e), code=EXIT["refused"])
+    except Refused as e:
+        fail(str(e), code=EXIT["refused"])
+    except (CacheBroken, LedgerError) as e:
+        fail(str(e), code=EXIT["error"])
+
+
+BackendOption = typer.Option(None, "--backend", "-b", help="auto, cuda, mps or mlx (default: the one before the command)")
 BudgetOption = typer.Option(None, "--budget", help="training seconds (default: the profile's 300)")
 SeedOption = typer.Option(42, "--seed", help="AUTORESEARCH_SEED for train.py")
 TimeoutOption = typer.Option(None, "--timeout", help="hard limit per run in seconds (default: budget + max(budget, 120))")
@@ -212,12 +229,13 @@ def make_gate(kind, k, seeds, confidence):
     try:
         return Gate(kind, k, seeds, confidence)
     except ValueError as e:
-        fail(str(e))
+        fail(str(e), code=EXIT["refused"])
 
 
 @app.command("setup")
 def setup_cmd(
     ctx: typer.Context,
+    backend_opt: Optional[str] = BackendOption,
     tag: str = typer.Option(..., "--tag", "-t", help="run name, e.g. nov24; the branch is autoresearch/<tag>-<hardware>"),
     noise_runs: int = typer.Option(3, "--noise-runs", help="baseline seeds, to measure the run-to-run spread"),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="size the model for this hardware first"),
@@ -228,7 +246,7 @@ def setup_cmd(
     """Create the run branch for this hardware and record the baseline (with its noise floor)."""
     from .experiment import setup
 
-    backend = resolve_backend(ctx.obj["backend"])
+    backend = resolve_backend(backend_opt or ctx.obj["backend"])
     budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
     run_with_progress(setup, budget, verbose, root=repo_root(), tag=tag, backend=backend, budget=budget,
                       seed=seed, timeout=timeout, noise_runs=noise_runs, calibrate=calibrate,
@@ -238,16 +256,17 @@ def setup_cmd(
 @app.command("run")
 def run_cmd(
     ctx: typer.Context,
+    backend_opt: Optional[str] = BackendOption,
     message: str = typer.Option(..., "--message", "-m", help="what changed, one line"),
     budget: Optional[float] = BudgetOption, seed: int = SeedOption, timeout: Optional[float] = TimeoutOption,
     verbose: bool = VerboseOption, gate: str = GateOption, k: float = KOption, seeds: int = SeedsOption,
     confidence: float = ConfidenceOption,
 ):
-    """One experiment: commit the edited train.py, train, keep (exit 0) or reset (3 discard, 4 crash;
-    2 refused; 5 the same program was already run)."""
+    """One experiment: commit the edited train.py, train, keep (exit 0) or reset (3 discard, 4 crash, 6 invalid:
+    caught breaking the rules; 2 refused; 5 the same program was already run; 1 error: the cache or the disk)."""
     from .experiment import run_experiment
 
-    backend = resolve_backend(ctx.obj["backend"])
+    backend = resolve_backend(backend_opt or ctx.obj["backend"])
     budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
     run_with_progress(run_experiment, budget, verbose, root=repo_root(), backend=backend, description=message,
                       budget=budget, seed=seed, timeout=timeout, gate=make_gate(gate, k, seeds, confidence))
@@ -256,6 +275,7 @@ def run_cmd(
 @app.command("loop")
 def loop_cmd(
     ctx: typer.Context,
+    backend_opt: Optional[str] = BackendOption,
     agent: str = typer.Option(..., "--agent", "-a", help="random, or a command: prompt on stdin, or in place of {prompt}"),
     max_experiments: Optional[int] = typer.Option(None, "--max-experiments", "-n", help="stop after N agent turns"),
     agent_timeout: float = typer.Option(900, "--agent-timeout", help="seconds an agent may take per edit"),
@@ -266,11 +286,9 @@ def loop_cmd(
 ):
     """Never stop: the agent edits train.py, the harness runs the experiment, repeat (Ctrl-C to end)."""
     from .agents import make_agent
-    from .experiment import EXIT, Refused
-    from .ledger import LedgerError
     from .loop import run_loop
 
-    backend = resolve_backend(ctx.obj["backend"])
+    backend = resolve_backend(backend_opt or ctx.obj["backend"])
     budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
     live = LiveTraining(budget, verbose)
 
@@ -279,20 +297,20 @@ def loop_cmd(
         print(text, flush=True)
 
     try:
-        outcomes = run_loop(repo_root(), backend, make_agent(agent, agent_seed), max_experiments, budget, seed,
-                            agent_timeout, timeout, on_event=on_event, on_line=live.line,
-                            gate=make_gate(gate, k, seeds, confidence))
-    except (Refused, LedgerError) as e:
-        fail(str(e), code=EXIT["refused"])
+        outcomes = guarded(run_loop, root=repo_root(), backend=backend, agent=make_agent(agent, agent_seed),
+                           max_experiments=max_experiments, budget=budget, seed=seed, agent_timeout=agent_timeout,
+                           timeout=timeout, on_event=on_event, on_line=live.line,
+                           gate=make_gate(gate, k, seeds, confidence))
     finally:
         live.close()
-    counts = {s: sum(o.status == s for o in outcomes) for s in ("keep", "discard", "crash", "repeat")}
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("keep", "discard", "crash", "invalid", "repeat")}
     print(f"loop ended: {len(outcomes)} experiments, " + ", ".join(f"{v} {k}" for k, v in counts.items()))
 
 
 @app.command("calibrate")
 def calibrate_cmd(
     ctx: typer.Context,
+    backend_opt: Optional[str] = BackendOption,
     force: bool = typer.Option(False, "--force", help="measure again even if this hardware has a cached choice"),
     budget: Optional[float] = BudgetOption,
     time_limit: float = typer.Option(TIME_LIMIT, "--time-limit", help="seconds for the whole ladder"),
@@ -300,7 +318,7 @@ def calibrate_cmd(
     """Measure a ladder of model sizes here and pick the one for the budget (cached per hardware tag)."""
     from .calibrate import calibrate
 
-    backend = resolve_backend(ctx.obj["backend"])
+    backend = resolve_backend(backend_opt or ctx.obj["backend"])
     budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
     try:
         result, cached = calibrate(backend, root=repo_root(), force=force, budget=budget, time_limit=time_limit,
@@ -315,6 +333,7 @@ def calibrate_cmd(
 @app.command("verify")
 def verify_cmd(
     ctx: typer.Context,
+    backend_opt: Optional[str] = BackendOption,
     runs: int = typer.Option(3, "--runs", help="fresh-seed re-runs of the best"),
     budget: Optional[float] = BudgetOption, seed: int = typer.Option(1000, "--seed", help="first fresh seed"),
     timeout: Optional[float] = TimeoutOption, verbose: bool = VerboseOption, k: float = KOption,
@@ -322,7 +341,7 @@ def verify_cmd(
     """Re-run the branch's best with fresh seeds: does its recorded val_bpb hold? (exit 0 holds, 3 regressed)"""
     from .experiment import verify
 
-    backend = resolve_backend(ctx.obj["backend"])
+    backend = resolve_backend(backend_opt or ctx.obj["backend"])
     budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
     run_with_progress(verify, budget, verbose, root=repo_root(), backend=backend, runs=runs, budget=budget,
                       seed=seed, timeout=timeout, gate=make_gate("noise", k, 3, 0.9))
@@ -361,6 +380,9 @@ def results_cmd(
             print(f"chart: {plot}")
 
 
+ledger_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The ledger, results.tsv.")
+app.add_typer(ledger_app, name="ledger")
+
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmarks and cross-hardware reports.")
 app.add_typer(bench_app, name="bench")
 
@@ -393,7 +415,7 @@ def bench_report_cmd(
 def transfer_cmd(
     ctx: typer.Context,
     from_branch: str = typer.Option(..., "--from", help="the run branch whose kept changes to replay here"),
-    backend_opt: Optional[str] = typer.Option(None, "--backend", "-b", help="the backend here (default: the global --backend)"),
+    backend_opt: Optional[str] = BackendOption,
     budget: Optional[float] = typer.Option(None, "--budget", help="training seconds (default: this run branch's baseline's)"),
     seed: int = SeedOption, timeout: Optional[float] = TimeoutOption, verbose: bool = VerboseOption,
     gate: str = GateOption, k: float = KOption, seeds: int = SeedsOption, confidence: float = ConfidenceOption,
@@ -401,8 +423,6 @@ def transfer_cmd(
     """Replay another run branch's kept changes (oldest first) as experiments on this run branch."""
     from rich.table import Table
 
-    from .experiment import EXIT, Refused
-    from .ledger import LedgerError
     from .transfer import transfer
 
     backend = resolve_backend(backend_opt or ctx.obj["backend"])
@@ -415,10 +435,9 @@ def transfer_cmd(
         print(f"{item.origin}: {item.outcome}: {item.message}", flush=True)
 
     try:
-        results = transfer(repo_root(), from_branch, backend, budget=budget, seed=seed, timeout=timeout,
-                           on_line=live.line, gate=make_gate(gate, k, seeds, confidence), on_result=on_result)
-    except (Refused, LedgerError) as e:
-        fail(str(e), code=EXIT["refused"])
+        results = guarded(transfer, root=repo_root(), from_branch=from_branch, backend=backend, budget=budget,
+                          seed=seed, timeout=timeout, on_line=live.line, gate=make_gate(gate, k, seeds, confidence),
+                          on_result=on_result)
     finally:
         live.close()
     if not results:
@@ -435,9 +454,28 @@ def transfer_cmd(
     Console().print(table)
 
 
+@ledger_app.command("rebuild")
+def ledger_rebuild_cmd():
+    """Recreate results.tsv from the rows every commit carries in refs/notes/autoresearch."""
+    from .branch import Lock, open_repo
+    from .ledger import LEDGER_NAME, rebuild_ledger
+
+    root = repo_root()
+    with Lock(root, "ledger rebuild"):
+        repo = guarded(open_repo, root=root)
+        n = guarded(rebuild_ledger, repo=repo, path=root / LEDGER_NAME)
+    print(f"{LEDGER_NAME}: {n} rows rebuilt from refs/notes/autoresearch")
+
+
 def main():
+    from .runner import Interrupted, handle_signals
+
+    handle_signals()
     try:
         app()
     except KeyboardInterrupt:
-        console.print("interrupted")
+        console.print("interrupted (SIGINT)")
         sys.exit(130)
+    except Interrupted as e:  # SIGTERM, SIGHUP: the same clean-up as Ctrl-C on the way out
+        console.print(str(e))
+        sys.exit(128 + e.signum)

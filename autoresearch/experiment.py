@@ -1,36 +1,67 @@
-"""One experiment: check the edit, commit it, train, compare like with like, keep or reset, log a row."""
+"""One experiment: check the edit, commit it, train, evaluate in the harness, compare like with like, keep or
+reset, log a row. train.py only trains: the clock, the repository check and val_bpb are the harness's."""
 
 import ast
 import hashlib
 import math
+import os
+import shutil
 import statistics
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import git
 
 from . import train_file
-from .gate import Gate, decide, load_noise, save_noise, spread
+from .branch import (BRANCH_PREFIX, STATE_DIR, Lock, Refused, RunBranch, changed_files, open_branch, open_repo,
+                     pin_of, refs_snapshot, refuse_dirty, state_dir)
+from .gate import Gate, decide, save_noise, spread
 from .hardware import hardware_tag
 from .hparams import set_constants
-from .ledger import LEDGER_NAME, NOTES_REF, Row, append_row, best_kept, format_row, now, read_ledger
-from .runner import run_training
+from .ledger import LEDGER_NAME, LedgerError, Row, append_row, now, write_note
+from .runner import default_timeout, run_training
 
-STATE_DIR = ".autoresearch"  # untracked: run.log, last_crash.log, the agent's description
-BRANCH_PREFIX = "autoresearch/"
-EXIT = {"keep": 0, "holds": 0, "error": 1, "refused": 2, "discard": 3, "regressed": 3, "crash": 4, "repeat": 5}
+EXIT = {"ok": 0, "keep": 0, "holds": 0, "error": 1, "refused": 2, "discard": 3, "regressed": 3, "crash": 4, "repeat": 5,
+        "invalid": 6}
+OVERRUN_FRACTION = 0.05  # training may pass the budget by 5 % or one step, whichever is longer...
+EXIT_SECONDS = 3.0  # ...plus saving the weights and the interpreter's exit after the last step
+NOTES_REF_NAME = "refs/notes/autoresearch"
+PROTECTED = (LEDGER_NAME, f"{STATE_DIR}/noise.json")  # ignored files a train.py must not touch
 
 
-class Refused(Exception):
-    """The experiment was not run; nothing changed. The message says why and what to do."""
+class CacheBroken(Exception):
+    """The prepared cache does not match what prepare recorded: the harness's fault, not the candidate's."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How each training run of a command goes; validated before anything is committed."""
+    seed: int = 42
+    timeout: float | None = None  # hard limit per training run (default: budget + max(budget, 120 s))
+    gate: Gate = Gate()
+
+    def __post_init__(self):
+        if self.timeout is not None and not (self.timeout > 0 and math.isfinite(self.timeout)):
+            raise ValueError(f"--timeout must be a positive number of seconds, got {self.timeout:g}")
 
 
 @dataclass
 class Outcome:
     status: str
-    row: Row
+    row: Row | None
     best_before: Row | None
     message: str  # the one closing line
+
+
+@dataclass
+class Measurement:
+    """One seed of one program, as the harness measured it."""
+    status: str  # ok, crash or invalid
+    val_bpb: float
+    summary: dict
+    harness_seconds: float
+    reason: str  # why not ok
 
 
 def train_hash(source):
@@ -42,207 +73,329 @@ def train_hash(source):
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
-def open_repo(root):
-    """The checkout's repository, with the ledger and state folder excluded from git whatever .gitignore says."""
-    try:
-        repo = git.Repo(root)
-    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
-        raise Refused(f"{root} is not a git repository") from None
-    exclude = Path(repo.git_dir) / "info" / "exclude"
-    present = exclude.read_text().splitlines() if exclude.exists() else []
-    missing = [p for p in (f"/{LEDGER_NAME}", f"/{STATE_DIR}/") if p not in present]
-    if missing:
-        exclude.parent.mkdir(exist_ok=True)
-        text = exclude.read_text() if exclude.exists() else ""
-        exclude.write_text(text + ("\n" if text and not text.endswith("\n") else "") + "".join(f"{p}\n" for p in missing))
-    return repo
-
-
-def run_branch(tag, backend):
+def run_branch_name(tag, backend):
     return f"{BRANCH_PREFIX}{tag}-{hardware_tag(backend)}"
 
 
-def changed_files(repo):
-    """Tracked files that differ from HEAD (staged or not) and untracked files git does not ignore."""
-    changed = {d.a_path for d in repo.index.diff(None)} | {d.a_path for d in repo.index.diff("HEAD")}
-    return sorted(changed | set(repo.untracked_files))
+def check_budget(budget):
+    budget = float(budget) if budget is not None else _profile_budget()
+    if not (budget > 0 and math.isfinite(budget)):
+        raise ValueError(f"--budget must be a positive number of seconds, got {budget:g}")
+    return budget
 
 
-def state_dir(root):
-    path = Path(root) / STATE_DIR
-    path.mkdir(exist_ok=True)
-    return path
+def _profile_budget():
+    import prepare
+
+    return prepare.time_budget()
+
+
+def check_cache():
+    """The cache is as prepare left it; else CacheBroken with the repair."""
+    import prepare
+
+    try:
+        prepare.check_cache()
+    except prepare.PrepareError as e:
+        raise CacheBroken(str(e)) from None
 
 
 def record(repo, row, commit):
     """Append the row to results.tsv, and to the commit's git note (refs/notes/autoresearch), so a run
     branch carries its own ledger to other machines: `git push origin refs/notes/autoresearch`."""
     append_row(Path(repo.working_tree_dir) / LEDGER_NAME, row)
-    reader = repo.config_reader()
-    named = reader.has_option("user", "name") and reader.has_option("user", "email")
-    who = {} if named else {f"GIT_{r}_{k}": v for r in ("AUTHOR", "COMMITTER")
-                            for k, v in (("NAME", "autoresearch"), ("EMAIL", "autoresearch@localhost"))}
-    with repo.git.custom_environment(**who):
-        repo.git.notes("--ref", NOTES_REF, "append", "-m", format_row(row).rstrip("\n"), commit.hexsha)
+    write_note(repo, row, commit)
 
 
-def _row(results, samples, status, commit, description, backend, budget, seed, branch, config, gate, source):
-    s = (results[-1].summary or {}) if status != "crash" else {}
+# ---------------------------------------------------------------------------
+# One training run, measured by the harness
+# ---------------------------------------------------------------------------
+
+
+class Watch:
+    """What a training run must leave alone: HEAD, the refs, the working tree and the harness's own files."""
+
+    def __init__(self, branch):
+        self.branch = branch
+        repo, root = branch.repo, branch.root
+        self.head = repo.head.commit
+        self.refs = refs_snapshot(repo)
+        self.untracked = set(repo.untracked_files)
+        self.files = {p: (root / p).read_bytes() if (root / p).exists() else None for p in PROTECTED}
+
+    def violations(self):
+        """What the run changed, each undone here; [] for an honest run."""
+        repo, root, found = self.branch.repo, self.branch.root, []
+        for p, before in self.files.items():
+            now_bytes = (root / p).read_bytes() if (root / p).exists() else None
+            if now_bytes != before:
+                found.append(f"{p} {'deleted' if now_bytes is None else 'changed'}")
+                if before is None:
+                    (root / p).unlink()
+                else:
+                    tmp = root / f"{p}.restore"
+                    tmp.write_bytes(before)
+                    tmp.replace(root / p)
+        if refs_snapshot(repo) != self.refs:
+            found.append("git refs changed (a commit, a tag or the notes)")
+            for line in self.refs.splitlines():
+                name, sha = line.split(" ")
+                if name == NOTES_REF_NAME:
+                    repo.git.update_ref(name, sha)  # the ledger's second copy
+        if repo.head.commit != self.head:
+            found.append(f"HEAD moved to {repo.head.commit.hexsha[:7]}")
+        touched = [f for f in changed_files(repo) if f not in self.untracked]
+        if touched:
+            found.append(f"files written: {', '.join(touched[:5])}" + (" ..." if len(touched) > 5 else ""))
+            for f in touched:
+                if f in repo.untracked_files:
+                    (root / f).unlink(missing_ok=True)
+        if found:
+            repo.head.reset(self.head, index=True, working_tree=True)
+        return found
+
+
+def _overrun(result, budget):
+    """Why a finished run is not scored for its time, or None. The harness's clock: from the first progress line
+    (the end of step 0, which train.py excludes as warm-up) to the process's exit."""
+    measured = result.measured_training()
+    if measured is None:
+        return None, "no progress lines (`step N ...`): the harness cannot time the training"
+    seconds, _ = measured
+    allowed = budget + max(OVERRUN_FRACTION * budget, result.step_interval()) + EXIT_SECONDS
+    if seconds > allowed:
+        claimed = (result.summary or {}).get("training_seconds", float("nan"))
+        return seconds, (f"trained {seconds:.1f}s by the harness's clock (train.py says {claimed:g}s), over the "
+                         f"{budget:g}s budget + {allowed - budget:.1f}s margin")
+    return seconds, None
+
+
+def measure(branch, seed, settings, on_line=None):
+    """Train HEAD's train.py once, check what it touched and how long it trained, evaluate it in a fresh process."""
+    import prepare
+
+    from .evaluate import evaluate
+
+    root = branch.root
+    watch = Watch(branch)
+    checkpoint = Path(tempfile.mkdtemp(prefix="autoresearch-checkpoint-"))
+    try:
+        env = {"AUTORESEARCH_CACHE": str(prepare.trainer_view()), "AUTORESEARCH_CHECKPOINT": str(checkpoint)}
+        with open(state_dir(root) / "run.log", "a") as log:
+            def line(text):
+                log.write(text + "\n")
+                log.flush()
+                if on_line:
+                    on_line(text)
+
+            line(f"=== {branch.backend} seed {seed} budget {branch.budget:g}s ===")
+            result = run_training(branch.backend, budget=branch.budget, seed=seed, root=root, on_line=line,
+                                  timeout=settings.timeout, env=_with(env), state=state_dir(root))
+            broken = watch.violations()
+            if broken:
+                return _failed(root, "invalid", "train.py changed the repository: " + "; ".join(broken), result)
+            if not result.ok:
+                why = "timeout" if result.timed_out else f"exit {result.returncode}" if result.returncode else "no summary"
+                return _failed(root, "crash", why, result)
+            seconds, late = _overrun(result, branch.budget)
+            if late:
+                return _failed(root, "invalid", late, result, seconds or 0.0)
+            timeout = settings.timeout or default_timeout(branch.budget)
+            ev = evaluate(branch.backend, root, checkpoint, timeout=timeout, on_line=line)
+    finally:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    if ev.status != "ok":
+        (state_dir(root) / "last_crash.log").write_text(ev.log[-20000:] + "\n")
+        return Measurement(ev.status, 0.0, result.summary, seconds, f"evaluation: {ev.reason}")
+    return Measurement("ok", ev.val_bpb, result.summary, seconds, "")
+
+
+def _with(extra):
+    return dict(os.environ, **extra)
+
+
+def _failed(root, status, reason, result, seconds=0.0):
+    (state_dir(root) / "last_crash.log").write_text(result.tail() + "\n")
+    return Measurement(status, 0.0, result.summary or {}, seconds, reason)
+
+
+def manual_run(root, backend, budget, on_line=None):
+    """`autoresearch --backend B`: one training run and the harness's evaluation, no branch, no row.
+    Returns (status, closing line)."""
+    import prepare
+
+    from .evaluate import evaluate
+
+    checkpoint = Path(tempfile.mkdtemp(prefix="autoresearch-checkpoint-"))
+    try:
+        env = _with({"AUTORESEARCH_CACHE": str(prepare.trainer_view()), "AUTORESEARCH_CHECKPOINT": str(checkpoint)})
+        result = run_training(backend, budget=budget, root=root, on_line=on_line, env=env, state=state_dir(root))
+        if not result.ok:
+            return "crash", "training crashed" + (" (timeout)" if result.timed_out else f" (exit {result.returncode})")
+        seconds, late = _overrun(result, budget)
+        ev = evaluate(backend, root, checkpoint, timeout=default_timeout(budget), on_line=on_line)
+    finally:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    if ev.status != "ok":
+        return ev.status, f"evaluation {ev.status}: {ev.reason}"
+    timing = (f"harness-timed training {seconds:.1f}s" if seconds is not None else "untimed") + (
+        f"; not scorable: {late}" if late else "")
+    return ("invalid" if late else "ok"), f"val_bpb:          {ev.val_bpb:.6f}  ({timing}; evaluated by the harness)"
+
+
+# ---------------------------------------------------------------------------
+# Rows and decisions
+# ---------------------------------------------------------------------------
+
+
+def _row(branch, runs, status, commit, description, settings, source):
+    """The ledger row of a program's runs (several seeds where the gate asked for them)."""
+    good = [m.val_bpb for m in runs if m.status == "ok"]
+    scored = status in ("keep", "discard", "verify")
+    s = runs[-1].summary or {}
     return Row(
-        commit=commit, val_bpb=statistics.fmean(samples) if status != "crash" else 0.0,
-        memory_gb=round(s.get("peak_vram_mb", 0.0) / 1024, 1), status=status,
-        description=description, hardware=hardware_tag(backend), backend=backend,
-        eval_profile=_profile_name(), budget=float(budget), seed=int(seed),
-        timestamp=now(), training_seconds=s.get("training_seconds", 0.0), num_steps=s.get("num_steps", 0),
-        num_params_M=s.get("num_params_M", 0.0), tokens=int(round(s.get("total_tokens_M", 0.0) * 1e6)),
-        config=config or "-", gate=gate, train_hash=train_hash(source), branch=branch,
-        samples=",".join(f"{v:.6f}" for v in samples) if status != "crash" else "-",
+        commit=commit, val_bpb=statistics.fmean(good) if scored else 0.0,
+        memory_gb=round(s.get("peak_vram_mb", 0.0) / 1024, 1), status=status, description=description,
+        hardware=branch.hardware, backend=branch.backend, eval_profile=branch.profile, budget=branch.budget,
+        seed=settings.seed, timestamp=now(), training_seconds=s.get("training_seconds", 0.0),
+        num_steps=s.get("num_steps", 0), num_params_M=s.get("num_params_M", 0.0),
+        tokens=int(round(s.get("total_tokens_M", 0.0) * 1e6)), config=branch_config(branch) or "-",
+        gate=settings.gate.label(), train_hash=train_hash(source), branch=branch.name,
+        samples=",".join(f"{v:.6f}" for v in good) if scored else "-",
+        harness_seconds=round(runs[-1].harness_seconds, 1), pin=pin_of(branch.repo, commit),
     )
 
 
-def _profile_name():
-    import prepare
-
-    return prepare.load_profile().name
-
-
-def _budget(budget):
-    import prepare
-
-    if budget is not None:
-        return float(budget)
-    return prepare.time_budget()
+def branch_config(branch):
+    """The calibrated config the run branch started from (its baseline row's), or None."""
+    base = branch.baseline()
+    return base.config if base and base.config != "-" else None
 
 
-def _train(root, backend, budget, seed, timeout, on_line):
-    """One training run; its output goes to .autoresearch/run.log (appended per seed) and to on_line."""
-    with open(state_dir(root) / "run.log", "a") as log:
-        def line(text):
-            log.write(text + "\n")
-            log.flush()
-            if on_line:
-                on_line(text)
-
-        line(f"=== {backend} seed {seed} budget {budget:g}s ===")
-        result = run_training(backend, budget=budget, seed=seed, timeout=timeout, root=root, on_line=line)
-    if not result.ok or not math.isfinite(result.summary["val_bpb"]):
-        crash_log = state_dir(root) / "last_crash.log"
-        crash_log.write_text(result.tail() + "\n")
-    return result
-
-
-def _crash_reason(result):
-    why = "timeout" if result.timed_out else f"exit {result.returncode}" if result.returncode else "no summary"
-    return f"RESULT crash ({why}); log tail in {STATE_DIR}/last_crash.log"
-
-
-def _ok(result):
-    return result.ok and math.isfinite(result.summary["val_bpb"])
-
-
-def train_and_record(repo, backend, description, base, commit, budget=None, seed=42, timeout=None,
-                     on_line=None, config=None, gate=Gate("greedy"), baseline=False, noise_runs=1):
-    """Train the committed train.py (several seeds where the gate asks), keep or reset to base, append the row."""
-    root = Path(repo.working_tree_dir)
-    budget = _budget(budget)
-    branch = repo.active_branch.name
-    source = train_file(backend, root).read_text()
-    (state_dir(root) / "run.log").write_text("")
-    key = (branch, hardware_tag(backend), _profile_name(), budget)
-    best = None if baseline else best_kept(read_ledger(root / LEDGER_NAME), key)
-    noise = load_noise(root, *key[1:])
-    sigma = noise["spread"] if noise else None
-    runs = noise_runs if baseline else (gate.seeds if gate.kind == "seeds" else 1)
-    results, samples, decision = [], [], None
-    try:
-        for i in range(runs):
-            result = _train(root, backend, budget, seed + i, timeout, on_line)
-            results.append(result)
-            if not _ok(result):
+def run_seeds(branch, settings, runs, best, on_line):
+    """Up to `runs` seeds of HEAD, stopping at the first failure or when the gate has decided."""
+    measurements, decision = [], None
+    for i in range(runs):
+        m = measure(branch, settings.seed + i, settings, on_line)
+        measurements.append(m)
+        if m.status != "ok":
+            break
+        if best is not None:
+            decision = decide(settings.gate, [x.val_bpb for x in measurements], best.values(), branch.noise())
+            if not decision.more:
                 break
-            samples.append(result.summary["val_bpb"])
-            if best is not None:
-                decision = decide(gate, samples, best.values(), sigma)
-                if not decision.more:
-                    break
-    except KeyboardInterrupt:
-        if not baseline:
-            repo.head.reset(base, index=True, working_tree=True)
+    return measurements, decision
+
+
+def train_and_record(branch, description, base, commit, settings, on_line=None, baseline_runs=0):
+    """Train the committed train.py, keep it or reset to base, append the row. baseline_runs > 0: the baseline,
+    run with that many seeds, whose spread becomes the noise floor."""
+    (state_dir(branch.root) / "run.log").write_text("")
+    best = None if baseline_runs else branch.best()
+    source = train_file(branch.backend, branch.root).read_text()
+    try:
+        runs, decision = run_seeds(branch, settings, baseline_runs or (settings.gate.seeds if settings.gate.kind ==
+                                                                        "seeds" else 1), best, on_line)
+    except BaseException:  # Ctrl-C, SIGTERM, SIGHUP: nothing measured, the branch back at base
+        if not baseline_runs:
+            branch.say(branch.interrupted(commit, base))
         raise
     short = commit.hexsha[:7]
-    if not _ok(results[-1]):
-        status, message = "crash", _crash_reason(results[-1])
-    elif baseline or best is None:
+    samples = [m.val_bpb for m in runs if m.status == "ok"]
+    last = runs[-1]
+    if last.status != "ok":
+        status = last.status
+        message = f"RESULT {status} ({last.reason}); log tail in {STATE_DIR}/last_crash.log"
+        if status == "invalid":
+            description = f"{description} [invalid: {last.reason}]"
+    elif baseline_runs or best is None:
         status = "keep"
         message = f"RESULT keep val_bpb={statistics.fmean(samples):.6f} (baseline"
-        if baseline and len(samples) > 1:
-            save_noise(root, *key[1:], samples, short)
+        if baseline_runs and len(samples) > 1:
+            save_noise(branch.root, *branch.key()[1:], samples, short)
             message += f", noise floor: spread {spread(samples):.6f} over {len(samples)} seeds"
         message += ")"
     else:
         status = "keep" if decision.keep else "discard"
-        message = f"RESULT {status} val_bpb={statistics.fmean(samples):.6f} [{gate.label()}: {decision.reason}]"
-    if status != "keep" and not baseline:
-        repo.head.reset(base, index=True, working_tree=True)
+        message = f"RESULT {status} val_bpb={statistics.fmean(samples):.6f} [{settings.gate.label()}: {decision.reason}]"
+    if status == "keep":
+        message += f" (harness-timed training {last.harness_seconds:.1f}s)"
+    elif not baseline_runs:
+        branch.repo.head.reset(base, index=True, working_tree=True)
         message += f"; reverted to {base.hexsha[:7]}"
-    row = _row(results, samples, status, short, description, backend, budget, seed, branch, config,
-               gate.label(), source)
-    record(repo, row, commit)
+    row = _row(branch, runs, status, short, description, settings, source)
+    try:
+        record(branch.repo, row, commit)
+    except LedgerError:  # a full disk: no row, so no keep either
+        if status == "keep" and not baseline_runs:
+            branch.repo.head.reset(base, index=True, working_tree=True)
+        raise
     return Outcome(status, row, best, message + f" commit={short}")
 
 
+# ---------------------------------------------------------------------------
+# Commands: setup, run, verify
+# ---------------------------------------------------------------------------
+
+
 def setup(root, tag, backend, budget=None, seed=42, timeout=None, on_line=None, noise_runs=3, gate=Gate(),
-          calibrate=False, force_calibration=False):
+          calibrate=False, force_calibration=False, say=None):
     """Create the run branch autoresearch/<tag>-<hardware> from the current branch, commit the calibrated
     hyperparameters for this hardware (measured once per hardware, then cached), and record the baseline,
-    run with noise_runs seeds to measure the run-to-run spread the noise and seeds gates use."""
+    run with noise_runs seeds to measure the run-to-run spread the noise and seeds gates use. Its row pins the
+    fixed half of the repository. Interrupted, it removes the branch it created."""
+    import prepare
+
+    settings = Settings(seed, timeout, gate)
+    budget = check_budget(budget)
+    if noise_runs < 1:
+        raise ValueError(f"--noise-runs must be at least 1, got {noise_runs}")
     repo = open_repo(root)
-    dirty = changed_files(repo)
-    if dirty:
-        raise Refused(f"working tree has uncommitted changes ({', '.join(dirty)}): commit or stash them first")
-    name = run_branch(tag, backend)
+    refuse_dirty(repo)
+    check_cache()
+    name = run_branch_name(tag, backend)
     try:
         repo.git.check_ref_format("--branch", name)
     except git.GitCommandError:
         raise Refused(f"--tag {tag!r} does not make a valid branch name") from None
     if name in repo.heads:
         raise Refused(f"branch {name} already exists: choose another --tag, or check it out and use `autoresearch run`")
-    repo.create_head(name).checkout()
-    config = None
-    if calibrate:
-        config = apply_calibration(repo, backend, budget, force_calibration, on_line)
-    head = repo.head.commit
-    return train_and_record(repo, backend, "baseline", head, head, budget, seed, timeout, on_line, gate=gate,
-                            baseline=True, noise_runs=max(1, noise_runs), config=config)
+    with Lock(root, "setup"):
+        origin = repo.head.commit if repo.head.is_detached else repo.active_branch
+        repo.create_head(name).checkout()
+        branch = RunBranch(repo, backend, budget, prepare.load_profile().name, say or print)
+        try:
+            if calibrate:
+                apply_calibration(branch, force_calibration, on_line)
+            head = repo.head.commit
+            return train_and_record(branch, "baseline", head, head, settings, on_line, baseline_runs=noise_runs)
+        except BaseException:  # calibration failed, a signal, a full disk: no half-made run branch stays
+            if not any(r.branch == name for r in branch.rows()):
+                repo.head.reset(index=True, working_tree=True)
+                repo.git.checkout(origin.hexsha if isinstance(origin, git.Commit) else origin.name)
+                repo.delete_head(name, force=True)
+                branch.say(f"setup stopped before its baseline was recorded: branch {name} removed")
+            raise
 
 
-def apply_calibration(repo, backend, budget, force, on_line):
+def apply_calibration(branch, force, on_line):
     """Write this hardware's calibrated sizes into train.py as the run branch's first commit."""
     from .calibrate import calibrate
 
-    root = Path(repo.working_tree_dir)
-    result, cached = calibrate(backend, root=root, force=force, budget=_budget(budget), on_line=on_line)
+    root = branch.root
+    result, cached = calibrate(branch.backend, root=root, force=force, budget=branch.budget, on_line=on_line)
     say = on_line or (lambda text: None)
     say(f"calibration ({'cached' if cached else 'measured'}): {result.config()} — {result.reason}")
-    path = train_file(backend, root)
+    path = train_file(branch.backend, root)
     path.write_text(set_constants(path.read_text(), result.choice))
-    if changed_files(repo):
-        repo.index.add([str(path.relative_to(root))])
-        repo.index.commit(f"calibrate {result.hardware}: {result.config()}")
+    if changed_files(branch.repo):
+        branch.repo.index.add([str(path.relative_to(root))])
+        branch.repo.index.commit(f"calibrate {result.hardware}: {result.config()}")
     return result.config()
 
 
-def branch_config(root, branch):
-    """The calibrated config the run branch started from (its baseline row's), or None."""
-    rows = [r for r in read_ledger(Path(root) / LEDGER_NAME) if r.branch == branch and r.description == "baseline"]
-    return rows[0].config if rows and rows[0].config != "-" else None
-
-
 def check_candidate(repo, backend):
-    """The run branch is checked out and only backends/<backend>/train.py changed; else Refused."""
-    if repo.head.is_detached or not repo.active_branch.name.startswith(BRANCH_PREFIX):
-        raise Refused("not on a run branch: start one with `autoresearch setup --tag TAG --backend "
-                      f"{backend}`, or check out an existing autoresearch/... branch")
+    """Only backends/<backend>/train.py changed; else Refused."""
     target = f"backends/{backend}/train.py"
     changed = changed_files(repo)
     others = [f for f in changed if f != target]
@@ -254,67 +407,70 @@ def check_candidate(repo, backend):
     return target
 
 
-def find_repeat(repo, backend, budget):
-    """The ledger row of this run whose train.py is the same program as the edited one, or None."""
-    root = Path(repo.working_tree_dir)
-    digest = train_hash(train_file(backend, root).read_text())
-    key = (repo.active_branch.name, hardware_tag(backend), _profile_name(), budget)
-    same = [r for r in read_ledger(root / LEDGER_NAME) if r.key() == key and r.train_hash == digest]
+def find_repeat(branch):
+    """The row of this run whose train.py is the same program as the edited one, or None. A run the harness
+    caught (invalid) says nothing about the idea and is not a repeat."""
+    digest = train_hash(train_file(branch.backend, branch.root).read_text())
+    same = [r for r in branch.rows() if r.key() == branch.key() and r.train_hash == digest and r.status != "invalid"]
     return same[-1] if same else None
 
 
-def run_experiment(root, backend, description, budget=None, seed=42, timeout=None, on_line=None, gate=Gate()):
+def experiment(branch, description, settings, on_line=None):
     """Commit the edited train.py, train it, keep it or reset to the last keep. A program already in the
     ledger is not run again: the answer comes from the ledger and the edit is undone."""
-    repo = open_repo(root)
-    target = check_candidate(repo, backend)
-    budget = _budget(budget)
+    target = check_candidate(branch.repo, branch.backend)
     description = " ".join(description.split()) or "(no description)"
-    repeat = find_repeat(repo, backend, budget)
+    repeat = find_repeat(branch)
     if repeat:
-        repo.git.checkout("HEAD", "--", target)
-        val = f"val_bpb={repeat.val_bpb:.6f}" if repeat.status != "crash" else "crashed"
+        branch.repo.git.checkout("HEAD", "--", target)
+        val = f"val_bpb={repeat.val_bpb:.6f}" if repeat.status in ("keep", "discard") else repeat.status
         return Outcome("repeat", repeat, None, f"RESULT repeat: the same program as commit {repeat.commit} "
                        f"({repeat.status}, {val}, \"{repeat.description}\"); not run again, edit undone")
-    base = repo.head.commit
-    repo.index.add([target])
-    commit = repo.index.commit(description)
-    return train_and_record(repo, backend, description, base, commit, budget, seed, timeout, on_line, gate=gate,
-                            config=branch_config(root, repo.active_branch.name))
+    base = branch.repo.head.commit
+    branch.repo.index.add([target])
+    commit = branch.repo.index.commit(description)
+    return train_and_record(branch, description, base, commit, settings, on_line)
 
 
-def verify(root, backend, runs=3, budget=None, seed=1000, timeout=None, on_line=None, gate=Gate()):
+def run_experiment(root, backend, description, budget=None, seed=42, timeout=None, on_line=None, gate=Gate(),
+                   say=None):
+    """`autoresearch run`: one experiment on the checked-out run branch, under the checkout's lock."""
+    settings = Settings(seed, timeout, gate)
+    budget = check_budget(budget)
+    check_cache()
+    with open_branch(root, backend, budget, "run", say) as branch:
+        return experiment(branch, description, settings, on_line)
+
+
+def verify(root, backend, runs=3, budget=None, seed=1000, timeout=None, on_line=None, gate=Gate(), say=None):
     """Re-run the branch's current best with fresh seeds; say whether its recorded val_bpb holds."""
-    repo = open_repo(root)
-    if repo.head.is_detached or not repo.active_branch.name.startswith(BRANCH_PREFIX):
-        raise Refused("not on a run branch: check out the autoresearch/... branch to verify")
-    dirty = changed_files(repo)
-    if dirty:
-        raise Refused(f"working tree has uncommitted changes ({', '.join(dirty)}): commit or stash them first")
-    budget = _budget(budget)
-    key = (repo.active_branch.name, hardware_tag(backend), _profile_name(), budget)
-    best = best_kept(read_ledger(Path(root) / LEDGER_NAME), key)
-    if best is None:
-        raise Refused(f"nothing kept yet on {key[0]} for {backend} at budget {budget:g}s")
-    if not repo.head.commit.hexsha.startswith(best.commit):
-        raise Refused(f"HEAD is not the best kept commit {best.commit}: check it out first")
-    results, samples = [], []
-    for i in range(runs):
-        results.append(_train(root, backend, budget, seed + i, timeout, on_line))
-        if not _ok(results[-1]):
-            break
-        samples.append(results[-1].summary["val_bpb"])
-    if len(samples) < runs:  # a re-run that crashes says nothing about the recorded value: no row
-        return Outcome("crash", None, best, "VERIFY crash: " + _crash_reason(results[-1]))
-    noise = load_noise(root, *key[1:])
-    sigma = noise["spread"] if noise else None
-    regression = statistics.fmean(samples) - best.val_bpb
-    allowed = gate.k * sigma if sigma is not None else 0.0
-    status = "holds" if regression <= allowed else "regressed"
-    message = (f"VERIFY {status}: recorded {best.val_bpb:.6f}, re-run mean {statistics.fmean(samples):.6f} "
-               f"(n={len(samples)}), regression {regression:+.6f}, allowed {allowed:.6f}"
-               + (f" ({gate.k:g} x spread {sigma:.6f})" if sigma is not None else " (no noise floor)"))
-    row = _row(results, samples, "verify", best.commit, f"verify {best.commit}: {best.description}", backend,
-               budget, seed, key[0], best.config, gate.label(), train_file(backend, root).read_text())
-    record(repo, row, repo.head.commit)
-    return Outcome(status, row, best, message)
+    settings = Settings(seed, timeout, gate)
+    budget = check_budget(budget)
+    if runs < 1:
+        raise ValueError(f"--runs must be at least 1, got {runs}")
+    check_cache()
+    with open_branch(root, backend, budget, "verify", say) as branch:
+        refuse_dirty(branch.repo)
+        best = branch.best()
+        if best is None:
+            raise Refused(f"nothing kept yet on {branch.name} for {backend} at budget {budget:g}s")
+        if not branch.repo.head.commit.hexsha.startswith(best.commit):
+            raise Refused(f"HEAD is not the best kept commit {best.commit}: check it out first")
+        measurements = []
+        for i in range(runs):
+            measurements.append(measure(branch, seed + i, settings, on_line))
+            if measurements[-1].status != "ok":  # says nothing about the recorded value: no row
+                last = measurements[-1]
+                return Outcome(last.status, None, best, f"VERIFY {last.status}: {last.reason}")
+        samples = [m.val_bpb for m in measurements]
+        sigma = branch.noise()
+        regression = statistics.fmean(samples) - best.val_bpb
+        allowed = gate.k * sigma if sigma is not None else 0.0
+        status = "holds" if regression <= allowed else "regressed"
+        message = (f"VERIFY {status}: recorded {best.val_bpb:.6f}, re-run mean {statistics.fmean(samples):.6f} "
+                   f"(n={len(samples)}), regression {regression:+.6f}, allowed {allowed:.6f}"
+                   + (f" ({gate.k:g} x spread {sigma:.6f})" if sigma is not None else " (no noise floor)"))
+        row = _row(branch, measurements, "verify", best.commit, f"verify {best.commit}: {best.description}",
+                   settings, train_file(backend, branch.root).read_text())
+        record(branch.repo, row, branch.repo.head.commit)
+        return Outcome(status, row, best, message)

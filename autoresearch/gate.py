@@ -19,6 +19,12 @@ class Gate:
     def __post_init__(self):
         if self.kind not in GATES:
             raise ValueError(f"unknown gate {self.kind!r}: choose one of {', '.join(GATES)}")
+        if not (self.k >= 0 and math.isfinite(self.k)):
+            raise ValueError(f"--k must be a finite number >= 0, got {self.k:g}")
+        if isinstance(self.seeds, bool) or int(self.seeds) != self.seeds or self.seeds < 1:
+            raise ValueError(f"--seeds must be a whole number >= 1, got {self.seeds}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"--confidence must be between 0 and 1, got {self.confidence:g}")
 
     def label(self):
         return {"greedy": "greedy", "noise": f"noise(k={self.k:g})",

@@ -1,11 +1,18 @@
-"""results.tsv: the append-only experiment ledger, upstream's five columns first."""
+"""results.tsv: the append-only experiment ledger, upstream's five columns first; every row is also a git
+note on its commit (refs/notes/autoresearch), from which a lost or shortened ledger is restored."""
 
+import errno
 import math
 import os
+import signal
 import time
-from dataclasses import dataclass, fields
+from contextlib import suppress
+from dataclasses import MISSING, dataclass, fields
+from datetime import datetime
+from pathlib import Path
 
-STATUSES = ("keep", "discard", "crash", "verify")  # verify: a re-run of a kept commit, decides nothing
+# verify: a re-run of a kept commit, decides nothing; invalid: caught breaking the rules, reverted, idea not judged
+STATUSES = ("keep", "discard", "crash", "verify", "invalid")
 LEDGER_NAME = "results.tsv"
 NOTES_REF = "autoresearch"  # every row is also a git note on its commit: refs/notes/autoresearch
 
@@ -32,6 +39,9 @@ class Row:
     train_hash: str  # hash of the normalized train.py, for never-repeat
     branch: str  # the run branch, e.g. autoresearch/nov24-mlx-cpu-x86_64-2c-24gb
     samples: str  # every seed's val_bpb, comma-separated ("-" for a crash)
+    # columns added later: ledgers and notes written before them read with these defaults
+    harness_seconds: float = 0.0  # training seconds the harness measured itself, 0 when unknown
+    pin: str = "-"  # hash of the fixed half of the repository the row ran against, "-" when unknown
 
     def values(self):
         return [float(v) for v in self.samples.split(",")] if self.samples not in ("", "-") else []
@@ -43,6 +53,9 @@ class Row:
 
 COLUMNS = [f.name for f in fields(Row)]
 _TYPES = {f.name: f.type for f in fields(Row)}
+_DEFAULTS = {f.name: f.default for f in fields(Row) if f.default is not MISSING}
+_OLDEST = len(COLUMNS) - len(_DEFAULTS)  # the first version's column count: fewer is never a whole row
+_HEADER = "\t".join(COLUMNS) + "\n"
 
 
 class LedgerError(Exception):
@@ -59,10 +72,13 @@ def format_row(row):
     return "\t".join(_format(getattr(row, c)) for c in COLUMNS) + "\n"
 
 
-def parse_row(line, lineno, path):
+def parse_row(line, lineno, path, width=None):
+    """A Row from a line of `width` columns (its ledger's header width), or, where width is None (a git
+    note has no header), of any version's width: the columns an earlier version lacked take their defaults."""
     parts = line.rstrip("\n").split("\t")
-    if len(parts) != len(COLUMNS):
-        raise LedgerError(f"{path}:{lineno}: expected {len(COLUMNS)} tab-separated columns, found {len(parts)}")
+    if len(parts) != (width or len(parts)) or not _OLDEST <= len(parts) <= len(COLUMNS):
+        raise LedgerError(f"{path}:{lineno}: expected {width or len(COLUMNS)} tab-separated columns, "
+                          f"found {len(parts)}")
     values = {}
     for name, raw in zip(COLUMNS, parts):
         kind = _TYPES[name]
@@ -75,34 +91,319 @@ def parse_row(line, lineno, path):
     return Row(**values)
 
 
+# ---------------------------------------------------------------------------------------------
+# The file: read, repaired, appended to and rewritten whole or not at all
+
+TORN_SUFFIX = ".torn"  # results.tsv.torn: torn rows cut off the ledger, kept for a human to look at
+
+
+@dataclass
+class _File:
+    data: bytes  # the file's bytes, b"" when absent
+    width: int | None  # its header's column count, None until it has a whole header
+    cut: int  # where its whole lines end; past it, a torn row (only the final newline may be missing before it)
+
+    @property
+    def torn(self):
+        return self.data[self.cut:]
+
+
+def _read(path):
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        return b""
+    except OSError as e:
+        raise LedgerError(f"{path}: cannot be read ({e.strerror})") from None
+
+
+def _text(data, path):
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LedgerError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+def _width(header, path):
+    """The column count of a header: this version's, or an earlier one's (a prefix of COLUMNS)."""
+    names = header.split("\t")
+    if not _OLDEST <= len(names) <= len(COLUMNS) or names != COLUMNS[: len(names)]:
+        raise LedgerError(f"{path}:1: header does not match this version's columns")
+    return len(names)
+
+
+def _is_row(line, width, path):
+    try:
+        parse_row(_text(line, path), 0, path, width)
+        return True
+    except LedgerError:
+        return False
+
+
+def _load(path):
+    """The ledger file with its header checked and its final line judged: rows are appended whole, so a final
+    line without a newline is either a whole row that lost only its newline, or torn (an interrupted write)."""
+    data = _read(path)
+    end = data.find(b"\n")
+    if end < 0:  # not one whole line: a header without its newline, or the start of one
+        header = _text(data, path)
+        try:
+            return _File(data, _width(header, path), len(data))
+        except LedgerError:
+            if _HEADER.startswith(header):
+                return _File(data, None, 0)
+            raise
+    width = _width(_text(data[:end], path), path)
+    cut = data.rfind(b"\n") + 1
+    if cut < len(data) and not _is_row(data[cut:], width, path):
+        return _File(data, width, cut)
+    return _File(data, width, len(data))
+
+
+def _lines(f, path):
+    """(line number, text) of each row line before the torn part."""
+    lines = _text(f.data[: f.cut], path).split("\n")[1:]
+    return [(n, line) for n, line in enumerate(lines, 2) if line.strip()]
+
+
+def _parse(f, path):
+    return [parse_row(line, n, path, f.width) for n, line in _lines(f, path)]
+
+
 def read_ledger(path):
-    """All rows in order; an absent file is an empty ledger; a malformed line is an error naming it."""
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if lineno == 1:
-                if line.rstrip("\n").split("\t") != COLUMNS:
-                    raise LedgerError(f"{path}:1: header does not match this version's columns")
-                continue
-            if line.strip():
-                rows.append(parse_row(line, lineno, path))
-    return rows
+    """All rows in order; an absent file is an empty ledger; a malformed line is an error naming it. An earlier
+    version's ledger reads with defaults for the columns it lacks; a torn final row is not a row (the next
+    append sets it aside)."""
+    return _parse(_load(path), path)
+
+
+def _failed(path, doing, e, undone=True):
+    tail = "nothing was written" if undone else f"a partial write may remain at the end of {path.name}"
+    return LedgerError(f"{path}: could not {doing} ({e.strerror or e}); {tail}")
+
+
+def _write_all(fd, data):
+    """os.write until all of data is written: a short write (a disk filling up) is not the end."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        view = view[n:]
+
+
+def _undo(fd, size):
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+        return True
+    except OSError:
+        return False
+
+
+def _append(path, data, doing):
+    """Append data whole or not at all: a failed or short write (disk full, quota, I/O error) is cut off again."""
+    existed = path.exists()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise _failed(path, doing, e) from None
+    try:
+        size = os.fstat(fd).st_size
+        _write_all(fd, data)
+        os.fsync(fd)
+    except OSError as e:
+        undone = _undo(fd, size)
+        if not existed:
+            with suppress(OSError):
+                path.unlink()
+        raise _failed(path, doing, e, undone) from None
+    finally:
+        os.close(fd)
+
+
+def _replace(path, data, doing):
+    """Write the file anew beside itself, fsync it and rename it over the old one: the old or the new, never half."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # named like the ledger, so git ignores it too
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        with suppress(OSError):
+            tmp.unlink()
+        raise _failed(path, doing, e) from None
+    with suppress(OSError):  # the rename's durability; some filesystems cannot fsync a directory
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _set_aside(path, f):
+    """Cut a torn final row off the ledger, appending it to results.tsv.torn first: nothing is lost."""
+    if not f.torn:
+        return f
+    _append(path.with_name(path.name + TORN_SUFFIX), f.torn + b"\n", "keep a torn row aside")
+    try:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, f.cut)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise _failed(path, "cut off a torn row", e) from None
+    return _File(f.data[: f.cut], f.width, f.cut)
+
+
+def _migrated(f, path):
+    """An earlier version's ledger under this version's header: each row's own text kept, extended by the
+    defaults of the columns it lacks."""
+    _parse(f, path)  # a malformed ledger is reported, not rewritten
+    pad = "".join("\t" + _format(_DEFAULTS[c]) for c in COLUMNS[f.width:])
+    return _HEADER + "".join(line + pad + "\n" for _, line in _lines(f, path))
 
 
 def append_row(path, row):
-    """One write per row (O_APPEND), header first on a new file, fsync'd: rows are never lost or torn."""
-    data = format_row(row)
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    if new:
-        data = "\t".join(COLUMNS) + "\n" + data
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    """Append one row, whole or not at all, fsync'd. The file is repaired first: a final row that lost only its
+    newline gets it back, a torn one is set aside (results.tsv.torn); an earlier version's ledger is rewritten
+    under this version's header, its rows kept. A failed write is undone: LedgerError, one line."""
+    path = Path(path)
+    f = _set_aside(path, _load(path))
+    line = format_row(row)
+    if f.width is None:
+        _append(path, (_HEADER + line).encode(), "append a row")
+    elif f.width < len(COLUMNS):
+        _replace(path, (_migrated(f, path) + line).encode(), "append a row")
+    else:
+        _append(path, (("" if f.data.endswith(b"\n") else "\n") + line).encode(), "append a row")
+
+
+def _ledger_bytes(rows):
+    return (_HEADER + "".join(format_row(r) for r in rows)).encode()
+
+
+# ---------------------------------------------------------------------------------------------
+# The git notes: every row is also appended to its commit's note, so a run branch carries its own ledger
+
+
+def git_identity(repo):
+    """Author and committer for the harness's own git writes where the user has none configured."""
+    reader = repo.config_reader()
+    if reader.has_option("user", "name") and reader.has_option("user", "email"):
+        return {}
+    return {f"GIT_{r}_{k}": v for r in ("AUTHOR", "COMMITTER")
+            for k, v in (("NAME", "autoresearch"), ("EMAIL", "autoresearch@localhost"))}
+
+
+def write_note(repo, row, commit):
+    """Append the row to the note of commit (a Commit or a sha) in refs/notes/autoresearch; `git push origin
+    refs/notes/autoresearch` takes the rows along. git moves the notes ref last, so a failure (disk full, a
+    locked ref) writes nothing: LedgerError, one line."""
+    import git
+
+    sha = getattr(commit, "hexsha", commit)
     try:
-        os.write(fd, data.encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        with repo.git.custom_environment(**git_identity(repo)):
+            repo.git.notes("--ref", NOTES_REF, "append", "-m", format_row(row).rstrip("\n"), sha)
+    except git.GitCommandError as e:
+        raise LedgerError(f"refs/notes/{NOTES_REF}: could not add the row to the note of {sha[:7]} "
+                          f"({_git_reason(e)}); nothing was written") from None
+
+
+def _git_reason(e):
+    """git's last line of complaint, without GitPython's wrapping."""
+    text = str(e.stderr).strip().removeprefix("stderr:").strip().strip("'")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if lines:
+        return lines[-1]
+    if isinstance(e.status, int) and e.status < 0:  # e.g. SIGXFSZ: a file-size limit reached
+        return f"git was killed by {signal.Signals(-e.status).name}"
+    return f"git exit status {e.status}"
+
+
+def notes_rows(repo):
+    """Every row stored in refs/notes/autoresearch, as (row, full commit sha) in no particular order."""
+    import git
+
+    try:
+        listing = repo.git.notes("--ref", NOTES_REF, "list")
+    except git.GitCommandError:
+        return []
+    found = []
+    for line in listing.splitlines():
+        if not line.strip():
+            continue
+        blob, commit = line.split()
+        text = repo.odb.stream(bytes.fromhex(blob)).read().decode("utf-8")
+        for lineno, entry in enumerate(text.splitlines(), 1):
+            if entry.strip():
+                found.append((parse_row(entry, lineno, f"refs/notes/{NOTES_REF}:{commit[:7]}"), commit))
+    return found
+
+
+def row_time(row):
+    """The row's timestamp in seconds since the epoch, or None where it does not parse."""
+    try:
+        return datetime.strptime(row.timestamp, "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except ValueError:
+        return None
+
+
+def in_time_order(rows):
+    """Rows sorted by timestamp (stable); left as they are where a timestamp does not parse."""
+    times = [row_time(r) for r in rows]
+    if any(t is None for t in times):
+        return list(rows)
+    return [r for _, r in sorted(zip(times, rows), key=lambda p: p[0])]
+
+
+def _identity(row):
+    """One experiment's row, however its numbers were formatted or its columns extended since."""
+    return (row.commit, row.timestamp, row.seed, row.status, row.description)
+
+
+def rebuild_ledger(repo, path):
+    """Recreate the ledger from the git notes: every row of every commit, in time order; returns the row count.
+    An existing ledger that differs from the rebuilt one is kept first as results.tsv.<time>.bak."""
+    path = Path(path)
+    rows = in_time_order([r for r, _ in notes_rows(repo)])
+    data = _ledger_bytes(rows)
+    old = _read(path)
+    if old and old != data:
+        backup = path.with_name(f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}.bak")
+        _replace(backup, old, "keep the old ledger aside")
+    _replace(path, data, "rebuild the ledger")
+    return len(rows)
+
+
+def restore_missing(repo, path, branch):
+    """Put back the rows of run branch `branch` that its git notes hold and the ledger lacks (results.tsv
+    deleted or shortened): the ledger rewritten whole in time order, rows only in it kept. Returns how many
+    rows came back; with none missing the file is not touched. Rows match on _identity."""
+    path = Path(path)
+    branch = branch.removeprefix("refs/heads/")
+    noted = [r for r, _ in notes_rows(repo) if r.branch == branch]
+    if not noted:
+        return 0
+    f = _load(path)
+    rows = _parse(f, path)
+    have = {_identity(r) for r in rows}
+    missing = {}
+    for r in noted:
+        if _identity(r) not in have:
+            missing.setdefault(_identity(r), r)
+    if not missing:
+        return 0
+    _set_aside(path, f)  # the rewrite would drop a torn row: keep it first
+    _replace(path, _ledger_bytes(in_time_order(rows + list(missing.values()))), "restore rows from the git notes")
+    return len(missing)
 
 
 def best_kept(rows, key):

@@ -6,10 +6,12 @@ from pathlib import Path
 from . import train_file
 from .agents import AgentFailed
 from .gate import Gate
-from .experiment import STATE_DIR, Refused, check_candidate, open_repo, run_experiment, state_dir
+from .branch import changed_files, open_branch, refuse_dirty
+from .experiment import (STATE_DIR, Refused, Settings, check_budget, check_cache, check_candidate, experiment,
+                         open_repo, state_dir)
 from .hardware import hardware_tag
 from .hparams import read_constants
-from .ledger import COLUMNS, LEDGER_NAME, best_kept, format_row, read_ledger
+from .ledger import COLUMNS, LEDGER_NAME, format_row, git_identity, read_ledger
 
 RECENT_ROWS = 10
 
@@ -49,20 +51,25 @@ def describe_diff(before, after):
     return ", ".join(changes) or "edit outside the hyperparameter block"
 
 
-def _restore(repo):
-    """Back to the last keep: undo the agent's edits and delete files it created (ignored ones stay)."""
-    repo.head.reset("HEAD", index=True, working_tree=True)
-    repo.git.clean("-fd")
+def set_aside(repo, label):
+    """Undo what the agent changed without destroying it: its edits and new files go to a git stash entry."""
+    if not changed_files(repo):
+        return None
+    with repo.git.custom_environment(**git_identity(repo)):
+        repo.git.stash("push", "--include-untracked", "-m", label)
+    return "stash@{0}"
 
 
 def run_loop(root, backend, agent, max_experiments=None, budget=None, seed=42, agent_timeout=900,
              timeout=None, on_event=print, on_line=None, gate=Gate()):
     """Repeat agent edit + experiment until interrupted or max_experiments agent turns. Returns the outcomes."""
-    import prepare
-
+    settings = Settings(seed, timeout, gate)
+    budget = check_budget(budget)
+    if max_experiments is not None and max_experiments < 0:
+        raise ValueError(f"--max-experiments must be at least 0, got {max_experiments}")
+    if not agent_timeout > 0:
+        raise ValueError(f"--agent-timeout must be a positive number of seconds, got {agent_timeout:g}")
     root = Path(root)
-    repo = open_repo(root)
-    budget = float(budget) if budget is not None else prepare.time_budget()
     outcomes, turn, last_turn = [], 0, None
     log = state_dir(root) / "loop.log"
 
@@ -71,29 +78,33 @@ def run_loop(root, backend, agent, max_experiments=None, budget=None, seed=42, a
             f.write(f"{time.strftime('%H:%M:%S')} {text}\n")
         on_event(text)
 
-    check_branch = repo.active_branch.name
-    if not check_branch.startswith("autoresearch/"):
-        raise Refused(f"not on a run branch: start one with `autoresearch setup --tag TAG --backend {backend}`")
-    while max_experiments is None or turn < max_experiments:
-        turn += 1
-        before = train_file(backend, root).read_text()
-        prompt = build_prompt(root, backend, budget, last_turn)
-        started = time.time()
-        try:
-            description = agent.edit(root, backend, prompt, agent_timeout)
-            check_candidate(repo, backend)
-        except (AgentFailed, Refused) as e:
-            last_turn = f"no experiment: {e}"
-            event(f"turn {turn}: agent {agent.name!r} produced no experiment: {e}")
-            _restore(repo)
-            continue
-        description = description or describe_diff(before, train_file(backend, root).read_text())
-        event(f"turn {turn}: agent edited in {time.time() - started:.0f}s: {description}")
-        outcome = run_experiment(root, backend, description, budget=budget, seed=seed, timeout=timeout,
-                                 on_line=on_line, gate=gate)
-        outcomes.append(outcome)
-        last_turn = f"{description}: {outcome.message}"
-        rows = read_ledger(root / LEDGER_NAME)
-        best = best_kept(rows, outcome.row.key())
-        event(f"turn {turn}: {outcome.message}" + (f" | best {best.val_bpb:.6f}" if best else ""))
+    check_cache()
+    with open_branch(root, backend, budget, "loop", say=event) as branch:
+        refuse_dirty(branch.repo)  # between turns the loop undoes changes: none may be the user's
+        repo = branch.repo
+        while max_experiments is None or turn < max_experiments:
+            turn += 1
+            before = train_file(backend, root).read_text()
+            prompt = build_prompt(root, backend, budget, last_turn)
+            started = time.time()
+            try:
+                description = agent.edit(root, backend, prompt, agent_timeout)
+                check_candidate(repo, backend)
+            except (AgentFailed, Refused) as e:
+                last_turn = f"no experiment: {e}"
+                where = set_aside(repo, f"autoresearch loop turn {turn}: {e}")
+                event(f"turn {turn}: agent {agent.name!r} produced no experiment: {e}"
+                      + (f" (its changes set aside in git {where})" if where else ""))
+                continue
+            except BaseException:
+                set_aside(repo, f"autoresearch loop turn {turn}: interrupted while the agent worked")
+                raise
+            description = description or describe_diff(before, train_file(backend, root).read_text())
+            event(f"turn {turn}: agent edited in {time.time() - started:.0f}s: {description}")
+            check_cache()  # a broken cache is not the candidate's fault: stop with the edit still in the tree
+            outcome = experiment(branch, description, settings, on_line)
+            outcomes.append(outcome)
+            last_turn = f"{description}: {outcome.message}"
+            best = branch.best()
+            event(f"turn {turn}: {outcome.message}" + (f" | best {best.val_bpb:.6f}" if best else ""))
     return outcomes

@@ -9,10 +9,9 @@ import math
 import re
 import statistics
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
-from .ledger import NOTES_REF, LedgerError, format_row, parse_row, read_ledger
+from .ledger import NOTES_REF, LedgerError, format_row, in_time_order, notes_rows, read_ledger, row_time
 
 PLATEAU_K = 10
 TRANSFER = re.compile(r"^transfer ([0-9a-f]{4,40}): (.*)$")
@@ -326,42 +325,8 @@ def plot_progress(series, path, title=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Sources: ledger files and run branches (their rows live in the git notes of their commits)
-
-
-def notes_rows(repo):
-    """Every row stored in refs/notes/autoresearch, as (row, full commit sha) in no particular order."""
-    import git
-
-    try:
-        listing = repo.git.notes("--ref", NOTES_REF, "list")
-    except git.GitCommandError:
-        return []
-    found = []
-    for line in listing.splitlines():
-        if not line.strip():
-            continue
-        blob, commit = line.split()
-        text = repo.odb.stream(bytes.fromhex(blob)).read().decode("utf-8")
-        for lineno, entry in enumerate(text.splitlines(), 1):
-            if entry.strip():
-                found.append((parse_row(entry, lineno, f"refs/notes/{NOTES_REF}:{commit[:7]}"), commit))
-    return found
-
-
-def _when(row):
-    try:
-        return datetime.strptime(row.timestamp, "%Y-%m-%dT%H:%M:%S%z").timestamp()
-    except ValueError:
-        return None
-
-
-def in_time_order(rows):
-    """Rows sorted by timestamp (stable); left as they are where a timestamp does not parse."""
-    times = [_when(r) for r in rows]
-    if any(t is None for t in times):
-        return list(rows)
-    return [r for _, r in sorted(zip(times, rows), key=lambda p: p[0])]
+# Sources: ledger files and run branches (their rows live in the git notes of their commits, read by
+# ledger.notes_rows)
 
 
 def branch_names(repo, name):
@@ -443,7 +408,7 @@ def pace(s):
     consecutive rows, and the median of that beyond each row's training_seconds. Medians, so that a pause
     between two sessions of a run does not count as work; at least three intervals, else Nones."""
     rows = s.experiments
-    times = [_when(r) for r in rows]
+    times = [row_time(r) for r in rows]
     if len(rows) < MIN_INTERVALS + 1 or any(t is None for t in times):
         return None, None
     walls = [b - a for a, b in zip(times, times[1:])]

@@ -1,12 +1,14 @@
-"""Run one backend's train.py in a subprocess: the right environment, a hard timeout, the summary parsed."""
+"""Run a child process of the harness (train.py, the evaluator): its own process group, a hard timeout,
+a pid file so a later harness can stop it, every line timestamped on arrival."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import repo_root, train_file
@@ -15,6 +17,110 @@ from .summary import parse_summary
 
 MIN_GRACE_SECONDS = 120  # startup, compilation and evaluation on top of the training budget
 TAIL_LINES = 60
+PID_FILE = "child.pid"  # in .autoresearch/: "pid command", while a child of the harness runs
+STEP_LINE = re.compile(r"^step \d+")  # the progress line of the train.py contract
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGHUP arrived: handled like Ctrl-C, then the harness exits 128 + signum."""
+
+    def __init__(self, signum):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def handle_signals():
+    """SIGTERM and SIGHUP (kill, a closed terminal, preemption) raise Interrupted in the main thread."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupted)
+
+
+@dataclass
+class ProcessResult:
+    returncode: int
+    log: str
+    elapsed: float
+    timed_out: bool
+    lines: list = field(default_factory=list)  # (seconds since start, text) as each line arrived
+
+    def tail(self, n=TAIL_LINES):
+        return "\n".join(self.log.splitlines()[-n:])
+
+
+def stop_leftover(state):
+    """Kill the process group a killed harness left running (its pid file); returns its pid or None."""
+    path = Path(state) / PID_FILE
+    if not path.exists():
+        return None
+    try:
+        pid = int(path.read_text().split()[0])
+    except (ValueError, IndexError):
+        pid = None
+    path.unlink(missing_ok=True)
+    if pid is None or pid == os.getpid():
+        return None
+    try:
+        os.killpg(pid, signal.SIGKILL)  # the child leads its own group (start_new_session)
+    except (ProcessLookupError, PermissionError):
+        return None
+    return pid
+
+
+def run_process(argv, cwd, env, timeout, on_line=None, state=None, stdin_data=None):
+    """Run argv to completion or timeout; the whole group is killed on timeout, on Ctrl-C and on Interrupted.
+    stdin_data, if given, is written to the child's stdin (bytes) after it starts, then stdin is closed."""
+    start = time.time()
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
+                            start_new_session=True)
+    pid_file = Path(state) / PID_FILE if state else None
+    if pid_file:
+        pid_file.write_text(f"{proc.pid} {' '.join(map(str, argv))}\n")
+    lines = []
+
+    def pump():
+        for raw in proc.stdout:
+            text = raw.decode("utf-8", "replace").rstrip("\n")
+            lines.append((time.time() - start, text))
+            if on_line:
+                on_line(text)
+
+    def feed():
+        try:
+            proc.stdin.write(stdin_data)
+            proc.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass  # the child exited or closed its stdin: its exit code tells
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    if stdin_data is not None:
+        threading.Thread(target=feed, daemon=True).start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:  # timeout, Ctrl-C, Interrupted: no child outlives the harness
+        _kill_group(proc)
+        if pid_file:
+            pid_file.unlink(missing_ok=True)
+    reader.join(timeout=5)
+    if timed_out:
+        lines.append((time.time() - start, f"TIMEOUT: killed after {timeout:.0f}s"))
+    return ProcessResult(proc.returncode, "\n".join(t for _, t in lines), time.time() - start, timed_out, lines)
+
+
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # compile workers and data threads too, even after the leader exited
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
 
 
 @dataclass
@@ -24,13 +130,28 @@ class RunResult:
     log: str
     elapsed: float
     timed_out: bool
+    lines: list = field(default_factory=list)
 
     @property
     def ok(self):
-        return self.returncode == 0 and self.summary is not None and self.summary["val_bpb"] == self.summary["val_bpb"]
+        return self.returncode == 0 and self.summary is not None
 
     def tail(self, n=TAIL_LINES):
         return "\n".join(self.log.splitlines()[-n:])
+
+    def measured_training(self):
+        """(seconds from the first progress line to the exit, startup seconds before it), or None without one:
+        the harness's own clock, whatever train.py prints about its time."""
+        steps = [t for t, text in self.lines if STEP_LINE.match(text)]
+        if not steps:
+            return None
+        return self.elapsed - steps[0], steps[0]
+
+    def step_interval(self):
+        """Median seconds between progress lines (0 with fewer than three)."""
+        steps = [t for t, text in self.lines if STEP_LINE.match(text)]
+        gaps = sorted(b - a for a, b in zip(steps[1:], steps[2:]))  # the first gap is step 0's compile
+        return gaps[len(gaps) // 2] if gaps else 0.0
 
 
 def train_env(backend, budget=None, seed=None, base=None):
@@ -49,7 +170,14 @@ def train_env(backend, budget=None, seed=None, base=None):
     return env, notes
 
 
-def run_training(backend, budget=None, seed=None, timeout=None, root=None, on_line=None, env=None):
+def default_timeout(budget):
+    from prepare import time_budget  # the harness reads the budget the same way train.py does
+
+    seconds = float(budget) if budget is not None else time_budget()
+    return seconds + max(seconds, MIN_GRACE_SECONDS)  # 10 minutes for the 5-minute budget
+
+
+def run_training(backend, budget=None, seed=None, timeout=None, root=None, on_line=None, env=None, state=None):
     """Run backends/<backend>/train.py to completion or timeout. on_line(str) sees each output line."""
     root = Path(root or repo_root())
     env, notes = train_env(backend, budget, seed, base=env)
@@ -57,35 +185,9 @@ def run_training(backend, budget=None, seed=None, timeout=None, root=None, on_li
         if on_line:
             on_line(note)
     if timeout is None:
-        from prepare import time_budget  # the harness reads the budget the same way train.py does
-
-        seconds = float(budget) if budget is not None else time_budget()
-        timeout = seconds + max(seconds, MIN_GRACE_SECONDS)  # 10 minutes for the 5-minute budget
-    start = time.time()
-    proc = subprocess.Popen([sys.executable, str(train_file(backend, root))], cwd=root, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    lines = list(notes)
-
-    def pump():
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            if on_line:
-                on_line(lines[-1])
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    timed_out = False
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: compile workers and data threads too
-        proc.wait()
-        lines.append(f"TIMEOUT: killed after {timeout:.0f}s")
-    except KeyboardInterrupt:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
-    reader.join(timeout=5)
-    log = "\n".join(lines)
-    return RunResult(proc.returncode, None if timed_out else parse_summary(log), log, time.time() - start, timed_out)
+        timeout = default_timeout(budget)
+    result = run_process([sys.executable, str(train_file(backend, root))], root, env, timeout, on_line, state)
+    lines = [(0.0, n) for n in notes] + result.lines
+    log = "\n".join(t for _, t in lines)
+    summary = None if result.timed_out else parse_summary(log)
+    return RunResult(result.returncode, summary, log, result.elapsed, result.timed_out, lines)

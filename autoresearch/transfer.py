@@ -13,10 +13,11 @@ from pathlib import Path
 
 import git
 
-from .experiment import BRANCH_PREFIX, Refused, changed_files, open_repo, run_experiment
+from .branch import BRANCH_PREFIX, Refused, changed_files, open_repo, refuse_dirty
+from .experiment import Settings, check_budget, check_cache, experiment
 from .gate import Gate
-from .ledger import LEDGER_NAME, Row, read_ledger
-from .report import TRANSFER, ReportError, branch_rows, in_time_order
+from .ledger import LEDGER_NAME, Row, in_time_order, read_ledger
+from .report import TRANSFER, ReportError, branch_rows
 
 
 @dataclass
@@ -82,8 +83,9 @@ def _restore(repo):
 
 
 def transfer(root, from_branch, backend, budget=None, seed=42, timeout=None, on_line=None, gate=Gate(),
-             on_result=None):
+             on_result=None, say=None):
     """Replay from_branch's kept changes on the checked-out run branch; one Transferred per kept commit."""
+    settings = Settings(seed, timeout, gate)
     repo = open_repo(root)
     if repo.head.is_detached or not repo.active_branch.name.startswith(BRANCH_PREFIX):
         raise Refused(f"not on a run branch: set one up with `autoresearch setup --tag TAG --backend {backend}` "
@@ -91,11 +93,10 @@ def transfer(root, from_branch, backend, budget=None, seed=42, timeout=None, on_
     here = repo.active_branch.name
     if from_branch in (here, f"refs/heads/{here}"):
         raise Refused(f"--from {from_branch} is the branch checked out: transfer from another run branch")
-    if changed_files(repo):
-        raise Refused(f"working tree has uncommitted changes ({', '.join(changed_files(repo))}): "
-                      "commit or stash them first")
+    refuse_dirty(repo)
     keeps = source_keeps(repo, from_branch)
-    budget = _target_budget(repo, here, budget)
+    budget = check_budget(_target_budget(repo, here, budget))
+    check_cache()
     results = []
 
     def done(item):
@@ -103,43 +104,47 @@ def transfer(root, from_branch, backend, budget=None, seed=42, timeout=None, on_
         if on_result:
             on_result(item)
 
-    for row, commit in keeps:
-        origin, description = origin_of(row)
-        common = dict(origin=origin, description=description, backend=row.backend, source_commit=row.commit)
-        if row.backend != backend:
-            done(Transferred(**common, outcome=f"not applicable (backend {row.backend})", row=None,
-                             message=f"{row.commit} changed backends/{row.backend}/train.py, not {backend}'s"))
-            continue
-        path = f"backends/{row.backend}/train.py"
-        parent = commit.parents[0].hexsha if commit.parents else None
-        if parent is None:
-            done(Transferred(**common, outcome="not applicable (no parent)", row=None, message="root commit"))
-            continue
-        patch = repo.git.diff("--full-index", parent, commit.hexsha, "--", path)
-        if not patch.strip():
-            done(Transferred(**common, outcome="not applicable (train.py unchanged)", row=None,
-                             message=f"{row.commit} does not change {path}"))
-            continue
-        with tempfile.NamedTemporaryFile("w", suffix=".patch", delete=False) as f:
-            f.write(patch + "\n")
-        try:
-            repo.git.apply("--3way", f.name)
-        except git.GitCommandError as e:
-            _restore(repo)
-            why = " ".join(str(e.stderr).split())[:200]
-            done(Transferred(**common, outcome="not applicable (conflict)", row=None,
-                             message=f"{row.commit}'s diff does not apply here: {why}"))
-            continue
-        finally:
-            os.unlink(f.name)
-        try:
-            outcome = run_experiment(root, backend, f"transfer {origin}: {description}", budget=budget, seed=seed,
-                                     timeout=timeout, on_line=on_line, gate=gate)
-        except Refused as e:
-            _restore(repo)
-            done(Transferred(**common, outcome="not applicable (no change here)", row=None, message=str(e)))
-            continue
-        if changed_files(repo):  # never leave a half-applied change behind
-            _restore(repo)
-        done(Transferred(**common, outcome=outcome.status, row=outcome.row, message=outcome.message))
+    with open_branch(root, backend, budget, "transfer", say) as branch:
+        for row, commit in keeps:
+            done(_replay(branch, row, commit, settings, on_line))
     return results
+
+
+def _replay(branch, row, commit, settings, on_line):
+    """One kept change of the source branch, applied here and run as an experiment."""
+    repo, backend = branch.repo, branch.backend
+    origin, description = origin_of(row)
+    common = dict(origin=origin, description=description, backend=row.backend, source_commit=row.commit)
+    if row.backend != backend:
+        return Transferred(**common, outcome=f"not applicable (backend {row.backend})", row=None,
+                           message=f"{row.commit} changed backends/{row.backend}/train.py, not {backend}'s")
+    path = f"backends/{row.backend}/train.py"
+    parent = commit.parents[0].hexsha if commit.parents else None
+    if parent is None:
+        return Transferred(**common, outcome="not applicable (no parent)", row=None, message="root commit")
+    patch = repo.git.diff("--full-index", parent, commit.hexsha, "--", path)
+    if not patch.strip():
+        return Transferred(**common, outcome="not applicable (train.py unchanged)", row=None,
+                           message=f"{row.commit} does not change {path}")
+    with tempfile.NamedTemporaryFile("w", suffix=".patch", delete=False) as f:
+        f.write(patch + "\n")
+    try:
+        repo.git.apply("--3way", f.name)
+    except git.GitCommandError as e:
+        _restore(repo)
+        why = " ".join(str(e.stderr).split())[:200]
+        return Transferred(**common, outcome="not applicable (conflict)", row=None,
+                           message=f"{row.commit}'s diff does not apply here: {why}")
+    finally:
+        os.unlink(f.name)
+    try:
+        outcome = experiment(branch, f"transfer {origin}: {description}", settings, on_line)
+    except Refused as e:
+        _restore(repo)
+        return Transferred(**common, outcome="not applicable (no change here)", row=None, message=str(e))
+    except BaseException:
+        _restore(repo)  # interrupted between the patch and the commit: the patch is in the source branch
+        raise
+    if changed_files(repo):  # never leave a half-applied change behind
+        _restore(repo)
+    return Transferred(**common, outcome=outcome.status, row=outcome.row, message=outcome.message)

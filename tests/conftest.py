@@ -1,6 +1,9 @@
 """Shared fixtures: real text from ../shared/data, a prepared CPU-profile cache, throwaway checkouts."""
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import git
@@ -69,3 +72,35 @@ def make_repo(dest, backends=("mps", "mlx")):
 @pytest.fixture
 def run_repo(tmp_path, use_cache):
     return make_repo(tmp_path / "project")
+
+
+def cli(root, *args, env=None, timeout=600):
+    """The real command line, in a fresh process, in checkout root."""
+    return subprocess.run([sys.executable, "-m", "autoresearch", *map(str, args)], cwd=root, capture_output=True,
+                          text=True, env=dict(os.environ, **(env or {})), timeout=timeout)
+
+
+BUDGET = 3  # seconds of training in end-to-end tests
+
+
+@pytest.fixture(scope="session")
+def branch_template(tmp_path_factory, cpu_cache):
+    """A checkout with its mlx run branch set up (baseline at BUDGET s, one seed): copied afresh by repo_dir."""
+    root = make_repo(tmp_path_factory.mktemp("template") / "project", backends=("mlx",))
+    proc = cli(root, "--backend", "mlx", "setup", "--tag", "f", "--budget", BUDGET, "--noise-runs", 1,
+               "--no-calibrate", env={"AUTORESEARCH_CACHE": str(cpu_cache)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return root
+
+
+@pytest.fixture
+def repo_dir(branch_template, tmp_path, use_cache):
+    dest = tmp_path / "project"
+    shutil.copytree(branch_template, dest, symlinks=True)
+    return dest
+
+
+def edit(root, **constants):
+    """Change hyperparameters of the mlx train.py as an agent would (MATRIX_LR by default)."""
+    train = root / "backends/mlx/train.py"
+    train.write_text(set_constants(train.read_text(), constants or {"MATRIX_LR": 0.05}))

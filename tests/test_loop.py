@@ -8,6 +8,7 @@ import textwrap
 import git
 import pytest
 
+from conftest import cli
 from autoresearch.agents import CommandAgent, RandomAgent
 from autoresearch.experiment import Refused, open_repo, run_experiment, setup
 from autoresearch.hardware import hardware_tag
@@ -17,11 +18,6 @@ from autoresearch.loop import run_loop
 
 BUDGET = 3
 
-
-
-def cli(root, *args, env=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "autoresearch", *args], cwd=root, capture_output=True, text=True,
-                          env=dict(os.environ, **(env or {})), timeout=timeout)
 
 
 def check_ledger_and_branch(root, backend, n_rows):

@@ -1,0 +1,248 @@
+"""The run branch: the aggregate the harness protects. One object knows its key, its best, its noise floor
+and its pin, holds the checkout's lock while a command works on it, and puts it back at its last kept
+commit before anything is compared."""
+
+import fcntl
+import hashlib
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import git
+
+from .gate import load_noise
+from .hardware import hardware_tag
+from .ledger import LEDGER_NAME, best_kept, git_identity, read_ledger, restore_missing
+from .runner import stop_leftover
+
+STATE_DIR = ".autoresearch"  # untracked: run.log, last_crash.log, the lock, the agent's description
+BRANCH_PREFIX = "autoresearch/"
+LOCK_FILE = "lock"
+STRAY_REFS = "refs/autoresearch/stray/"  # commits found on a run branch that no row kept
+INTERRUPTED_REFS = "refs/autoresearch/interrupted/"  # experiments stopped before they were measured
+TRAIN_FILES = ("backends/cuda/train.py", "backends/mps/train.py", "backends/mlx/train.py")
+
+
+class Refused(Exception):
+    """The command was not run; nothing changed. The message says why and what to do."""
+
+
+def open_repo(root):
+    """The checkout's repository, with the ledger (and its .torn, .bak, .tmp) and state folder excluded from git whatever .gitignore says."""
+    try:
+        repo = git.Repo(root)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        raise Refused(f"{root} is not a git repository") from None
+    exclude = Path(repo.git_dir) / "info" / "exclude"
+    present = exclude.read_text().splitlines() if exclude.exists() else []
+    missing = [p for p in (f"/{LEDGER_NAME}*", f"/{STATE_DIR}/") if p not in present]
+    if missing:
+        exclude.parent.mkdir(exist_ok=True)
+        text = exclude.read_text() if exclude.exists() else ""
+        exclude.write_text(text + ("\n" if text and not text.endswith("\n") else "") + "".join(f"{p}\n" for p in missing))
+    return repo
+
+
+def state_dir(root):
+    path = Path(root) / STATE_DIR
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def changed_files(repo):
+    """Tracked files that differ from HEAD (staged or not) and untracked files git does not ignore."""
+    changed = {d.a_path for d in repo.index.diff(None)} | {d.a_path for d in repo.index.diff("HEAD")}
+    return sorted(changed | set(repo.untracked_files))
+
+
+def refuse_dirty(repo):
+    dirty = changed_files(repo)
+    if dirty:
+        raise Refused(f"working tree has uncommitted changes ({', '.join(dirty)}): commit or stash them first")
+
+
+def pin_of(repo, commit):
+    """Hash of every tracked file of commit except the backends' train.py files: the fixed half."""
+    listing = repo.git.ls_tree("-r", "--full-tree", commit)
+    fixed = [line for line in listing.splitlines() if line.split("\t", 1)[1] not in TRAIN_FILES]
+    return hashlib.sha256("\n".join(fixed).encode()).hexdigest()[:16]
+
+
+def fixed_changes(repo, old, new):
+    """Files outside the backends' train.py that differ between two commits."""
+    names = repo.git.diff("--name-only", old, new).splitlines()
+    return [n for n in names if n not in TRAIN_FILES]
+
+
+def refs_snapshot(repo):
+    """Every ref and what it points at (branches, tags, notes): a train.py that commits or rewrites notes shows."""
+    return repo.git.for_each_ref("--format=%(refname) %(objectname)")
+
+
+class Lock:
+    """An exclusive lock on the checkout (flock: released by the kernel when the holder dies, even by SIGKILL)."""
+
+    def __init__(self, root, command):
+        self.path = state_dir(root) / LOCK_FILE
+        self.command = command
+        self.fd = None
+
+    def __enter__(self):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise Refused(f"another harness works on this checkout (pid {holder}); wait for it or stop it") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}: {self.command}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        os.ftruncate(self.fd, 0)
+        os.close(self.fd)  # closing releases the flock
+
+
+@dataclass
+class RunBranch:
+    repo: git.Repo
+    backend: str
+    budget: float
+    profile: str
+    say: object = print  # one-line notices: recovery, restored rows
+
+    @property
+    def root(self):
+        return Path(self.repo.working_tree_dir)
+
+    @property
+    def name(self):
+        return self.repo.active_branch.name
+
+    @property
+    def hardware(self):
+        return hardware_tag(self.backend)
+
+    @property
+    def target(self):
+        return f"backends/{self.backend}/train.py"
+
+    @property
+    def ledger(self):
+        return self.root / LEDGER_NAME
+
+    def key(self):
+        """Results compare only within one run branch, hardware, eval profile and budget."""
+        return (self.name, self.hardware, self.profile, self.budget)
+
+    def rows(self):
+        return read_ledger(self.ledger)
+
+    def best(self):
+        return best_kept(self.rows(), self.key())
+
+    def noise(self):
+        """The run-to-run spread measured by setup for this hardware, profile and budget, or None."""
+        noise = load_noise(self.root, *self.key()[1:])
+        return noise["spread"] if noise else None
+
+    def baseline(self):
+        """The branch's first baseline row (it carries the pin), or None."""
+        return next((r for r in self.rows() if r.branch == self.name and r.status == "keep"
+                     and r.description == "baseline"), None)
+
+    def last_keep(self):
+        kept = [r for r in self.rows() if r.branch == self.name and r.status == "keep"]
+        return kept[-1] if kept else None
+
+    def restore_ledger(self):
+        """Rows of this branch that its git notes hold but results.tsv lost come back before any comparison."""
+        restored = restore_missing(self.repo, self.ledger, self.name)
+        if restored:
+            self.say(f"ledger: restored {restored} row(s) of {self.name} from refs/notes/autoresearch")
+
+    def recover(self):
+        """A trainer left by a killed harness is stopped; HEAD goes back to the last kept commit, any commit no row
+        kept stays reachable under refs/autoresearch/stray/. A clean tree is reset; a dirty one keeps its files."""
+        pid = stop_leftover(state_dir(self.root))
+        if pid:
+            self.say(f"recovery: stopped process group {pid} left running by an earlier harness")
+        last = self.last_keep()
+        if last is None:
+            raise Refused(f"{self.name} has no baseline row in {LEDGER_NAME} or its notes: set up a run branch with "
+                          f"`autoresearch setup --tag TAG --backend {self.backend}`")
+        try:
+            kept = self.repo.commit(last.commit)
+        except (git.BadName, ValueError):
+            raise Refused(f"the last kept commit {last.commit} of {self.name} is not in this repository") from None
+        head = self.repo.head.commit
+        if head == kept:
+            return
+        if not self.repo.is_ancestor(head, kept):
+            ref = STRAY_REFS + head.hexsha[:7]
+            self.repo.git.update_ref(ref, head.hexsha)
+            where = f"kept as {ref}"
+        else:
+            where = "an ancestor of it"
+        dirty = bool(changed_files(self.repo))
+        self.repo.head.reset(kept, index=True, working_tree=not dirty)
+        self.say(f"recovery: HEAD was {head.hexsha[:7]} ({where}), not the last keep {last.commit}: "
+                 f"reset to {last.commit}" + ("; the working tree's files were left as they are" if dirty else ""))
+
+    def check_pin(self, commit="HEAD"):
+        """The fixed half of commit is the one setup pinned on the baseline row; else Refused."""
+        base = self.baseline()
+        if base is None or base.pin in ("", "-"):
+            return  # a branch set up before pins existed: nothing to compare with
+        if pin_of(self.repo, commit) != base.pin:
+            try:
+                files = ", ".join(fixed_changes(self.repo, base.commit, commit)) or "unknown files"
+            except git.GitCommandError:
+                files = "unknown files"
+            raise Refused(f"the fixed half of the repository changed since setup ({files}); only "
+                          f"backends/<backend>/train.py may change on a run branch: revert those commits")
+
+    def interrupted(self, commit, base):
+        """Back at base after a signal; the unmeasured experiment commit stays reachable. Returns the notice."""
+        ref = INTERRUPTED_REFS + commit.hexsha[:7]
+        self.repo.git.update_ref(ref, commit.hexsha)
+        self.repo.head.reset(base, index=True, working_tree=True)
+        return f"interrupted: experiment {commit.hexsha[:7]} not measured (kept as {ref}); reset to {base.hexsha[:7]}"
+
+
+def open_branch(root, backend, budget, command, say=None):
+    """Lock the checkout, then the checked-out run branch, its ledger restored and HEAD at its last keep.
+    Use as `with open_branch(...) as branch:`."""
+    return _Opened(root, backend, budget, command, say)
+
+
+class _Opened:
+    def __init__(self, root, backend, budget, command, say):
+        self.args = (root, backend, budget, command, say)
+        self.lock = None
+
+    def __enter__(self):
+        import prepare
+
+        root, backend, budget, command, say = self.args
+        repo = open_repo(root)
+        if repo.head.is_detached or not repo.active_branch.name.startswith(BRANCH_PREFIX):
+            raise Refused("not on a run branch: start one with `autoresearch setup --tag TAG --backend "
+                          f"{backend}`, or check out an existing autoresearch/... branch")
+        self.lock = Lock(root, command).__enter__()
+        try:
+            branch = RunBranch(repo, backend, float(budget), prepare.load_profile().name,
+                               say or (lambda text: print(text, file=sys.stderr, flush=True)))
+            branch.restore_ledger()
+            branch.recover()
+            branch.check_pin()
+        except BaseException:
+            self.lock.__exit__(None, None, None)
+            raise
+        return branch
+
+    def __exit__(self, *exc):
+        self.lock.__exit__(*exc)
