@@ -158,6 +158,7 @@ def train_env(backend, budget=None, seed=None, base=None):
     """Environment for train.py: budget and seed overrides, and an optimized BLAS for MLX on Linux."""
     env = dict(os.environ if base is None else base)
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # no __pycache__ in the checkout: the tree stays as the commit
     if budget is not None:
         env["AUTORESEARCH_BUDGET"] = str(budget)
     if seed is not None:
