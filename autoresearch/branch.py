@@ -113,6 +113,7 @@ class RunBranch:
     budget: float
     profile: str
     say: object = print  # one-line notices: recovery, restored rows
+    calibrated: str | None = None  # setup's calibrated config, before the baseline row records it
 
     @property
     def root(self):
@@ -153,6 +154,13 @@ class RunBranch:
         """The branch's first baseline row (it carries the pin), or None."""
         return next((r for r in self.rows() if r.branch == self.name and r.status == "keep"
                      and r.description == "baseline"), None)
+
+    def config(self):
+        """The calibrated config the run branch started from (its baseline row's), or None."""
+        base = self.baseline()
+        if base is None:
+            return self.calibrated
+        return base.config if base.config != "-" else None
 
     def last_keep(self):
         kept = [r for r in self.rows() if r.branch == self.name and r.status == "keep"]

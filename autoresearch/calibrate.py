@@ -60,7 +60,9 @@ MEMORY_FRACTION = 0.8
 DEPTH_LADDER = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24)
 CALIBRATE_STEPS = 3  # timed steps per rung, after the steps train.py excludes as warm-up
 MAX_STEP_SECONDS = 2.0  # rule 4: e.g. cuda/train.py on a CPU, 128 rows of 256 tokens take ~4 s a step
-TIME_LIMIT = 60.0  # seconds for the whole ladder; a rung that would end past it is not started
+TIME_LIMIT = 60.0  # seconds of training steps for the whole ladder (not startup, not compiling); a rung that would
+# take it past the limit is not started
+RUNG_TIMEOUT = 120.0  # seconds of wall time for one rung at least; deeper rungs get three times the last one's
 MAX_PASSES = 4  # beyond ~4 epochs repeated text is worth far less than fresh (Muennighoff et al. 2023)
 KEYS = ("DEPTH", "TOTAL_BATCH_SIZE", "DEVICE_BATCH_SIZE")
 
@@ -74,6 +76,7 @@ class Rung:
     params_M: float  # all parameters, as train.py reports them
     seconds: float  # wall time of the measurement, startup included
     device_batch: int = 0  # rows per forward/backward it was measured at (0: the file's, in older caches)
+    steps: int = 0  # optimizer steps train.py ran, warm-up included (0 in older caches)
 
     def predicted_tokens(self, budget):
         return self.tokens_per_sec * budget
@@ -97,6 +100,11 @@ class Rung:
         """S(C): the optimizer steps this rung's compute calls for (module docstring, rule 3)."""
         return REF_STEPS * (self.compute(budget) / REF_COMPUTE) ** STEPS_EXPONENT
 
+    def training_seconds(self, seq_len, device_batch=None):
+        """Its steps at the steady rate train.py timed (warm-up steps too, but not startup or compiling: on CUDA
+        those take tens of seconds); at device_batch, a lower bound for a deeper rung's."""
+        return self.steps * (device_batch or self.device_batch) * seq_len / self.tokens_per_sec
+
 
 @dataclass
 class Calibration:
@@ -119,7 +127,7 @@ def cache_path(backend, profile_name, budget):
     return prepare.cache_dir() / "calibration" / f"{hardware_tag(backend)}-{profile_name}-{budget:g}s.json"
 
 
-def measure(backend, source, depth, device_batch, budget, seq_len, scratch):
+def measure(backend, source, depth, device_batch, budget, seq_len, scratch, timeout=RUNG_TIMEOUT):
     """One rung: a few real training steps of train.py at this depth and device batch, one forward/backward
     per optimizer step (throughput is per token; whole accumulated steps of a large total batch would only
     make the ladder slower), run from a scratch copy of train.py's source. Returns (rung, error tail)."""
@@ -127,19 +135,21 @@ def measure(backend, source, depth, device_batch, budget, seq_len, scratch):
     train_file(backend, scratch).write_text(set_constants(source, sizes))
     env = dict(os.environ, AUTORESEARCH_CALIBRATE_STEPS=str(CALIBRATE_STEPS))
     start = time.time()
-    result = run_training(backend, budget=budget, root=scratch, env=env, timeout=max(120.0, TIME_LIMIT * 2))
+    result = run_training(backend, budget=budget, root=scratch, env=env, timeout=timeout)
     s = result.summary
     if result.returncode != 0 or s is None or not s.get("tokens_per_sec"):
         return None, result.tail(5)
     constants = read_constants(source)
     model_dim = math.ceil(depth * constants["ASPECT_RATIO"] / constants["HEAD_DIM"]) * constants["HEAD_DIM"]
     return Rung(depth, model_dim, float(s["tokens_per_sec"]), float(s["peak_vram_mb"]), float(s["num_params_M"]),
-                time.time() - start, device_batch), None
+                time.time() - start, device_batch, int(s["num_steps"])), None
 
 
 def out_of_memory(error):
-    """Whether a failed rung ran out of memory (CUDA, MPS, Metal or host allocators), so a smaller batch may fit."""
-    return bool(error) and re.search(r"out of memory|unable to allocate|insufficient memory|bad_alloc", error, re.I)
+    """Whether a failed rung ran out of memory (CUDA, MPS, Metal or host allocators), so a smaller batch may fit.
+    Metal and MPS also refuse one buffer over the device's maximum length, whatever memory is free."""
+    return bool(error) and re.search(r"out of memory|unable to allocate|insufficient memory|bad_alloc"
+                                     r"|greater than the maximum allowed buffer size|invalid buffer size", error, re.I)
 
 
 def choose(rungs, budget, seq_len, device_batch, memory_limit_mb, train_tokens=None):
@@ -194,24 +204,28 @@ def calibrate(backend, root=None, force=False, budget=None, on_line=None, time_l
     train_file(backend, scratch).parent.mkdir(parents=True)
     shutil.copy2(root / "prepare.py", scratch / "prepare.py")
     batch = constants["DEVICE_BATCH_SIZE"]
+    trained, timeout = 0.0, max(RUNG_TIMEOUT, time_limit * 2)  # seconds of training steps so far; one rung's wall limit
     for depth in DEPTH_LADDER:
-        if rungs and time.time() - start + rungs[-1].seconds > time_limit:
-            # a deeper rung takes at least as long as the last one: starting it would overrun the limit
+        if rungs and trained + rungs[-1].training_seconds(profile.seq_len, batch) > time_limit:
+            # a deeper rung's steps take at least as long as the last one's: starting it would overrun the limit
             say(f"calibrate: depth {depth} would end past the {time_limit:g}s limit; stopping")
             break
-        rung, error = measure(backend, source, depth, batch, budget, profile.seq_len, scratch)
+        rung, error = measure(backend, source, depth, batch, budget, profile.seq_len, scratch, timeout)
         while batch > 1 and (out_of_memory(error) or (rung and rung.peak_mb > memory_limit_mb)):
             batch //= 2  # the largest device batch that fits: deeper rungs start from it
             say(f"calibrate: depth {depth} does not fit at device batch {batch * 2}; trying {batch}")
-            rung, error = measure(backend, source, depth, batch, budget, profile.seq_len, scratch)
+            rung, error = measure(backend, source, depth, batch, budget, profile.seq_len, scratch, timeout)
         if rung is None:
             say(f"calibrate: depth {depth} failed ({error.splitlines()[-1] if error else 'no output'}); stopping")
             break
         rungs.append(rung)
+        trained += rung.training_seconds(profile.seq_len)
         ratio, need = rung.tokens_per_param(budget), rung.required_ratio(budget)
         say(f"calibrate: depth {depth:2d}  d {rung.model_dim:4d}  {rung.scaling_params() / 1e6:7.2f}M non-embedding "
             f"params  batch {rung.device_batch:3d}  {rung.tokens_per_sec:10,.0f} tokens/s  "
-            f"{rung.peak_mb:8.0f} MB  {ratio:7.2f} tokens/param (R(C) {need:.2f})  ({rung.seconds:.0f}s)")
+            f"{rung.peak_mb:8.0f} MB  {ratio:7.2f} tokens/param (R(C) {need:.2f})  "
+            f"({rung.seconds:.0f}s, {rung.training_seconds(profile.seq_len):.1f}s of it training steps)")
+        timeout = max(timeout, 3 * rung.seconds)  # a deeper rung starts up and compiles for longer
         if ratio < need or rung.peak_mb > memory_limit_mb:
             break  # deeper rungs are only slower and larger
         while batch > 1 and batch * profile.seq_len / rung.tokens_per_sec > MAX_STEP_SECONDS:

@@ -313,7 +313,7 @@ def calibrate_cmd(
     backend_opt: Optional[str] = BackendOption,
     force: bool = typer.Option(False, "--force", help="measure again even if this hardware has a cached choice"),
     budget: Optional[float] = BudgetOption,
-    time_limit: float = typer.Option(TIME_LIMIT, "--time-limit", help="seconds for the whole ladder"),
+    time_limit: float = typer.Option(TIME_LIMIT, "--time-limit", help="seconds of training steps for the whole ladder (startup and compiling not counted)"),
 ):
     """Measure a ladder of model sizes here and pick the one for the budget (cached per hardware tag)."""
     from .calibrate import calibrate

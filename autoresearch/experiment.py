@@ -259,17 +259,11 @@ def _row(branch, runs, status, commit, description, settings, source):
         hardware=branch.hardware, backend=branch.backend, eval_profile=branch.profile, budget=branch.budget,
         seed=settings.seed, timestamp=now(), training_seconds=s.get("training_seconds", 0.0),
         num_steps=s.get("num_steps", 0), num_params_M=s.get("num_params_M", 0.0),
-        tokens=int(round(s.get("total_tokens_M", 0.0) * 1e6)), config=branch_config(branch) or "-",
+        tokens=int(round(s.get("total_tokens_M", 0.0) * 1e6)), config=branch.config() or "-",
         gate=settings.gate.label(), train_hash=train_hash(source), branch=branch.name,
         samples=",".join(f"{v:.6f}" for v in good) if scored else "-",
         harness_seconds=round(runs[-1].harness_seconds, 1), pin=pin_of(branch.repo, commit),
     )
-
-
-def branch_config(branch):
-    """The calibrated config the run branch started from (its baseline row's), or None."""
-    base = branch.baseline()
-    return base.config if base and base.config != "-" else None
 
 
 def run_seeds(branch, settings, runs, best, on_line):
@@ -366,7 +360,7 @@ def setup(root, tag, backend, budget=None, seed=42, timeout=None, on_line=None, 
         branch = RunBranch(repo, backend, budget, prepare.load_profile().name, say or print)
         try:
             if calibrate:
-                apply_calibration(branch, force_calibration, on_line)
+                branch.calibrated = apply_calibration(branch, force_calibration, on_line)
             head = repo.head.commit
             return train_and_record(branch, "baseline", head, head, settings, on_line, baseline_runs=noise_runs)
         except BaseException:  # calibration failed, a signal, a full disk: no half-made run branch stays

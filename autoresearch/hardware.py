@@ -1,11 +1,14 @@
 """What this machine is: available backends, the auto choice, the hardware tag, an optimized BLAS."""
 
+import functools
 import importlib.util
+import json
+import math
 import os
 import platform
 import re
-import shutil
 import subprocess
+import sys
 
 from . import BACKENDS
 
@@ -25,23 +28,43 @@ def is_apple_silicon():
     return platform.system() == "Darwin" and platform.machine() == "arm64"
 
 
+# What cuda/train.py will see: torch's first visible device, as one JSON line
+CUDA_PROBE = """import json, torch
+gpu = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
+print(json.dumps([gpu.name, gpu.total_memory // 2**20] if gpu else None))"""
+CUDA_PROBE_TIMEOUT = 120  # importing torch from a cold disk and creating a CUDA context can take a while
+
+
 def cuda_device():
-    """(name, memory MiB) of the first NVIDIA GPU, or None."""
-    if not shutil.which("nvidia-smi"):
+    """(name, memory MiB) of the GPU cuda/train.py would train on, or None. Asked of torch itself rather than
+    nvidia-smi: a CPU-only torch on a GPU box has none, a container without nvidia-smi still has one, and
+    CUDA_VISIBLE_DEVICES picks which. Once per process and CUDA_VISIBLE_DEVICES."""
+    if not _has("torch") or platform.system() == "Darwin":  # no CUDA builds of torch for macOS
         return None
+    return _probe_cuda(os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_cuda(visible_devices):  # the cache key; the probe inherits the variable itself
+    """In a subprocess: the harness never imports torch or holds a CUDA context of its own."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20).stdout
-        name, mem = out.splitlines()[0].rsplit(",", 1)
-        return name.strip(), int(float(mem))
+        done = subprocess.run([sys.executable, "-c", CUDA_PROBE], capture_output=True, text=True,
+                              timeout=CUDA_PROBE_TIMEOUT)
+        gpu = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None
+    return (str(gpu[0]), int(gpu[1])) if gpu else None
+
+
+def gpu_gb(mib):
+    """A GPU's memory in whole GB as sold: torch's total leaves out what the driver reserves, so round up."""
+    return math.ceil(mib / 1024)
 
 
 def available_backends():
     """Backends whose framework is installed here, each with the device it would run on."""
     found = {}
-    if _has("torch") and cuda_device():
+    if cuda_device():
         found["cuda"] = "gpu"
     if _has("mlx"):
         found["mlx"] = "gpu" if is_apple_silicon() else "cpu"
@@ -52,16 +75,16 @@ def available_backends():
 
 def pick_backend(requested="auto"):
     """(backend, reason). auto: cuda with an NVIDIA GPU, mlx on Apple Silicon, else the best CPU path."""
-    found = available_backends()
     if requested != "auto":
         if requested not in BACKENDS:
             raise ValueError(f"unknown backend {requested!r}: choose auto or one of {', '.join(BACKENDS)}")
-        if requested == "cuda" and "cuda" not in found and _has("torch"):
-            return "cuda", "requested; no NVIDIA GPU, so cuda/train.py runs on the CPU (float32, no compile)"
-        if requested not in found:
-            need = "torch" if requested in ("cuda", "mps") else "mlx"
+        need = "mlx" if requested == "mlx" else "torch"
+        if not _has(need):
             raise ValueError(f"backend {requested} needs {need}; install with: pip install -e '.[{requested}]'")
+        if requested == "cuda" and not cuda_device():
+            return "cuda", "requested; no NVIDIA GPU, so cuda/train.py runs on the CPU (float32, no compile)"
         return requested, "requested"
+    found = available_backends()
     if "cuda" in found:
         return "cuda", f"NVIDIA GPU found ({cuda_device()[0]})"
     if is_apple_silicon() and "mlx" in found:
@@ -112,7 +135,7 @@ def device_name(backend):
     """Human-readable device a backend runs on here."""
     if backend == "cuda":
         gpu = cuda_device()
-        return f"{gpu[0]} {round(gpu[1] / 1024)}GB" if gpu else "cpu"
+        return f"{gpu[0]} {gpu_gb(gpu[1])}GB" if gpu else "cpu"
     if is_apple_silicon():
         return f"{cpu_name()} {memory_gb()}GB"
     return f"cpu {platform.machine()} {os.cpu_count()}c {memory_gb()}GB"
@@ -122,7 +145,7 @@ def hardware_tag(backend):
     """Stable slug: backend + device + memory + arch, e.g. mlx-cpu-x86_64-2c-24gb."""
     if backend == "cuda" and cuda_device():
         name, mem = cuda_device()
-        return f"cuda-{_slug(name)}-{round(mem / 1024)}gb"
+        return f"cuda-{_slug(name)}-{gpu_gb(mem)}gb"
     if is_apple_silicon():
         return f"{backend}-{_slug(cpu_name())}-{memory_gb()}gb"
     return f"{backend}-cpu-{platform.machine().lower()}-{os.cpu_count()}c-{memory_gb()}gb"

@@ -86,8 +86,48 @@ def test_out_of_memory_messages_are_recognised():
     assert cal.out_of_memory("RuntimeError: MPS backend out of memory (MPS allocated: 17.00 GB)")
     assert cal.out_of_memory("[metal::malloc] Unable to allocate 4294967296 bytes.")
     assert cal.out_of_memory("terminate called after throwing an instance of 'std::bad_alloc'")
+    assert cal.out_of_memory(METAL_BUFFER)
+    assert cal.out_of_memory(MPS_BUFFER)
     assert not cal.out_of_memory("ValueError: shapes (4,3) and (2,) not aligned")
     assert not cal.out_of_memory(None)
+
+
+METAL_BUFFER = ("RuntimeError: [metal::malloc] Attempting to allocate 17179869184 bytes which is greater than the "
+                "maximum allowed buffer size of 9663676416 bytes.")
+MPS_BUFFER = "RuntimeError: Invalid buffer size: 16.00 GB"
+
+
+def edit_main(root, backend, lines):
+    """Put lines at the start of train.py's main(): a stand-in for what only a GPU would do."""
+    path = root / "backends" / backend / "train.py"
+    body = "".join(f"    {line}\n" for line in lines)
+    path.write_text(path.read_text().replace("def main():\n", "def main():\n" + body, 1))
+
+
+@pytest.mark.parametrize("message", [METAL_BUFFER, MPS_BUFFER])
+def test_real_ladder_halves_the_batch_on_a_buffer_over_the_device_maximum(tmp_path, use_cache, message):
+    # Metal and MPS refuse a single buffer past their maximum length: here, any device batch over 1
+    root = make_checkout(tmp_path / "project", backends=("mlx",), **dict(TINY, DEVICE_BATCH_SIZE=2, TOTAL_BATCH_SIZE=512))
+    edit_main(root, "mlx", ["if DEVICE_BATCH_SIZE > 1:", f"    raise RuntimeError({message.split(': ', 1)[1]!r})"])
+    lines = []
+    result, _ = cal.calibrate("mlx", root=root, budget=30, force=True, on_line=lines.append, time_limit=0)
+    assert "calibrate: depth 1 does not fit at device batch 2; trying 1" in lines
+    assert [(r.depth, r.device_batch) for r in result.rungs] == [(1, 1)]
+
+
+def test_real_ladder_limits_training_steps_not_startup(tmp_path, use_cache):
+    # as on CUDA, where compiling takes tens of seconds: a startup longer than the ladder's whole limit
+    root = make_checkout(tmp_path / "project", backends=("mlx",), **dict(TINY, DEVICE_BATCH_SIZE=2, TOTAL_BATCH_SIZE=512))
+    first, _ = cal.calibrate("mlx", root=root, budget=30, force=True, time_limit=0)
+    steps = first.rungs[0].training_seconds(256)
+    assert first.rungs[0].steps == 1 + cal.CALIBRATE_STEPS and 0 < steps < first.rungs[0].seconds
+    limit = 5 * steps  # room for depth 1 and 2 at depth 1's rate even on a busy machine, then a few more
+    edit_main(root, "mlx", [f"time.sleep({limit + 1:.2f})"])
+    lines = []
+    result, _ = cal.calibrate("mlx", root=root, budget=30, force=True, on_line=lines.append, time_limit=limit)
+    assert [r.depth for r in result.rungs][:2] == [1, 2], lines
+    assert result.rungs[0].seconds > limit  # the old rule (wall time) would have stopped after depth 1
+    assert sum(r.training_seconds(256) for r in result.rungs[:-1]) <= limit
 
 
 def test_real_ladder_halves_the_device_batch_that_does_not_fit(tmp_path, use_cache, monkeypatch):
@@ -105,8 +145,9 @@ def test_real_ladder_does_not_start_a_rung_that_would_overrun_the_limit(tmp_path
     root = make_checkout(tmp_path / "project", backends=("mlx",), **TINY)
     first, _ = cal.calibrate("mlx", root=root, budget=30, force=True, time_limit=0)  # depth 1 only
     assert [r.depth for r in first.rungs] == [1]
-    # a limit between one rung's time and two: depth 1 ends inside it, depth 2 (at least as long) would not
-    limit = 1.3 * first.rungs[0].seconds
+    # a limit of one rung's training steps: depth 1 is measured whatever the limit, depth 2 (its steps at least as
+    # long) would take the ladder to about twice it, so it is not started, even if this run's steps are 40% faster
+    limit = 1.2 * first.rungs[0].training_seconds(256)
     lines = []
     result, _ = cal.calibrate("mlx", root=root, budget=30, force=True, on_line=lines.append, time_limit=limit)
     assert [r.depth for r in result.rungs] == [1]
