@@ -56,18 +56,32 @@ def stop_leftover(state):
     path = Path(state) / PID_FILE
     if not path.exists():
         return None
-    try:
-        pid = int(path.read_text().split()[0])
-    except (ValueError, IndexError):
-        pid = None
+    pid, _, command = path.read_text().strip().partition(" ")
     path.unlink(missing_ok=True)
-    if pid is None or pid == os.getpid():
+    if not pid.isdigit() or int(pid) == os.getpid() or not _runs(int(pid), command):
         return None
+    pid = int(pid)
     try:
         os.killpg(pid, signal.SIGKILL)  # the child leads its own group (start_new_session)
     except (ProcessLookupError, PermissionError):
         return None
     return pid
+
+
+def _runs(pid, command):
+    """Whether pid still runs the recorded command (a reused pid belongs to someone else). Where /proc is
+    missing (macOS), whether it runs at all."""
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.parent.parent.exists() and Path("/proc/self").exists():
+        try:
+            return cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace").strip() == command
+        except OSError:
+            return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def run_process(argv, cwd, env, timeout, on_line=None, state=None, stdin_data=None):
