@@ -12,7 +12,10 @@ Cache layout (upstream autoresearch's, plus our own files beside it):
         tokens/shard_XXXXX.npy        the shard tokenized, BOS before every document (uint16/uint32)
         tokens/shard_XXXXX.offsets.npy  start of every document in the line above, plus the end
         tokens/val_rows.npy           the fixed validation rows, (N, seq_len + 1)
-        profile.json                  eval profile and provenance; written last, marks the cache ready
+        profile.json                  eval profile, provenance, file sizes and the val_rows hash (check_cache);
+                                      written last, marks the cache ready
+        trainer-view/                 the cache as training sees it, without the validation split (trainer_view)
+        checkpoint/                   train.py's trained model when AUTORESEARCH_CHECKPOINT is unset
 """
 
 import bisect
@@ -21,6 +24,7 @@ import json
 import math
 import os
 import pickle
+import shlex
 import shutil
 import time
 import urllib.error
@@ -450,6 +454,8 @@ def _load_tokens(stem, directory=None):
 
 def _documents(split, directory=None):
     """Endless (document tokens, epoch) stream of a split, in shard order."""
+    if split == "val" and directory is None:
+        require_validation()
     directory = Path(directory or tokens_dir())
     if split == "val":
         stems = [Path(VAL_FILENAME).stem]
@@ -515,9 +521,10 @@ def make_dataloader(tokenizer, B, T, split="train", buffer_size=1000):
     Training keeps cropped remainders (see pack_rows); validation rows are built as upstream's.
     """
     del tokenizer  # documents come pre-tokenized from the cache; kept for upstream's signature
+    if split == "val":
+        require_validation()  # here, not at the first batch: a generator would fail only when iterated
     rows = pack_rows(_documents(split), B, T, buffer_size, keep_remainders=split == "train")
-    for batch, epoch in rows:
-        yield batch[:, :-1], batch[:, 1:], epoch
+    return ((batch[:, :-1], batch[:, 1:], epoch) for batch, epoch in rows)
 
 
 def build_val_rows(profile, directory=None):
@@ -528,7 +535,16 @@ def build_val_rows(profile, directory=None):
 
 
 def get_val_rows():
+    require_validation()
     return np.load(tokens_dir() / "val_rows.npy", mmap_mode="r")
+
+
+def require_validation():
+    """Fail at once, in one line, where training asks for validation data in the trainer's view."""
+    path = _meta_path()
+    if path.exists() and json.loads(path.read_text()).get("trainer_view"):
+        raise PrepareError(f"the validation split is not available to training: {cache_dir()} is the trainer's view "
+                           "of the cache; the harness scores the checkpoint train.py saves (backends/README.md)")
 
 
 # ---------------------------------------------------------------------------
@@ -536,14 +552,15 @@ def get_val_rows():
 # ---------------------------------------------------------------------------
 
 
-def evaluate_bpb(loss_fn, batch_size):
+def evaluate_bpb(loss_fn, batch_size, rows=None):
     """
     Bits per byte on the fixed validation rows, for every backend.
     loss_fn(inputs, targets) takes (b, T) int32 numpy arrays and returns per-token cross-entropy
     in nats, shape (b, T), as anything numpy can convert. Tokens with byte length 0 (special
     tokens) count in neither sum. The rows do not depend on batch_size, so neither does the result.
+    rows: the validation rows when the caller has read them already (the harness's evaluator).
     """
-    rows = get_val_rows()
+    rows = get_val_rows() if rows is None else rows
     token_bytes = get_token_bytes()
     total_nats, total_bytes = 0.0, 0
     for start in range(0, len(rows), batch_size):
@@ -556,6 +573,153 @@ def evaluate_bpb(loss_fn, batch_size):
         total_nats += float(np.sum(losses * (nbytes > 0)))
         total_bytes += int(nbytes.sum())
     return total_nats / (math.log(2) * total_bytes)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint (train.py -> the harness's evaluator) and the trainer's view of the cache
+# ---------------------------------------------------------------------------
+
+VIEW_NAME = "trainer-view"
+
+
+def checkpoint_dir():
+    """Where train.py leaves its trained model: AUTORESEARCH_CHECKPOINT (the harness sets it), else <cache>/checkpoint."""
+    return Path(os.environ.get("AUTORESEARCH_CHECKPOINT") or cache_dir() / "checkpoint")
+
+
+def save_checkpoint(config, weights, path=None):
+    """
+    The trained model for the evaluator: config.json (the GPTConfig fields) and weights.npz (float32 arrays
+    under export_weights' names). Each file is written to a temporary name and renamed; config.json goes
+    last and is removed first, so a checkpoint without it is incomplete and never read.
+    """
+    path = Path(path or checkpoint_dir())
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").unlink(missing_ok=True)
+    tmp = path / "weights.npz.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, **{name: np.asarray(w, dtype=np.float32) for name, w in weights.items()})
+    os.replace(tmp, path / "weights.npz")
+    tmp = path / "config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, path / "config.json")
+    return path
+
+
+def load_checkpoint(path=None):
+    """(config dict, {name: float32 array}) of a checkpoint save_checkpoint wrote."""
+    path = Path(path or checkpoint_dir())
+    if not (path / "config.json").exists():
+        raise PrepareError(f"no checkpoint in {path}: train.py saves one at the end of training (prepare.save_checkpoint)")
+    config = json.loads((path / "config.json").read_text())
+    with np.load(path / "weights.npz", allow_pickle=False) as f:
+        return config, {name: f[name] for name in f.files}
+
+
+def _link_or_copy(src, dest):
+    try:
+        os.link(src, dest)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(src, dest)
+
+
+def trainer_view():
+    """
+    The cache as training sees it: every file but the validation shard, its tokens and val_rows.npy, hard-linked
+    (copied where links fail) into <cache>/trainer-view, whose profile.json carries a `trainer_view` marker (the
+    hash of the cache's own profile.json, which every prepare rewrites: a changed cache rebuilds the view).
+    Run train.py with AUTORESEARCH_CACHE set to the returned path. Only the loader is kept out: the view sits
+    inside the cache, so a train.py that walks up the directory tree can still find the validation files.
+    """
+    root = cache_dir()
+    meta_path = _meta_path()
+    if not meta_path.exists():
+        raise PrepareError(f"no prepared data in {root}: run `autoresearch prepare` first")
+    if json.loads(meta_path.read_text()).get("trainer_view"):
+        return root  # already the view
+    stamp = hashlib.sha256(meta_path.read_bytes()).hexdigest()
+    view = root / VIEW_NAME
+    try:
+        if json.loads((view / "profile.json").read_text()).get("trainer_view") == stamp:
+            return view
+    except (OSError, ValueError):
+        pass
+    val_stem = Path(VAL_FILENAME).stem
+    hidden = {VAL_FILENAME, f"{val_stem}.npy", f"{val_stem}.offsets.npy", "val_rows.npy"}
+    staging, old = root / f".view-staging-{os.getpid()}", root / f".view-old-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        for sub in ("data", "tokenizer", "tokens"):
+            (staging / sub).mkdir(parents=True)
+            for src in sorted((root / sub).glob("*")):
+                if src.is_file() and src.name not in hidden and not src.name.endswith((".tmp", ".part")):
+                    _link_or_copy(src, staging / sub / src.name)
+        meta = json.loads(meta_path.read_text())
+        (staging / "profile.json").write_text(json.dumps(dict(meta, trainer_view=stamp), indent=2) + "\n")
+        if view.exists():
+            os.replace(view, old)
+        os.replace(staging, view)
+    except OSError as e:
+        raise PrepareError(f"cannot build the trainer's view of {root}: {e}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return view
+
+
+# ---------------------------------------------------------------------------
+# Cache check: the files prepare wrote, as it wrote them (sizes, and a hash of the small val_rows.npy)
+# ---------------------------------------------------------------------------
+
+
+def _file_sizes(root):
+    return {f"{sub}/{p.name}": p.stat().st_size for sub in ("tokenizer", "tokens")
+            for p in sorted((Path(root) / sub).glob("*")) if p.is_file()}
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def repair_command(meta):
+    """The prepare command that rebuilds this cache from what profile.json records."""
+    origin = (f"--dataset {meta['dataset']}" if meta.get("dataset")
+              else " ".join(f"--source {shlex.quote(s)}" for s in meta.get("sources", [])))
+    return f"autoresearch prepare --force --profile {meta['profile']['name']} {origin}".rstrip()
+
+
+def check_cache():
+    """
+    The cache as prepare left it: every file it recorded present with its size, and val_rows.npy with its hash.
+    Fast (file sizes and the hash of one small file). Returns a one-line note of what was checked; raises
+    PrepareError naming the first problem and the command that repairs it.
+    """
+    root = cache_dir()
+    meta = load_meta()
+    recorded = meta.get("files")
+    if recorded is None:
+        return f"cache prepared before file sizes were recorded: not checked ({repair_command(meta)} records them)"
+    missing_dirs = [sub for sub in ("tokenizer", "tokens") if not (root / sub).is_dir()]
+    problems = [f"{sub}/ is missing" for sub in missing_dirs]
+    sizes = _file_sizes(root)
+    for name, size in recorded.items():
+        if name.split("/")[0] in missing_dirs:
+            continue
+        if name not in sizes:
+            problems.append(f"{name} is missing")
+        elif sizes[name] != size:
+            problems.append(f"{name} has {sizes[name]:,} bytes, prepare wrote {size:,}")
+    val_rows = root / "tokens" / "val_rows.npy"
+    if not problems and _sha256(val_rows) != meta.get("val_rows_sha256"):
+        problems.append("tokens/val_rows.npy does not hold the rows prepare wrote (its hash differs)")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise PrepareError(f"the cache {root} is damaged: {problems[0]}{more}; repair it: {repair_command(meta)}")
+    return f"cache ok: {len(recorded)} files at their recorded sizes, val_rows.npy hash matches"
 
 
 # ---------------------------------------------------------------------------
@@ -639,6 +803,8 @@ def prepare(profile="cpu", dataset=None, sources=None, num_shards=10, workers=8,
             "val_repeats": val_tokens < prof.eval_tokens,  # eval cycles through a small val split
             "vocab_size": enc.n_vocab,
             "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "files": _file_sizes(staging),  # check_cache compares these before every run
+            "val_rows_sha256": _sha256(staging / "tokens" / "val_rows.npy"),
         }
         # commit: replace what a previous prepare left, then write profile.json last
         _meta_path().unlink(missing_ok=True)

@@ -1,4 +1,5 @@
-"""The summary block every train.py prints at the end: the only output contract with the harness."""
+"""The summary block every train.py prints at the end, beside the checkpoint it saves. No val_bpb: the harness
+scores the checkpoint itself (autoresearch/evaluate.py); a block that still has one parses."""
 
 import math
 
@@ -6,7 +7,7 @@ NUMERIC = (
     "val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "tokens_per_sec",
     "total_tokens_M", "num_steps", "num_params_M", "depth", "seed", "budget_seconds",
 )
-REQUIRED = ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "total_tokens_M",
+REQUIRED = ("training_seconds", "total_seconds", "peak_vram_mb", "total_tokens_M",
             "num_steps", "num_params_M", "depth", "backend", "device", "eval_profile")
 
 

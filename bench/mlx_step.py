@@ -31,8 +31,7 @@ from autoresearch.runner import train_env  # noqa: E402
 
 SEQ_LEN, VOCAB, DEPTH, DIM, HEAD_DIM, PATTERN, ROWS = 256, 4096, 4, 256, 64, "SSSL", 16
 TOKENS = ROWS * SEQ_LEN
-LRS = dict(unembedding_lr=0.004, embedding_lr=0.6, matrix_lr=0.04, weight_decay=0.2, adam_betas=(0.8, 0.95),
-           scalar_lr=0.5)
+LRS = dict(unembedding_lr=0.004, embedding_lr=0.6, matrix_lr=0.04, adam_betas=(0.8, 0.95), scalar_lr=0.5)
 WARMUP_STEPS = 2
 
 

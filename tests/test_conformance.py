@@ -3,8 +3,9 @@ Every backend computes the same model: one set of weights in, the same per-token
 
 The weights are random and non-zero everywhere (a trained model's are; the init's zero projections and
 gates would hide bugs), saved to disk as the README's names and layouts, loaded into each backend's
-model on the CPU in float32, and checked against an independent float64 numpy implementation of the
-model as backends/README.md writes it down. The MLX case runs wherever MLX is installed.
+model on the CPU in float32, scored by the evaluator's cross-entropy of the model's logits (autoresearch/evaluate.py),
+and checked against an independent float64 numpy implementation of the model as backends/README.md writes
+it down. The MLX case runs wherever MLX is installed.
 """
 
 import importlib.util
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 import prepare
+from autoresearch.evaluate import make_loss_fn
 from conftest import ROOT
 from reference import expected_shapes, random_weights, reference_losses, val_batch
 
@@ -37,7 +39,7 @@ def backend_module(name):
     spec = importlib.util.spec_from_file_location(f"conformance_{name}_train", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    for attr in ("GPTConfig", "GPT", "export_weights", "load_weights", "per_token_loss"):
+    for attr in ("GPTConfig", "GPT", "export_weights", "load_weights", "build_model"):
         assert hasattr(module, attr), f"{path} defines no {attr} (backends/README.md, Weights exchange)"
     _modules[name] = module
     return module
@@ -67,6 +69,12 @@ def exchange(use_cache, tmp_path):
     np.savez(path, **random_weights(cfg))
     with np.load(path) as f:
         return cfg, {k: f[k] for k in f.files}
+
+
+def harness_losses(name, module, model):
+    """The evaluator's loss_fn (x, y) -> nats over this model: its cross-entropy of the model's logits."""
+    loss_fn = make_loss_fn(name, module, model)
+    return lambda x, y: loss_fn(np.concatenate([x, y[:, -1:]], axis=1))
 
 
 def build(name, cfg, weights=None):
@@ -116,12 +124,25 @@ def test_per_token_losses_match_the_reference(backend, exchange):
     x, y = val_batch(4)
     expected = reference_losses(weights, cfg, x, y)
     module, model = build(backend, cfg, weights)
-    got = np.asarray(module.per_token_loss(model)(x, y))
+    got = np.asarray(harness_losses(backend, module, model)(x, y))
     assert got.shape == y.shape and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=0, atol=LOSS_ATOL)
-    # chunking is invisible: one row at a time gives the same numbers
-    one_by_one = np.asarray(module.per_token_loss(model, 1)(x, y))
+    # rows are independent: one row at a time gives the same numbers (the evaluator chunks freely)
+    one_by_one = np.concatenate([harness_losses(backend, module, model)(x[i : i + 1], y[i : i + 1]) for i in range(len(x))])
     np.testing.assert_allclose(one_by_one, got, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_build_model_is_the_checkpoint(backend, exchange):
+    """build_model(config, weights), the evaluator's hook, gives the model those weights make."""
+    cfg, weights = exchange
+    module, model = build(backend, cfg, weights)
+    rebuilt = module.build_model(cfg, weights)
+    assert all(np.array_equal(w, weights[k]) for k, w in module.export_weights(rebuilt).items())
+    if backend != "mlx" and module.on_gpu:
+        return  # on its GPU, in its precision: test_device_precision_stays_close compares that
+    x, y = val_batch(2)
+    np.testing.assert_array_equal(harness_losses(backend, module, rebuilt)(x, y), harness_losses(backend, module, model)(x, y))
 
 
 def test_val_bpb_agrees_across_backends(exchange):
@@ -131,7 +152,7 @@ def test_val_bpb_agrees_across_backends(exchange):
         if name == "mlx" and importlib.util.find_spec("mlx") is None:
             continue
         module, model = build(name, cfg, weights)
-        results[name] = prepare.evaluate_bpb(module.per_token_loss(model), 32)
+        results[name] = prepare.evaluate_bpb(harness_losses(name, module, model), 32)
     assert all(math.isfinite(v) and v > 0 for v in results.values()), results
     first = next(iter(results.values()))
     assert all(abs(v - first) < BPB_ATOL for v in results.values()), results
@@ -151,8 +172,8 @@ def test_device_precision_stays_close(backend, exchange):
         gpu_model = module.GPT(module.GPTConfig(**cfg))
     module.load_weights(gpu_model, weights)
     x, y = val_batch(16)
-    expected = np.asarray(module.per_token_loss(cpu_model)(x, y), dtype=np.float64)
-    got = np.asarray(module.per_token_loss(gpu_model)(x, y), dtype=np.float64)
+    expected = np.asarray(harness_losses(backend, module, cpu_model)(x, y), dtype=np.float64)
+    got = np.asarray(harness_losses(backend, module, gpu_model)(x, y), dtype=np.float64)
     assert np.all(np.isfinite(got))
     assert abs(got.mean() - expected.mean()) < 0.02 and np.abs(got - expected).mean() < 0.1
 
@@ -167,7 +188,7 @@ def test_optimizer_steps_agree_with_mlx(backend, exchange):
     tm, tmodel = build(backend, cfg, weights)
     xm, xmodel = build("mlx", cfg, weights)
     rates = dict(unembedding_lr=tm.UNEMBEDDING_LR, embedding_lr=tm.EMBEDDING_LR, matrix_lr=tm.MATRIX_LR,
-                 weight_decay=tm.WEIGHT_DECAY, adam_betas=tm.ADAM_BETAS, scalar_lr=tm.SCALAR_LR)
+                 adam_betas=tm.ADAM_BETAS, scalar_lr=tm.SCALAR_LR)
     topt, xopt = tm.setup_optimizer(tmodel, **rates), xm.setup_optimizer(xmodel, **rates)
     mx.eval(xopt.state)
     xstep = xm.make_train_step(xmodel, xopt, 1)

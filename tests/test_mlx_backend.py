@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import prepare
+from autoresearch.evaluate import make_loss_fn
 from autoresearch.runner import run_training
 import reference
 from conftest import ROOT, TINY, make_checkout
@@ -48,13 +49,25 @@ def reference_losses(w, config, x, y):
     return reference.reference_losses(w, asdict(config), x, y)
 
 
-def test_trains_evaluates_and_reports(use_cache, tmp_path):
+def harness_losses(train, model):
+    """The evaluator's loss_fn (x, y) -> nats: its cross-entropy of the model's logits."""
+    loss_fn = make_loss_fn("mlx", train, model)
+    return lambda x, y: loss_fn(np.concatenate([x, y[:, -1:]], axis=1))
+
+
+def test_trains_saves_and_reports(train, use_cache, tmp_path):
     root = make_checkout(tmp_path / "project", backends=("mlx",), **TINY)
-    result = run_training("mlx", budget=4, root=root, timeout=240)
+    env = dict(os.environ, AUTORESEARCH_CHECKPOINT=str(tmp_path / "checkpoint"))
+    result = run_training("mlx", budget=4, root=root, timeout=240, env=env)
     assert result.returncode == 0, result.tail()
     s = result.summary
     assert s is not None, result.tail()
-    assert math.isfinite(s["val_bpb"]) and 0 < s["val_bpb"] < 20
+    assert "val_bpb" not in s  # the harness scores the checkpoint (tests/test_evaluate.py)
+    config, weights = prepare.load_checkpoint(tmp_path / "checkpoint")
+    assert (config["n_layer"], config["sequence_len"]) == (TINY["DEPTH"], 256)
+    model = train.build_model(config, weights)
+    assert sum(w.size for w in weights.values()) == model.num_params()
+    assert abs(model.num_params() / 1e6 - s["num_params_M"]) < 1e-3
     assert s["num_steps"] > 1
     assert (s["backend"], s["device"], s["eval_profile"]) == ("mlx", "cpu", "cpu")
     assert s["depth"] == TINY["DEPTH"] and s["seed"] == 42 and s["budget_seconds"] == 4
@@ -75,14 +88,15 @@ def test_nan_loss_fails_fast(use_cache, tmp_path):
     assert result.summary is None
 
 
-def test_calibration_steps_skip_evaluation(use_cache, tmp_path):
-    """AUTORESEARCH_CALIBRATE_STEPS (autoresearch calibrate): a few timed steps, no evaluation, a summary."""
+def test_calibration_steps_save_nothing(use_cache, tmp_path):
+    """AUTORESEARCH_CALIBRATE_STEPS (autoresearch calibrate): a few timed steps, no checkpoint, a summary."""
     root = make_checkout(tmp_path / "project", backends=("mlx",), **TINY)
-    env = dict(os.environ, AUTORESEARCH_CALIBRATE_STEPS="2")
+    env = dict(os.environ, AUTORESEARCH_CALIBRATE_STEPS="2", AUTORESEARCH_CHECKPOINT=str(tmp_path / "checkpoint"))
     result = run_training("mlx", budget=300, root=root, timeout=240, env=env)
     assert result.returncode == 0, result.tail()
     s = result.summary
-    assert s is not None and math.isnan(s["val_bpb"]), result.tail()
+    assert s is not None and "val_bpb" not in s, result.tail()
+    assert not (tmp_path / "checkpoint").exists()
     assert s["num_steps"] == 3 and s["tokens_per_sec"] > 0 and s["peak_vram_mb"] > 0
 
 
@@ -96,7 +110,7 @@ def test_losses_match_float64_reference(train, use_cache):
     x, y = val_batch(3)
     expected = reference_losses(weights, config, x, y)
     assert 2 < expected.mean() < 20 and expected.std() > 0.5  # a model that actually predicts something
-    got = train.per_token_loss(model, 2)(x, y)
+    got = harness_losses(train, model)(x, y)
     assert got.shape == y.shape and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
@@ -128,7 +142,7 @@ def test_compiled_step_matches_eager(train, use_cache):
     results = []
     for compiled in (False, True):
         model = train.load_weights(train.GPT(config), weights)
-        optimizer = train.setup_optimizer(model, 0.004, 0.6, 0.04, 0.2, (0.8, 0.95), 0.5)
+        optimizer = train.setup_optimizer(model, 0.004, 0.6, 0.04, (0.8, 0.95), 0.5)
         train.use_compile = compiled
         try:
             step = train.make_train_step(model, optimizer, grad_accum_steps=2)
@@ -152,7 +166,7 @@ def test_gradient_accumulation_keeps_memory_bounded(train, use_cache):
     extra = {}
     for n in (1, 4):
         model = train.load_weights(train.GPT(config), weights)
-        optimizer = train.setup_optimizer(model, 0.004, 0.6, 0.04, 0.2, (0.8, 0.95), 0.5)
+        optimizer = train.setup_optimizer(model, 0.004, 0.6, 0.04, (0.8, 0.95), 0.5)
         step = train.make_train_step(model, optimizer, grad_accum_steps=n)
         x, y = mx.array(rows_x[: 2 * n].reshape(n, 2, -1)), mx.array(rows_y[: 2 * n].reshape(n, 2, -1))
         args = (x, y, mx.array(1.0), mx.array(0.85), mx.array(0.2))
@@ -164,13 +178,12 @@ def test_gradient_accumulation_keeps_memory_bounded(train, use_cache):
     assert extra[4] < 1.5 * extra[1], extra
 
 
-def test_bpb_does_not_depend_on_eval_batch_size(train, use_cache, monkeypatch):
+def test_bpb_does_not_depend_on_eval_batch_size(train, use_cache):
     rows = np.array(prepare.get_val_rows()[:48])  # a slice keeps this fast without an optimized BLAS in-process
-    monkeypatch.setattr(prepare, "get_val_rows", lambda: rows)
     config = small_config(train)
     model = train.load_weights(train.GPT(config), random_weights(train, config, seed=2))
-    loss_fn = train.per_token_loss(model)  # chunks of DEVICE_BATCH_SIZE rows: 7-row batches split differently
-    a, b = prepare.evaluate_bpb(loss_fn, 16), prepare.evaluate_bpb(loss_fn, 7)
+    loss_fn = harness_losses(train, model)
+    a, b = prepare.evaluate_bpb(loss_fn, 16, rows=rows), prepare.evaluate_bpb(loss_fn, 7, rows=rows)
     assert math.isfinite(a) and a > 0
     assert abs(a - b) <= 1e-6 * a
 
@@ -180,11 +193,11 @@ def test_bf16_compute_path_runs_and_agrees(train, use_cache):
     config = small_config(train)
     model = train.load_weights(train.GPT(config), random_weights(train, config))
     x, y = val_batch(2)
-    fp32 = train.per_token_loss(model)(x, y)
+    fp32 = harness_losses(train, model)(x, y)
     train.compute_dtype = mx.bfloat16
     try:
-        bf16 = train.per_token_loss(model)(x, y)
-        optimizer = train.setup_optimizer(model, 0.004, 0.6, 0.04, 0.2, (0.8, 0.95), 0.5)
+        bf16 = harness_losses(train, model)(x, y)
+        optimizer = train.setup_optimizer(model, 0.004, 0.6, 0.04, (0.8, 0.95), 0.5)
         train.use_compile = False  # compiled CPU kernels for bf16 would first have to be built
         step = train.make_train_step(model, optimizer, grad_accum_steps=1)
         loss = step(mx.array(x[None]), mx.array(y[None]), mx.array(1.0), mx.array(0.85), mx.array(0.2))

@@ -3,7 +3,7 @@ autoresearch pretraining script, PyTorch on NVIDIA GPUs. Single GPU, single file
 
 The recipe of karpathy/autoresearch (itself distilled from nanochat): a small GPT with value
 embeddings, rotary, QK-norm, sliding-window attention and a relu² MLP, trained by Muon + AdamW for
-a fixed wall-clock budget, then scored by the fixed val_bpb evaluator in prepare.py.
+a fixed wall-clock budget. The harness scores the checkpoint it leaves (autoresearch/evaluate.py).
 On a machine without CUDA the same file runs on the CPU in float32 (slowly), so CI can exercise it.
 
 Usage: python backends/cuda/train.py   (from the repository root, after `autoresearch prepare`)
@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root holds prepare.py
-os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # less fragmentation, bigger batches
+# less fragmentation, bigger batches; torch 2.8-2.10 read only the older name, later ones the newer
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True"))
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import contextlib
@@ -28,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prepare import load_profile, time_budget, Tokenizer, make_dataloader, evaluate_bpb
+from prepare import load_profile, time_budget, Tokenizer, make_dataloader, save_checkpoint
 
 # ---------------------------------------------------------------------------
 # Device and precision
@@ -36,16 +37,24 @@ from prepare import load_profile, time_budget, Tokenizer, make_dataloader, evalu
 
 device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 on_gpu = device.type == "cuda"
-# GPU: fp32 master weights, matmuls under bf16 autocast (tensor cores; bf16 needs no loss scaling).
+capability = torch.cuda.get_device_capability() if on_gpu else (0, 0)
+# GPU from Ampere (sm80) on: fp32 master weights, matmuls under bf16 autocast (tensor cores; bf16 needs no loss
+# scaling). Older GPUs (T4, V100) have no bf16, and fp16 without a GradScaler underflows: float32 there.
 # CPU: plain float32, so the CPU run is also the float32 reference the conformance test compares.
-compute_dtype = torch.bfloat16 if on_gpu else torch.float32
+compute_dtype = torch.bfloat16 if capability >= (8, 0) else torch.float32
 embed_dtype = compute_dtype  # embedding tables live in bf16 on GPU: half the memory traffic of the biggest tensors
-use_compile = on_gpu  # compiling costs about a minute and pays back on GPU; on CPU it would only slow CI down
+# compiling costs about a minute and pays back on GPU; on CPU it would only slow CI down. Triton needs sm70+.
+use_compile = on_gpu and capability >= (7, 0)
 exclude_steps = 10 if use_compile else 1  # the first steps (compilation, allocator warm-up) don't count as training time
+if on_gpu and compute_dtype == torch.float32:
+    print(f"precision: sm{capability[0]}{capability[1]} has no bf16; float32 throughout"
+          + ("" if use_compile else ", compile off (Triton needs sm70+)"))
 
 
 def autocast_ctx():
-    return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
+    if compute_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.amp.autocast(device_type="cuda", dtype=compute_dtype)
 
 
 def synchronize():
@@ -91,24 +100,80 @@ def device_peak_flops():
     return next((peak for key, peak in gpu_peak_flops if key in name), None)
 
 
-# Attention kernel: the one place that picks it. Flash Attention 3 from the `kernels` hub on Hopper
-# (native sliding windows, the fastest path); anywhere else, or offline, PyTorch SDPA: full-context layers
-# take its causal flash path, sliding-window layers an explicit boolean mask.
-def load_flash_attention_3():
-    if not on_gpu or torch.cuda.get_device_capability() != (9, 0):
-        return None  # the hub's FA3 build targets sm90 (H100/H200) only
+# Attention kernel: the one place that picks it. Flash Attention 3 from the `kernels` hub where a build fits
+# the GPU (native sliding windows, the fastest path). Without it, PyTorch SDPA: full-context layers take its
+# causal flash path; sliding-window layers a FlexAttention block mask in the compiled graph on Ampere and
+# newer (only the blocks inside the window are computed), else an explicit boolean mask (full T x T work).
+# (hub repository, kernel API version, compute capabilities of its builds), best first
+FA3_KERNELS = (
+    ("varunneal/flash-attention-3", 1, ((9, 0),)),  # upstream's Hopper build
+    ("kernels-community/flash-attn3", 1, ((8, 0), (8, 6), (8, 7), (8, 9), (9, 0))),  # sm80 and sm90a builds
+)
+
+
+def kernel_in_hub_cache(repo, version):
+    """Whether this kernel version is in the local hub cache, where `kernels` can load it offline."""
+    from huggingface_hub import constants
+
+    root = Path(os.environ.get("KERNELS_CACHE") or constants.HF_HUB_CACHE)  # the directory `kernels` reads
+    name = repo.replace("/", "--")
+    return any((root / f"{kind}--{name}" / "refs" / f"v{version}").is_file() for kind in ("kernels", "models"))
+
+
+def get_fa3_kernel(repo, version):
+    """The kernel's module, pinned to an API version and trusting exactly this repository. A cached kernel
+    loads offline: no hub call (not even the publisher check), the same build every run."""
+    from kernels import get_kernel  # first: its absence is the likeliest reason, and the clearest to print
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE  # the user's choice, restored after
     try:
-        from kernels import get_kernel
+        # what HF_HUB_OFFLINE=1 sets (huggingface_hub read the variable at import), for this kernel only
+        constants.HF_HUB_OFFLINE = offline or kernel_in_hub_cache(repo, version)
+        source = "local cache, offline" if constants.HF_HUB_OFFLINE else "hub"
+        module = get_kernel(repo, version=version, trust_remote_code=[repo])
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+    return getattr(module, "flash_attn_interface", module), source  # varunneal nests the functions a level down
 
-        return get_kernel("varunneal/flash-attention-3").flash_attn_interface
-    except Exception as e:  # not installed, offline, incompatible build: fall back, never fail
-        print(f"FA3 unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); using SDPA")
+
+def load_flash_attention_3(capability):
+    """The FA3 interface for a GPU of this compute capability, or None; says which loaded, or why none did."""
+    candidates = [(repo, version) for repo, version, caps in FA3_KERNELS if capability in caps]
+    if not candidates:
+        print(f"fa3: no hub build for sm{capability[0]}{capability[1]}")
         return None
+    for repo, version in candidates:
+        try:
+            interface, source = get_fa3_kernel(repo, version)
+            print(f"fa3: {repo} v{version} ({source})")
+            return interface
+        except Exception as e:  # not installed, offline and not cached, no build for this torch: fall back, never fail
+            print(f"fa3: {repo} v{version} unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    return None
 
 
-fa3 = load_flash_attention_3()
-attention_path = "fa3" if fa3 is not None else "sdpa"
+fa3 = load_flash_attention_3(capability) if on_gpu else None
+use_flex = on_gpu and use_compile and fa3 is None and capability >= (8, 0)  # Flex's Triton kernels: Ampere on
+attention_path = "fa3" if fa3 is not None else "flex" if use_flex else "sdpa"
 _window_masks = {}
+
+
+def window_block_mask(T, window, dev):
+    """FlexAttention block mask of the same window: blocks wholly outside it are skipped, not computed."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def in_window(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
+
+    return create_block_mask(in_window, B=None, H=None, Q_LEN=T, KV_LEN=T, device=dev)
+
+
+def flex_window_attention(q, k, v, window):
+    """Causal attention with a left window over (B, H, T, D) tensors through FlexAttention."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention(q, k, v, block_mask=window_block_mask(q.size(2), window, q.device))
 
 
 def window_mask(T, window, dev):
@@ -137,6 +202,8 @@ def attention(q, k, v, window):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if window >= T - 1:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    elif use_flex and on_device and torch.compiler.is_compiling():  # eager Flex would materialise T x T scores
+        y = flex_window_attention(q, k, v, window)
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, window, q.device))
     return y.transpose(1, 2)
@@ -425,7 +492,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 self._step_muon(group)
 
 
-def setup_optimizer(model, unembedding_lr, embedding_lr, matrix_lr, weight_decay, adam_betas, scalar_lr):
+def setup_optimizer(model, unembedding_lr, embedding_lr, matrix_lr, adam_betas, scalar_lr):
     dmodel_lr_scale = (model.config.n_embd / 768) ** -0.5  # AdamW rates were tuned at width 768
     matrices = list(model.transformer.h.parameters())
     adam = dict(kind="adamw", betas=adam_betas, eps=1e-10, weight_decay=0.0)
@@ -438,7 +505,7 @@ def setup_optimizer(model, unembedding_lr, embedding_lr, matrix_lr, weight_decay
     ]
     for shape in sorted({p.shape for p in matrices}):
         groups.append(dict(kind="muon", params=[p for p in matrices if p.shape == shape], lr=matrix_lr,
-                           momentum=0.95, ns_steps=5, beta2=0.95, weight_decay=weight_decay))
+                           ns_steps=5, beta2=0.95))  # momentum, weight decay: set before every step
     groups = [g for g in groups if g["params"]]
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     optimizer = MuonAdamW(groups)
@@ -476,24 +543,13 @@ def load_weights(model, weights):
     return model
 
 
-def per_token_loss(model, rows_per_chunk=None):
-    """loss_fn for evaluate_bpb: (b, T) int32 numpy inputs/targets -> (b, T) float32 nats, computed in chunks
-    of rows_per_chunk rows (default DEVICE_BATCH_SIZE) so memory stays bounded whatever b is."""
-    chunk_rows = rows_per_chunk or DEVICE_BATCH_SIZE
-    dev = next(model.parameters()).device  # the model's own device: the conformance test runs GPU builds on the CPU
-
-    @torch.no_grad()
-    def loss_fn(inputs, targets):
-        out = []
-        for start in range(0, len(inputs), chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            x, y = to_device(inputs[rows], dev), to_device(targets[rows], dev)
-            with autocast_ctx():
-                loss = model(x, y, reduction="none")
-            out.append(loss.float().view(y.shape).cpu().numpy())
-        return np.concatenate(out).astype(np.float32, copy=False)
-
-    return loss_fn
+def build_model(config, weights):
+    """The trained model from its checkpoint (prepare.load_checkpoint: GPTConfig fields, export_weights' arrays),
+    on this backend's device, for the harness's evaluator: it scores the logits of model(idx) under autocast_ctx()."""
+    with torch.device(device):
+        model = GPT(GPTConfig(**config))
+    model.init_weights()  # gives the tables training's dtypes (embed_dtype); load_weights replaces every value
+    return load_weights(model, weights).eval()
 
 
 # ---------------------------------------------------------------------------
@@ -551,7 +607,7 @@ def main():
         torch.set_float32_matmul_precision("high")  # TF32 for any matmul left in float32
     profile = load_profile()
     budget = time_budget(profile)
-    calibrate_steps = int(os.environ.get("AUTORESEARCH_CALIBRATE_STEPS", "0"))  # autoresearch calibrate: time, no eval
+    calibrate_steps = int(os.environ.get("AUTORESEARCH_CALIBRATE_STEPS", "0"))  # autoresearch calibrate: time steps, save nothing
     seq_len = profile.seq_len
     tokenizer = Tokenizer.from_directory()
     vocab_size = tokenizer.get_vocab_size()
@@ -576,7 +632,7 @@ def main():
         sys.exit(f"FAIL: TOTAL_BATCH_SIZE {TOTAL_BATCH_SIZE} is not a multiple of DEVICE_BATCH_SIZE * seq_len = {tokens_per_fwdbwd}")
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_fwdbwd
     optimizer = setup_optimizer(model, unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, matrix_lr=MATRIX_LR,
-                                weight_decay=WEIGHT_DECAY, adam_betas=ADAM_BETAS, scalar_lr=SCALAR_LR)
+                                adam_betas=ADAM_BETAS, scalar_lr=SCALAR_LR)
     train_model = torch.compile(model, dynamic=False) if use_compile else model
 
     train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, seq_len, "train")
@@ -641,14 +697,13 @@ def main():
     tokens_per_sec = counted_steps * TOTAL_BATCH_SIZE / total_training_time if total_training_time > 0 else 0.0
     total_tokens = step * TOTAL_BATCH_SIZE
 
-    model.eval()
-    t_eval = time.time()
-    val_bpb = evaluate_bpb(per_token_loss(train_model, DEVICE_BATCH_SIZE), DEVICE_BATCH_SIZE) if not calibrate_steps else float("nan")
+    t_save = time.time()
+    if not calibrate_steps:  # the harness scores this checkpoint in its own process (autoresearch/evaluate.py)
+        save_checkpoint(asdict(config), export_weights(model))
     t_end = time.time()
-    print(f"startup: {t_start_training - t_start:.1f}s | evaluation: {t_end - t_eval:.1f}s")
+    print(f"startup: {t_start_training - t_start:.1f}s | checkpoint: {t_end - t_save:.1f}s")
 
     print("---")
-    print(f"val_bpb:          {val_bpb:.6f}")
     print(f"training_seconds: {total_training_time:.1f}")
     print(f"total_seconds:    {t_end - t_start:.1f}")
     print(f"peak_vram_mb:     {peak_memory_mb():.1f}")

@@ -3,7 +3,7 @@ autoresearch pretraining script, MLX. Single device, single file.
 
 The recipe of karpathy/autoresearch (itself distilled from nanochat): a small GPT with value
 embeddings, rotary, QK-norm, sliding-window attention and a relu² MLP, trained by Muon + AdamW for
-a fixed wall-clock budget, then scored by the fixed val_bpb evaluator in prepare.py.
+a fixed wall-clock budget. The harness scores the checkpoint it leaves (autoresearch/evaluate.py).
 Idiomatic MLX: nn.Module, nn.value_and_grad, and the whole training step (forward, backward with
 gradient accumulation, optimizer update) as one mx.compile'd function. Runs on Apple Silicon (Metal),
 on NVIDIA GPUs with mlx[cuda], and on CPUs with mlx[cpu] (preload an optimized BLAS on Linux).
@@ -28,7 +28,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from prepare import load_profile, time_budget, Tokenizer, make_dataloader, evaluate_bpb
+from prepare import load_profile, time_budget, Tokenizer, make_dataloader, save_checkpoint
 
 # ---------------------------------------------------------------------------
 # Device and precision
@@ -44,17 +44,32 @@ use_compile = True  # the whole step as one mx.compile'd graph: fused kernels on
 exclude_steps = 1  # step 0 traces and compiles (on CPUs MLX builds C++ kernels, cached on disk): not training time
 
 
+def device_info():
+    """mx.device_info() from MLX 0.30.4 on; before it, Metal's (no "device_name": the GPU architecture names it)."""
+    info = getattr(mx, "device_info", None) or mx.metal.device_info
+    return info()
+
+
 def device_name():
-    return str(mx.device_info().get("device_name", "gpu")) if on_gpu else "cpu"
+    if not on_gpu:
+        return "cpu"
+    info = device_info()
+    return str(info.get("device_name") or info.get("architecture") or "gpu")
 
 
 def peak_memory_mb():
     return mx.get_peak_memory() / 2**20
 
 
-# Peak dense bf16 rate (FLOP/s) by GPU name, for MFU. First match wins. Apple publishes no peak rate
-# to measure against, so Metal and CPUs report no MFU.
-gpu_peak_flops = [("H100 PCIe", 756e12), ("H100", 989.5e12), ("H200", 989.5e12), ("A100", 312e12)]
+# Peak dense bf16 tensor-core rate (FLOP/s) by NVIDIA GPU name (mlx[cuda]), for MFU; the same table as
+# backends/cuda/train.py. First match wins: specific names first. Apple publishes no peak rate to measure
+# against, so Metal and CPUs report no MFU.
+gpu_peak_flops = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("GH200", 989.5e12), ("H200", 989.5e12), ("H100", 989.5e12),
+    ("H800", 989.5e12), ("GB200", 2500e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12),
+    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12), ("A6000", 155e12),
+    ("RTX 5090", 209.5e12), ("RTX 4090", 165.2e12), ("RTX 3090", 71e12),
+]
 
 
 def device_peak_flops():
@@ -385,8 +400,7 @@ class MuonAdamW:
         model.update(tree_map_with_path(lambda path, _: new[path], model.trainable_parameters()))
 
 
-def setup_optimizer(model, unembedding_lr, embedding_lr, matrix_lr, weight_decay, adam_betas, scalar_lr):
-    del weight_decay  # Muon's decay follows its schedule, passed to every update (get_weight_decay)
+def setup_optimizer(model, unembedding_lr, embedding_lr, matrix_lr, adam_betas, scalar_lr):
     dmodel_lr_scale = (model.config.n_embd / 768) ** -0.5  # AdamW rates were tuned at width 768
     adam = dict(kind="adamw", betas=adam_betas, eps=1e-10, weight_decay=0.0)
     groups = {}
@@ -432,21 +446,10 @@ def load_weights(model, weights):
     return model
 
 
-def per_token_loss(model, rows_per_chunk=None):
-    """loss_fn for evaluate_bpb: (b, T) int32 numpy inputs/targets -> (b, T) float32 nats, computed in chunks
-    of rows_per_chunk rows (default DEVICE_BATCH_SIZE) so memory stays bounded whatever b is.
-    Not compiled: on CPUs a compiled forward is no faster, and its kernels would have to be built first."""
-    chunk_rows = rows_per_chunk or DEVICE_BATCH_SIZE
-
-    def loss_fn(inputs, targets):
-        out = []
-        for start in range(0, len(inputs), chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            x, y = mx.array(np.asarray(inputs[rows], dtype=np.int32)), mx.array(np.asarray(targets[rows], dtype=np.int32))
-            out.append(np.array(model(x, y).astype(mx.float32)))
-        return np.concatenate(out)
-
-    return loss_fn
+def build_model(config, weights):
+    """The trained model from its checkpoint (prepare.load_checkpoint: GPTConfig fields, export_weights' arrays),
+    on this backend's device, for the harness's evaluator: it scores the logits of model(idx)."""
+    return load_weights(GPT(GPTConfig(**config)), weights)
 
 
 # ---------------------------------------------------------------------------
@@ -472,7 +475,6 @@ ADAM_BETAS = (0.8, 0.95)
 WARMUP_RATIO = 0.0  # fraction of the time budget spent warming the learning rate up
 WARMDOWN_RATIO = 0.5  # fraction of the time budget spent decaying it
 FINAL_LR_FRAC = 0.0  # final learning rate as a fraction of the initial one
-EVAL_BATCH_SIZE = 32  # validation rows per evaluate_bpb call (the result does not depend on it)
 
 
 # ---------------------------------------------------------------------------
@@ -527,7 +529,7 @@ def main():
     mx.random.seed(seed)
     profile = load_profile()
     budget = time_budget(profile)
-    calibrate_steps = int(os.environ.get("AUTORESEARCH_CALIBRATE_STEPS", "0"))  # autoresearch calibrate: time, no eval
+    calibrate_steps = int(os.environ.get("AUTORESEARCH_CALIBRATE_STEPS", "0"))  # autoresearch calibrate: time steps, save nothing
     seq_len = profile.seq_len
     tokenizer = Tokenizer.from_directory()
     vocab_size = tokenizer.get_vocab_size()
@@ -548,11 +550,11 @@ def main():
     print(f"parameters: {num_params:,} | FLOPs per token: {flops_per_token:.3e}")
 
     tokens_per_fwdbwd = DEVICE_BATCH_SIZE * seq_len
-    assert TOTAL_BATCH_SIZE % tokens_per_fwdbwd == 0, (
-        f"TOTAL_BATCH_SIZE {TOTAL_BATCH_SIZE} is not a multiple of DEVICE_BATCH_SIZE * seq_len = {tokens_per_fwdbwd}")
+    if TOTAL_BATCH_SIZE % tokens_per_fwdbwd:
+        sys.exit(f"FAIL: TOTAL_BATCH_SIZE {TOTAL_BATCH_SIZE} is not a multiple of DEVICE_BATCH_SIZE * seq_len = {tokens_per_fwdbwd}")
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_fwdbwd
     optimizer = setup_optimizer(model, unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, matrix_lr=MATRIX_LR,
-                                weight_decay=WEIGHT_DECAY, adam_betas=ADAM_BETAS, scalar_lr=SCALAR_LR)
+                                adam_betas=ADAM_BETAS, scalar_lr=SCALAR_LR)
     mx.eval(optimizer.state)
     train_step = make_train_step(model, optimizer, grad_accum_steps)
 
@@ -611,13 +613,13 @@ def main():
     tokens_per_sec = counted_steps * TOTAL_BATCH_SIZE / total_training_time if total_training_time > 0 else 0.0
     total_tokens = step * TOTAL_BATCH_SIZE
 
-    t_eval = time.time()
-    val_bpb = evaluate_bpb(per_token_loss(model), EVAL_BATCH_SIZE) if not calibrate_steps else float("nan")
+    t_save = time.time()
+    if not calibrate_steps:  # the harness scores this checkpoint in its own process (autoresearch/evaluate.py)
+        save_checkpoint(asdict(config), export_weights(model))
     t_end = time.time()
-    print(f"startup: {t_start_training - t_start:.1f}s | evaluation: {t_end - t_eval:.1f}s")
+    print(f"startup: {t_start_training - t_start:.1f}s | checkpoint: {t_end - t_save:.1f}s")
 
     print("---")
-    print(f"val_bpb:          {val_bpb:.6f}")
     print(f"training_seconds: {total_training_time:.1f}")
     print(f"total_seconds:    {t_end - t_start:.1f}")
     print(f"peak_vram_mb:     {peak_memory_mb():.1f}")

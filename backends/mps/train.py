@@ -3,7 +3,7 @@ autoresearch pretraining script, PyTorch eager on Apple's MPS (Metal). Single GP
 
 The recipe of karpathy/autoresearch (itself distilled from nanochat): a small GPT with value
 embeddings, rotary, QK-norm, sliding-window attention and a relu² MLP, trained by Muon + AdamW for
-a fixed wall-clock budget, then scored by the fixed val_bpb evaluator in prepare.py.
+a fixed wall-clock budget. The harness scores the checkpoint it leaves (autoresearch/evaluate.py).
 On a machine without MPS the same file runs on the CPU in float32, so it doubles as the CPU backend.
 The model and optimizer are backends/cuda/train.py's; only what the device forces differs (diff them).
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prepare import load_profile, time_budget, Tokenizer, make_dataloader, evaluate_bpb
+from prepare import load_profile, time_budget, Tokenizer, make_dataloader, save_checkpoint
 
 # ---------------------------------------------------------------------------
 # Device and precision
@@ -49,11 +49,52 @@ def mps_bf16_works():
         return False
 
 
-# MPS: fp32 master weights, matmuls under bf16 autocast where it works (half the memory traffic, fp32's
+def matmul_seconds(dtype, n=2048, reps=8):
+    """Seconds for reps (n, n) @ (n, n) products under this autocast dtype on MPS, after a warm-up."""
+    a = torch.randn(n, n, device="mps")
+    with torch.amp.autocast(device_type="mps", dtype=dtype, enabled=dtype != torch.float32):
+        a @ a
+        torch.mps.synchronize()
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ a
+        torch.mps.synchronize()
+    return time.perf_counter() - start
+
+
+def chip_name():
+    import subprocess
+
+    return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True).stdout.strip()
+
+
+def mps_compute_dtype():
+    """bf16 where it works and beats float32 (M1 has no native bf16 and emulates it), else float32. Timed once
+    per chip and PyTorch version and kept in the prepared cache, so a timing wobble never changes the dtype
+    between two experiments on this machine."""
+    import json
+    import prepare
+
+    path = prepare.cache_dir() / "device" / "mps-compute-dtype.json"
+    choices = json.loads(path.read_text()) if path.exists() else {}
+    key = f"{chip_name()} | torch {torch.__version__}"
+    if key not in choices:
+        bf16 = matmul_seconds(torch.bfloat16) if mps_bf16_works() else math.inf
+        fp32 = matmul_seconds(torch.float32)
+        choices[key] = "bfloat16" if bf16 < fp32 else "float32"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # runs may start side by side: replace atomically
+        tmp.write_text(json.dumps(choices, indent=2) + "\n")
+        tmp.replace(path)
+        print(f"precision: bf16 {bf16 * 1e3:.0f} ms, float32 {fp32 * 1e3:.0f} ms on a matmul: {choices[key]} (kept in {path})")
+    return getattr(torch, choices[key])
+
+
+# MPS: fp32 master weights, matmuls under bf16 autocast where it is faster (half the memory traffic, fp32's
 # exponent range, so no loss scaling), else plain float32. Not fp16: without a GradScaler its narrow range
 # overflows in the relu² MLP and flushes small gradients to zero.
 # CPU: plain float32, so the CPU run is also the float32 reference the conformance test compares.
-compute_dtype = torch.bfloat16 if on_gpu and mps_bf16_works() else torch.float32
+compute_dtype = mps_compute_dtype() if on_gpu else torch.float32
 embed_dtype = torch.float32  # fp32 tables: Adam's small updates survive, and no bf16 in-place ops on MPS
 use_compile = False  # torch.compile on MPS is immature and slow to start; eager mode works everywhere
 exclude_steps = 3 if on_gpu else 1  # the first steps (Metal shader compilation, allocator warm-up) don't count
@@ -89,9 +130,34 @@ def peak_memory_mb():
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+STAGING_SLOTS = 4  # host buffers per batch shape: the inputs and targets of two micro-steps in flight
+_staging = {}  # batch shape -> [[host int64 tensor, MPS event recorded after its last copy or None], ...]
+
+
 def to_device(array, dev=device):
-    """A numpy int32 batch on the device as int64 token ids."""
-    return torch.from_numpy(np.array(array, dtype=np.int32)).to(dev).long()  # a copy: inputs may be read-only views
+    """A numpy int32 batch on the device as int64 token ids. On MPS the copy does not block (a blocking one
+    waits for all queued GPU work, once per micro-step): it is staged in one of a few host buffers kept alive,
+    because MPS reads the source only when the GPU reaches the copy, and a buffer is refilled only after that."""
+    if dev.type != "mps":
+        return torch.from_numpy(np.array(array, dtype=np.int32)).to(dev).long()  # a copy: inputs may be read-only views
+    slot = staging_slot(np.shape(array))
+    if slot[1] is not None:
+        slot[1].synchronize()  # this buffer's previous copy has run: usually long ago
+    np.copyto(slot[0].numpy(), array)  # int32 -> int64 on the host: the device copy is a plain blit
+    out = slot[0].to(dev, non_blocking=True)
+    slot[1] = torch.mps.Event()
+    slot[1].record()
+    return out
+
+
+def staging_slot(shape):
+    """The least recently used host buffer of this shape, [tensor, event], allocated until there are enough."""
+    ring = _staging.setdefault(tuple(shape), [])
+    if len(ring) < STAGING_SLOTS:
+        ring.append([torch.empty(shape, dtype=torch.long), None])
+        return ring[-1]
+    ring.append(ring.pop(0))  # the oldest: its copy is the furthest behind
+    return ring[-1]
 
 
 def device_peak_flops():
@@ -403,7 +469,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 self._step_muon(group)
 
 
-def setup_optimizer(model, unembedding_lr, embedding_lr, matrix_lr, weight_decay, adam_betas, scalar_lr):
+def setup_optimizer(model, unembedding_lr, embedding_lr, matrix_lr, adam_betas, scalar_lr):
     dmodel_lr_scale = (model.config.n_embd / 768) ** -0.5  # AdamW rates were tuned at width 768
     matrices = list(model.transformer.h.parameters())
     adam = dict(kind="adamw", betas=adam_betas, eps=1e-10, weight_decay=0.0)
@@ -416,7 +482,7 @@ def setup_optimizer(model, unembedding_lr, embedding_lr, matrix_lr, weight_decay
     ]
     for shape in sorted({p.shape for p in matrices}):
         groups.append(dict(kind="muon", params=[p for p in matrices if p.shape == shape], lr=matrix_lr,
-                           momentum=0.95, ns_steps=5, beta2=0.95, weight_decay=weight_decay))
+                           ns_steps=5, beta2=0.95))  # momentum, weight decay: set before every step
     groups = [g for g in groups if g["params"]]
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     optimizer = MuonAdamW(groups)
@@ -454,24 +520,13 @@ def load_weights(model, weights):
     return model
 
 
-def per_token_loss(model, rows_per_chunk=None):
-    """loss_fn for evaluate_bpb: (b, T) int32 numpy inputs/targets -> (b, T) float32 nats, computed in chunks
-    of rows_per_chunk rows (default DEVICE_BATCH_SIZE) so memory stays bounded whatever b is."""
-    chunk_rows = rows_per_chunk or DEVICE_BATCH_SIZE
-    dev = next(model.parameters()).device  # the model's own device: the conformance test runs GPU builds on the CPU
-
-    @torch.no_grad()
-    def loss_fn(inputs, targets):
-        out = []
-        for start in range(0, len(inputs), chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            x, y = to_device(inputs[rows], dev), to_device(targets[rows], dev)
-            with autocast_ctx():
-                loss = model(x, y, reduction="none")
-            out.append(loss.float().view(y.shape).cpu().numpy())
-        return np.concatenate(out).astype(np.float32, copy=False)
-
-    return loss_fn
+def build_model(config, weights):
+    """The trained model from its checkpoint (prepare.load_checkpoint: GPTConfig fields, export_weights' arrays),
+    on this backend's device, for the harness's evaluator: it scores the logits of model(idx) under autocast_ctx()."""
+    with torch.device(device):
+        model = GPT(GPTConfig(**config))
+    model.init_weights()  # gives the tables training's dtypes (embed_dtype); load_weights replaces every value
+    return load_weights(model, weights).eval()
 
 
 # ---------------------------------------------------------------------------
@@ -528,7 +583,7 @@ def main():
     torch.manual_seed(seed)
     profile = load_profile()
     budget = time_budget(profile)
-    calibrate_steps = int(os.environ.get("AUTORESEARCH_CALIBRATE_STEPS", "0"))  # autoresearch calibrate: time, no eval
+    calibrate_steps = int(os.environ.get("AUTORESEARCH_CALIBRATE_STEPS", "0"))  # autoresearch calibrate: time steps, save nothing
     seq_len = profile.seq_len
     tokenizer = Tokenizer.from_directory()
     vocab_size = tokenizer.get_vocab_size()
@@ -553,7 +608,7 @@ def main():
         sys.exit(f"FAIL: TOTAL_BATCH_SIZE {TOTAL_BATCH_SIZE} is not a multiple of DEVICE_BATCH_SIZE * seq_len = {tokens_per_fwdbwd}")
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_fwdbwd
     optimizer = setup_optimizer(model, unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, matrix_lr=MATRIX_LR,
-                                weight_decay=WEIGHT_DECAY, adam_betas=ADAM_BETAS, scalar_lr=SCALAR_LR)
+                                adam_betas=ADAM_BETAS, scalar_lr=SCALAR_LR)
     train_model = torch.compile(model, dynamic=False) if use_compile else model
 
     train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, seq_len, "train")
@@ -619,14 +674,13 @@ def main():
     tokens_per_sec = counted_steps * TOTAL_BATCH_SIZE / total_training_time if total_training_time > 0 else 0.0
     total_tokens = step * TOTAL_BATCH_SIZE
 
-    model.eval()
-    t_eval = time.time()
-    val_bpb = evaluate_bpb(per_token_loss(train_model, DEVICE_BATCH_SIZE), DEVICE_BATCH_SIZE) if not calibrate_steps else float("nan")
+    t_save = time.time()
+    if not calibrate_steps:  # the harness scores this checkpoint in its own process (autoresearch/evaluate.py)
+        save_checkpoint(asdict(config), export_weights(model))
     t_end = time.time()
-    print(f"startup: {t_start_training - t_start:.1f}s | evaluation: {t_end - t_eval:.1f}s")
+    print(f"startup: {t_start_training - t_start:.1f}s | checkpoint: {t_end - t_save:.1f}s")
 
     print("---")
-    print(f"val_bpb:          {val_bpb:.6f}")
     print(f"training_seconds: {total_training_time:.1f}")
     print(f"total_seconds:    {t_end - t_start:.1f}")
     print(f"peak_vram_mb:     {peak_memory_mb():.1f}")

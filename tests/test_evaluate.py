@@ -1,0 +1,213 @@
+"""
+The harness's evaluator (autoresearch/evaluate.py) against real training runs of every backend on this machine:
+its val_bpb is the old in-process one for the same weights, and the cheats an agent could write into train.py
+(its own loss scaled, evaluate_bpb wrapped, attention that sees the future, a model that adapts to what it is
+shown, reading the validation split) change nothing or are caught.
+"""
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+import prepare
+from autoresearch.evaluate import evaluate
+from autoresearch.runner import run_training
+from conftest import TINY, make_checkout
+
+pytest.importorskip("mlx.core")
+pytest.importorskip("torch")
+
+BACKENDS = ("mlx", "mps", "cuda")
+BUDGET = 2
+MAIN = '\nif __name__ == "__main__":\n    main()'
+SUMMARY = '    print("---")\n    print(f"training_seconds:'
+# What train.py computed before the harness took evaluation over: evaluate_bpb on the model's own loss path
+IN_PROCESS = {
+    "mlx": '''    import prepare
+    def old_loss(x, y):
+        return np.concatenate([np.array(model(mx.array(x[i:i + 8]), mx.array(y[i:i + 8]))) for i in range(0, len(x), 8)])
+    print(f"in_process_val_bpb: {prepare.evaluate_bpb(old_loss, 32):.6f}")
+''',
+    "torch": '''    import prepare
+    def old_loss(x, y):
+        with torch.no_grad(), autocast_ctx():
+            return model(to_device(x), to_device(y), reduction="none").float().view(y.shape).cpu().numpy()
+    print(f"in_process_val_bpb: {prepare.evaluate_bpb(old_loss, 32):.6f}")
+''',
+}
+# attention with its mask removed: every query sees every key
+NON_CAUSAL = {
+    "mlx": '''
+def attention(q, k, v, window):
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5).transpose(0, 2, 1, 3)
+''',
+    "torch": '''
+def attention(q, k, v, window):
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+''',
+}
+# a unigram cache: logits favour the tokens of every earlier call (causal within a call, so only purity sees it)
+ADAPTING = '''
+_forward, _seen = GPT.forward, {}
+
+
+def forward(self, idx, targets=None, reduction="mean"):
+    out = _forward(self, idx, targets, reduction)
+    if targets is None:
+        seen = _seen.setdefault("counts", torch.zeros(out.size(-1), device=out.device))
+        out = out + 0.5 * torch.log1p(seen)
+        seen += torch.bincount(idx.flatten(), minlength=out.size(-1)).to(seen.dtype)
+    return out
+
+
+GPT.forward = forward
+'''
+# the reported number bent two ways: the model's own loss halved, prepare's evaluate_bpb wrapped at import
+CHEAT = '''
+import prepare
+
+_evaluate_bpb, _call = prepare.evaluate_bpb, GPT.__call__
+prepare.evaluate_bpb = lambda loss_fn, batch_size, rows=None: 0.8 * _evaluate_bpb(loss_fn, batch_size, rows)
+GPT.__call__ = lambda self, idx, targets=None: _call(self, idx, targets) * (1.0 if targets is None else 0.5)
+'''
+
+
+def family(backend):
+    return "mlx" if backend == "mlx" else "torch"
+
+
+def patch(root, backend, old, new):
+    path = root / "backends" / backend / "train.py"
+    text = path.read_text()
+    assert text.count(old) == 1, f"{path}: the patch point {old!r} moved"
+    path.write_text(text.replace(old, new))
+
+
+def add_before_main(root, backend, code):
+    patch(root, backend, MAIN, code + MAIN)
+
+
+def train(root, backend, checkpoint, env=None):
+    env = dict(os.environ if env is None else env, AUTORESEARCH_CHECKPOINT=str(checkpoint), OMP_NUM_THREADS="1")
+    result = run_training(backend, budget=BUDGET, root=root, timeout=300, env=env)
+    assert result.returncode == 0 and result.summary is not None, result.tail()
+    assert "val_bpb" not in result.summary  # train.py no longer scores itself
+    return result
+
+
+def in_process_bpb(log):
+    return float(re.search(r"^in_process_val_bpb: ([0-9.]+)$", log, re.M).group(1))
+
+
+@pytest.fixture(scope="module")
+def trained(cpu_cache, tmp_path_factory):
+    """backend -> (checkout, checkpoint, the val_bpb train.py computed in-process): one real run each."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AUTORESEARCH_CACHE", str(cpu_cache))
+    runs = {}
+    for backend in BACKENDS:
+        root = make_checkout(tmp_path_factory.mktemp(f"honest-{backend}"), backends=(backend,), **TINY)
+        patch(root, backend, SUMMARY, IN_PROCESS[family(backend)] + SUMMARY)
+        checkpoint = root / "checkpoint"
+        runs[backend] = root, checkpoint, in_process_bpb(train(root, backend, checkpoint).log)
+    mp.undo()
+    return runs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_harness_value_is_the_in_process_value(backend, trained, use_cache):
+    root, checkpoint, expected = trained[backend]
+    lines = []
+    result = evaluate(backend, root, checkpoint, timeout=300, on_line=lines.append)
+    assert result.status == "ok", result.log
+    assert abs(result.val_bpb - expected) < 1e-4, (result.val_bpb, expected)
+    assert "purity and causality probes passed" in result.reason and result.seconds > 0
+    assert result.log == "\n".join(lines) and result.log.splitlines()[-1].startswith("evaluation: ok in ")
+
+
+@pytest.mark.parametrize("backend", ("mlx", "mps"))
+def test_attention_that_sees_the_future_is_invalid(backend, trained, use_cache, tmp_path):
+    _, checkpoint, _ = trained[backend]
+    root = make_checkout(tmp_path / "project", backends=(backend,), **TINY)
+    add_before_main(root, backend, NON_CAUSAL[family(backend)])
+    result = evaluate(backend, root, checkpoint, timeout=300)
+    assert result.status == "invalid" and result.val_bpb is None, result.log
+    assert re.match(r"causality probe: the loss at position \d+ of validation row \d+ moved by \S+ nats "
+                    r"\(tolerance 0.0001 for float32\) when only the tokens from position \d+ on were replaced",
+                    result.reason), result.reason
+
+
+def test_a_model_that_adapts_during_evaluation_is_invalid(trained, use_cache, tmp_path):
+    _, checkpoint, _ = trained["mps"]
+    root = make_checkout(tmp_path / "project", backends=("mps",), **TINY)
+    add_before_main(root, "mps", ADAPTING)
+    result = evaluate("mps", root, checkpoint, timeout=300)
+    assert result.status == "invalid", result.log
+    assert result.reason.startswith("purity probe: the first chunk scored again after the others moved by"), result.reason
+    assert "the model adapts to the validation data" in result.reason
+
+
+def test_own_loss_and_wrapped_evaluator_do_not_move_the_number(use_cache, tmp_path):
+    root = make_checkout(tmp_path / "project", backends=("mlx",), **TINY)
+    patch(root, "mlx", SUMMARY, IN_PROCESS["mlx"] + SUMMARY)
+    add_before_main(root, "mlx", CHEAT)
+    reported = in_process_bpb(train(root, "mlx", tmp_path / "checkpoint").log)
+    result = evaluate("mlx", root, tmp_path / "checkpoint", timeout=300)
+    assert result.status == "ok", result.log
+    # in-process the number was 0.8 * 0.5 of the truth; the harness computes the truth from the logits
+    assert abs(result.val_bpb - reported / 0.4) < 1e-4, (result.val_bpb, reported)
+
+
+def test_the_trainer_cannot_read_validation_data(use_cache, tmp_path):
+    view = prepare.trainer_view()
+    assert not (view / "tokens" / "val_rows.npy").exists() and not (view / "data" / prepare.VAL_FILENAME).exists()
+    root = make_checkout(tmp_path / "project", backends=("mlx",), **TINY)
+    patch(root, "mlx", '"train")', '"val")')  # the agent trains on the validation split
+    env = dict(os.environ, AUTORESEARCH_CACHE=str(view), AUTORESEARCH_CHECKPOINT=str(tmp_path / "checkpoint"))
+    result = run_training("mlx", budget=BUDGET, root=root, timeout=120, env=env)
+    assert result.returncode != 0 and result.summary is None
+    assert "PrepareError: the validation split is not available to training" in result.log, result.tail()
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_trainer_view_hides_validation_and_follows_the_cache(use_cache, monkeypatch, tmp_path):
+    view = prepare.trainer_view()
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(view))
+    tokenizer = prepare.Tokenizer.from_directory()
+    x, _, _ = next(prepare.make_dataloader(tokenizer, 2, 16, "train"))  # training data is all there
+    assert x.shape == (2, 16)
+    for ask in (lambda: prepare.make_dataloader(tokenizer, 2, 16, "val"), prepare.get_val_rows,
+                lambda: prepare.evaluate_bpb(lambda x, y: np.zeros(y.shape), 8)):
+        with pytest.raises(prepare.PrepareError, match="^the validation split is not available to training: "):
+            ask()
+    assert prepare.trainer_view() == view  # asked from inside the view: the view itself
+    # a cache that changes (every prepare rewrites profile.json) gets a fresh view; an unchanged one keeps it
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(use_cache))
+    stamp = (view / "profile.json").read_text()
+    assert prepare.trainer_view() == view and (view / "profile.json").read_text() == stamp
+    meta = use_cache / "profile.json"
+    original = meta.read_text()
+    try:
+        meta.write_text(original.replace('"prepared_at"', '"rewritten": true, "prepared_at"'))
+        assert prepare.trainer_view() == view and (view / "profile.json").read_text() != stamp
+        assert '"rewritten": true' in (view / "profile.json").read_text()
+    finally:
+        meta.write_text(original)
+        prepare.trainer_view()
+
+
+def test_checkpoint_round_trip_and_missing_checkpoint(use_cache, tmp_path):
+    weights = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, dtype=np.float64)}
+    prepare.save_checkpoint({"n_layer": 2}, weights, tmp_path / "ckpt")
+    config, loaded = prepare.load_checkpoint(tmp_path / "ckpt")
+    assert config == {"n_layer": 2} and loaded.keys() == weights.keys()
+    assert all(loaded[k].dtype == np.float32 and np.array_equal(loaded[k], weights[k]) for k in weights)
+    (tmp_path / "ckpt" / "config.json").unlink()  # what an interrupted save leaves: not a checkpoint
+    with pytest.raises(prepare.PrepareError, match="no checkpoint in"):
+        prepare.load_checkpoint(tmp_path / "ckpt")
+    result = evaluate("mlx", tmp_path, tmp_path / "ckpt")
+    assert (result.status, result.val_bpb) == ("crash", None) and "saved no checkpoint" in result.reason
