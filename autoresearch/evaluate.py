@@ -37,6 +37,7 @@ import numpy as np
 import prepare
 
 from .hardware import blas_library
+from .runner import PID_FILE
 
 # How far a loss may move between two evaluations of the same prefix (nats). Honest models give identical
 # numbers (every row is computed alone, masked attention adds exact zeros); the slack covers kernels that are
@@ -59,9 +60,10 @@ class EvaluatorFailed(Exception):
     """The child died, timed out or broke the protocol; the message says which."""
 
 
-def evaluate(backend, root, checkpoint, timeout=None, on_line=None, env=None):
+def evaluate(backend, root, checkpoint, timeout=None, on_line=None, env=None, state=None):
     """Score the checkpoint of backends/<backend>/train.py in root. env: the child's base environment (default
-    os.environ); its AUTORESEARCH_CACHE is replaced by the trainer's view of this process's cache."""
+    os.environ); its AUTORESEARCH_CACHE is replaced by the trainer's view of this process's cache. state: the
+    folder for the child's pid file, so a harness started after this one was killed can stop it."""
     start = time.time()
     lines = []
 
@@ -88,7 +90,7 @@ def evaluate(backend, root, checkpoint, timeout=None, on_line=None, env=None):
         child_env["OPENBLAS_NUM_THREADS"] = "1"
         note(f"blas: preloading {blas} for MLX, one thread per stream (AUTORESEARCH_BLAS=none to disable)")
     argv = [sys.executable, "-m", "autoresearch.evaluate", backend, str(Path(checkpoint).resolve())]
-    child = Child(argv, root, child_env, timeout, note)
+    child = Child(argv, root, child_env, timeout, note, Path(state) / PID_FILE if state else None)
     try:
         return result(*score(child, rows, vocab, note))
     except EvaluatorFailed as e:
@@ -173,10 +175,13 @@ class Child:
     """The evaluator process, in its own session (its group is killed as one): stdin and stdout carry the
     protocol, stderr is the log, a timer kills it at the time limit."""
 
-    def __init__(self, argv, cwd, env, timeout, on_line):
+    def __init__(self, argv, cwd, env, timeout, on_line, pid_file=None):
         self.timeout, self.timed_out, self.tail = timeout, False, ""
         self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, start_new_session=True)
+        self.pid_file = pid_file
+        if pid_file:
+            pid_file.write_text(f"{self.proc.pid} {' '.join(argv)}\n")
         self.pump = threading.Thread(target=self._pump, args=(on_line,), daemon=True)
         self.pump.start()
         self.timer = threading.Timer(timeout, self._expire) if timeout else None
@@ -240,6 +245,8 @@ class Child:
             self.kill()
             self.proc.wait()
         self.pump.join(timeout=5)
+        if self.pid_file:
+            self.pid_file.unlink(missing_ok=True)
 
 
 def send_array(stream, array):

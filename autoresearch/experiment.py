@@ -170,74 +170,76 @@ def _overrun(result, budget):
     return seconds, None
 
 
-def measure(branch, seed, settings, on_line=None):
-    """Train HEAD's train.py once, check what it touched and how long it trained, evaluate it in a fresh process."""
+def train_and_evaluate(root, backend, budget, seed=None, timeout=None, on_line=None, check=None):
+    """Train root's train.py once on the trainer's view of the cache, then score its checkpoint in the harness's
+    evaluator, unless check(result) returns (status, reason) first. Returns (result, evaluation or None, stop)."""
     import prepare
 
     from .evaluate import evaluate
 
-    root = branch.root
-    watch = Watch(branch)
     checkpoint = Path(tempfile.mkdtemp(prefix="autoresearch-checkpoint-"))
     try:
-        env = {"AUTORESEARCH_CACHE": str(prepare.trainer_view()), "AUTORESEARCH_CHECKPOINT": str(checkpoint)}
-        with open(state_dir(root) / "run.log", "a") as log:
-            def line(text):
-                log.write(text + "\n")
-                log.flush()
-                if on_line:
-                    on_line(text)
-
-            line(f"=== {branch.backend} seed {seed} budget {branch.budget:g}s ===")
-            result = run_training(branch.backend, budget=branch.budget, seed=seed, root=root, on_line=line,
-                                  timeout=settings.timeout, env=_with(env), state=state_dir(root))
-            broken = watch.violations()
-            if broken:
-                return _failed(root, "invalid", "train.py changed the repository: " + "; ".join(broken), result)
-            if not result.ok:
-                why = "timeout" if result.timed_out else f"exit {result.returncode}" if result.returncode else "no summary"
-                return _failed(root, "crash", why, result)
-            seconds, late = _overrun(result, branch.budget)
-            if late:
-                return _failed(root, "invalid", late, result, seconds or 0.0)
-            timeout = settings.timeout or default_timeout(branch.budget)
-            ev = evaluate(branch.backend, root, checkpoint, timeout=timeout, on_line=line)
+        env = dict(os.environ, AUTORESEARCH_CACHE=str(prepare.trainer_view()), AUTORESEARCH_CHECKPOINT=str(checkpoint))
+        result = run_training(backend, budget=budget, seed=seed, root=root, on_line=on_line, timeout=timeout, env=env,
+                              state=state_dir(root))
+        stop = check(result) if check else None
+        if stop:
+            return result, None, stop
+        if not result.ok:
+            why = "timeout" if result.timed_out else f"exit {result.returncode}" if result.returncode else "no summary"
+            return result, None, ("crash", why)
+        ev = evaluate(backend, root, checkpoint, timeout=timeout or default_timeout(budget), on_line=on_line,
+                      state=state_dir(root))
+        return result, ev, None
     finally:
         shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def measure(branch, seed, settings, on_line=None):
+    """Train HEAD's train.py once, check what it touched and how long it trained, evaluate it in a fresh process."""
+    root = branch.root
+    watch = Watch(branch)
+    timed = []
+
+    def check(result):
+        broken = watch.violations()
+        if broken:
+            return "invalid", "train.py changed the repository: " + "; ".join(broken)
+        if result.ok:
+            seconds, late = _overrun(result, branch.budget)
+            timed.append(seconds or 0.0)
+            if late:
+                return "invalid", late
+        return None
+
+    with open(state_dir(root) / "run.log", "a") as log:
+        def line(text):
+            log.write(text + "\n")
+            log.flush()
+            if on_line:
+                on_line(text)
+
+        line(f"=== {branch.backend} seed {seed} budget {branch.budget:g}s ===")
+        result, ev, stop = train_and_evaluate(root, branch.backend, branch.budget, seed, settings.timeout, line, check)
+    seconds = timed[0] if timed else 0.0
+    if stop:
+        (state_dir(root) / "last_crash.log").write_text(result.tail() + "\n")
+        return Measurement(stop[0], 0.0, result.summary or {}, seconds, stop[1])
     if ev.status != "ok":
         (state_dir(root) / "last_crash.log").write_text(ev.log[-20000:] + "\n")
         return Measurement(ev.status, 0.0, result.summary, seconds, f"evaluation: {ev.reason}")
     return Measurement("ok", ev.val_bpb, result.summary, seconds, "")
 
 
-def _with(extra):
-    return dict(os.environ, **extra)
-
-
-def _failed(root, status, reason, result, seconds=0.0):
-    (state_dir(root) / "last_crash.log").write_text(result.tail() + "\n")
-    return Measurement(status, 0.0, result.summary or {}, seconds, reason)
-
-
 def manual_run(root, backend, budget, on_line=None):
     """`autoresearch --backend B`: one training run and the harness's evaluation, no branch, no row.
     Returns (status, closing line)."""
-    import prepare
-
-    from .evaluate import evaluate
-
-    checkpoint = Path(tempfile.mkdtemp(prefix="autoresearch-checkpoint-"))
-    try:
-        env = _with({"AUTORESEARCH_CACHE": str(prepare.trainer_view()), "AUTORESEARCH_CHECKPOINT": str(checkpoint)})
-        result = run_training(backend, budget=budget, root=root, on_line=on_line, env=env, state=state_dir(root))
-        if not result.ok:
-            return "crash", "training crashed" + (" (timeout)" if result.timed_out else f" (exit {result.returncode})")
-        seconds, late = _overrun(result, budget)
-        ev = evaluate(backend, root, checkpoint, timeout=default_timeout(budget), on_line=on_line)
-    finally:
-        shutil.rmtree(checkpoint, ignore_errors=True)
+    result, ev, stop = train_and_evaluate(root, backend, budget, on_line=on_line)
+    if stop:
+        return stop[0], f"training {stop[0]}: {stop[1]}"
     if ev.status != "ok":
         return ev.status, f"evaluation {ev.status}: {ev.reason}"
+    seconds, late = _overrun(result, budget)
     timing = (f"harness-timed training {seconds:.1f}s" if seconds is not None else "untimed") + (
         f"; not scorable: {late}" if late else "")
     return ("invalid" if late else "ok"), f"val_bpb:          {ev.val_bpb:.6f}  ({timing}; evaluated by the harness)"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import git
 
-from .branch import BRANCH_PREFIX, Refused, changed_files, open_repo, refuse_dirty
+from .branch import BRANCH_PREFIX, Refused, changed_files, open_branch, open_repo, refuse_dirty
 from .experiment import Settings, check_budget, check_cache, experiment
 from .gate import Gate
 from .ledger import LEDGER_NAME, Row, in_time_order, read_ledger

@@ -30,7 +30,7 @@ import prepare  # noqa: E402
 from autoresearch import calibrate as cal  # noqa: E402
 from autoresearch.hardware import hardware_tag  # noqa: E402
 from autoresearch.hparams import read_constants, set_constants  # noqa: E402
-from autoresearch.runner import run_training  # noqa: E402
+from autoresearch.experiment import train_and_evaluate  # noqa: E402
 
 
 RUNS_FILE = "study-runs.jsonl"
@@ -72,12 +72,12 @@ def pooled_spread(kept, key):
 def run_variant(backend, constants, budget, seed, scratch):
     source = (ROOT / "backends" / backend / "train.py").read_text()
     (scratch / "backends" / backend / "train.py").write_text(set_constants(source, constants) if constants else source)
-    result = run_training(backend, budget=budget, seed=seed, root=scratch)
+    result, ev, stop = train_and_evaluate(scratch, backend, budget, seed)
     if result.timed_out:
         return None, f"timed out after {result.elapsed:.0f} s"
-    if not result.ok:
-        return None, result.tail(3)
-    return result.summary, None
+    if stop or ev.status != "ok":
+        return None, result.tail(3) if stop else ev.reason
+    return dict(result.summary, val_bpb=ev.val_bpb), None  # scored by the harness, as every experiment
 
 
 def variants_for(pick, default, seeds, kinds, seq_len):

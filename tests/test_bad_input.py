@@ -82,9 +82,12 @@ def test_failure_keeps_an_existing_cache_intact(tmp_path):
     assert after == before  # the failed rebuild touched nothing
 
 
-@pytest.mark.parametrize("flag, env", [(["--budget", "0"], {}), ([], {"AUTORESEARCH_BUDGET": "fast"})])
-def test_bad_budget_is_refused(flag, env, use_cache):
+@pytest.mark.parametrize("flag, env, code, message", [
+    (["--budget", "0"], {}, 2, "error: --budget must be a positive number"),  # a bad option: exit 2
+    ([], {"AUTORESEARCH_BUDGET": "fast"}, 1, "error: AUTORESEARCH_BUDGET must be a positive number"),
+])
+def test_bad_budget_is_refused(flag, env, code, message, use_cache):
     proc = subprocess.run([sys.executable, "-m", "autoresearch", "--backend", "mlx", *flag], cwd=ROOT,
                           env=dict(os.environ, **env), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: AUTORESEARCH_BUDGET must be a positive number")
+    assert proc.returncode == code
+    assert proc.stderr.strip().splitlines()[-1].startswith(message)

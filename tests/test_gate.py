@@ -4,6 +4,7 @@
 import git
 import pytest
 
+from autoresearch.branch import open_branch
 from autoresearch.experiment import find_repeat, run_experiment, setup, verify
 from autoresearch.gate import Gate, decide, load_noise, spread
 from autoresearch.hparams import set_constants
@@ -78,7 +79,8 @@ def test_noise_floor_never_repeat_and_verify(branch):
     train.write_text("# same program, new comment\n" + original.replace("DEPTH = 2", "DEPTH =  2"))
     repo = git.Repo(branch)
     head = repo.head.commit.hexsha
-    assert find_repeat(repo, "mlx", float(budget)).commit == base.commit
+    with open_branch(branch, "mlx", budget, "test") as run_branch:
+        assert find_repeat(run_branch).commit == base.commit
     out = run_experiment(branch, "mlx", "no real change", budget=budget)
     assert out.status == "repeat" and base.commit in out.message and "not run again" in out.message
     assert train.read_text() == original and repo.head.commit.hexsha == head
