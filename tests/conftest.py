@@ -104,3 +104,15 @@ def edit(root, **constants):
     """Change hyperparameters of the mlx train.py as an agent would (MATRIX_LR by default)."""
     train = root / "backends/mlx/train.py"
     train.write_text(set_constants(train.read_text(), constants or {"MATRIX_LR": 0.05}))
+
+
+def one_commit_repo(root):
+    """A git repository with a user configured and one commit (a train.py), for ledger and notes tests."""
+    root.mkdir(parents=True)
+    repo = git.Repo.init(root, initial_branch="main")
+    with repo.config_writer() as c:
+        c.set_value("user", "name", "t").set_value("user", "email", "t@localhost")
+    (root / "train.py").write_text("x = 0\n")
+    repo.index.add(["train.py"])
+    repo.index.commit("project")
+    return repo

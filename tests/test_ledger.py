@@ -10,6 +10,7 @@ from pathlib import Path
 import git
 import pytest
 
+from conftest import one_commit_repo
 from autoresearch.ledger import (COLUMNS, LEDGER_NAME, NOTES_REF, LedgerError, Row, append_row, format_row,
                                  notes_rows, parse_row, read_ledger, rebuild_ledger, restore_missing, write_note)
 
@@ -42,15 +43,7 @@ def side_files(path):
 
 @pytest.fixture
 def repo(tmp_path):
-    root = tmp_path / "repo"
-    root.mkdir()
-    repo = git.Repo.init(root, initial_branch="main")
-    with repo.config_writer() as c:
-        c.set_value("user", "name", "t").set_value("user", "email", "t@localhost")
-    (root / "train.py").write_text("x = 0\n")
-    repo.index.add(["train.py"])
-    repo.index.commit("project")
-    return repo
+    return one_commit_repo(tmp_path / "repo")
 
 
 def record(repo, rows):

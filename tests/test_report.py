@@ -7,6 +7,7 @@ import git
 import pytest
 from typer.testing import CliRunner
 
+from conftest import one_commit_repo
 from autoresearch.cli import app
 from autoresearch.experiment import record
 from autoresearch.ledger import COLUMNS, Row, format_row
@@ -241,13 +242,7 @@ def test_bench_report_errors(tmp_path):
 def test_bench_report_from_run_branches_notes(tmp_path, monkeypatch):
     """Rows read back from refs/notes/autoresearch of a temp repo, filtered by the branch column."""
     root = tmp_path / "repo"
-    root.mkdir()
-    repo = git.Repo.init(root, initial_branch="main")
-    with repo.config_writer() as c:
-        c.set_value("user", "name", "t").set_value("user", "email", "t@localhost")
-    (root / "train.py").write_text("x = 0\n")
-    repo.index.add(["train.py"])
-    repo.index.commit("project")
+    repo = one_commit_repo(root)
     rows, real = fixture_rows(), {}
     for hw in (MLX, MPS):
         repo.git.checkout("main")
