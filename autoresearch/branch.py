@@ -175,8 +175,7 @@ class RunBranch:
     def recover(self):
         """A trainer left by a killed harness is stopped; HEAD goes back to the last kept commit, any commit no row
         kept stays reachable under refs/autoresearch/stray/. A clean tree is reset; a dirty one keeps its files."""
-        pid = stop_leftover(state_dir(self.root))
-        if pid:
+        for pid in stop_leftover(state_dir(self.root)):
             self.say(f"recovery: stopped process group {pid} left running by an earlier harness")
         last = self.last_keep()
         if last is None:

@@ -2,8 +2,8 @@
 The fixed evaluator: the val_bpb of the checkpoint train.py saved, computed by harness code in a fresh process.
 
 evaluate() runs in the harness's own process, where no agent code ever runs. It reads the validation rows from
-the real cache and starts `python -m autoresearch.evaluate BACKEND CHECKPOINT` in the checkout. That child
-imports backends/<backend>/train.py (importing never trains), rebuilds the trained model with the file's
+the real cache and starts `python -m autoresearch.evaluate BACKEND` in the checkout. That child imports
+backends/<backend>/train.py (importing never trains), reads the checkpoint's path on stdin, rebuilds the trained model with the file's
 build_model(config, weights) hook, says it is ready, and then turns every chunk of rows it reads on stdin into
 per-token nats on stdout: the cross-entropy of the model's logits, computed here (make_loss_fn). The parent
 reduces the nats to bits per byte with prepare.evaluate_bpb, then probes the model on the first chunk:
@@ -37,13 +37,13 @@ import numpy as np
 import prepare
 
 from .hardware import blas_library
-from .runner import PID_FILE
 
 # How far a loss may move between two evaluations of the same prefix (nats). Honest models give identical
 # numbers (every row is computed alone, masked attention adds exact zeros); the slack covers kernels that are
 # not bitwise deterministic. Float32 tight, lower precisions (bf16 autocast) looser.
 TOLERANCE = {"float32": 1e-4}
 LOW_PRECISION_TOLERANCE = 2e-2
+EVALUATOR_PID_FILE = "evaluator.pid"  # in .autoresearch/, beside the trainer's
 PROBE_ROWS = 4  # rows the probes score again, where the model is not compiled for one batch shape
 
 
@@ -60,10 +60,28 @@ class EvaluatorFailed(Exception):
     """The child died, timed out or broke the protocol; the message says which."""
 
 
-def evaluate(backend, root, checkpoint, timeout=None, on_line=None, env=None, state=None):
+def start_evaluator(backend, root, env=None, state=None):
+    """The evaluator's process, started ahead: its interpreter, framework and train.py imports run while it waits
+    for the checkpoint's path (evaluate(..., child=)). On a GPU the harness starts it while training runs, so the
+    fresh process costs no more than evaluating in-process did."""
+    child_env = dict(os.environ if env is None else env, AUTORESEARCH_CACHE=str(prepare.trainer_view()),
+                     PYTHONUNBUFFERED="1")
+    notes = []
+    blas = blas_library() if backend == "mlx" else None
+    if blas:  # MLX on a Linux CPU: one BLAS thread per CPU stream (mlx_loss_fn)
+        if blas not in child_env.get("LD_PRELOAD", ""):
+            child_env["LD_PRELOAD"] = ":".join(p for p in (blas, child_env.get("LD_PRELOAD")) if p)
+        child_env["OPENBLAS_NUM_THREADS"] = "1"
+        notes.append(f"blas: preloading {blas} for MLX, one thread per stream (AUTORESEARCH_BLAS=none to disable)")
+    argv = [sys.executable, "-m", "autoresearch.evaluate", backend]
+    return Child(argv, root, child_env, Path(state) / EVALUATOR_PID_FILE if state else None, notes)
+
+
+def evaluate(backend, root, checkpoint, timeout=None, on_line=None, env=None, state=None, child=None):
     """Score the checkpoint of backends/<backend>/train.py in root. env: the child's base environment (default
     os.environ); its AUTORESEARCH_CACHE is replaced by the trainer's view of this process's cache. state: the
-    folder for the child's pid file, so a harness started after this one was killed can stop it."""
+    folder for the child's pid file, so a harness started after this one was killed can stop it. child: one
+    start_evaluator() started ahead, else a fresh one."""
     start = time.time()
     lines = []
 
@@ -77,29 +95,24 @@ def evaluate(backend, root, checkpoint, timeout=None, on_line=None, env=None, st
         note(f"evaluation: {status} in {seconds:.1f}s: {reason}")
         return Evaluation(status, val_bpb, reason, seconds, "\n".join(lines))
 
-    if not (Path(checkpoint) / "config.json").exists():
-        return result("crash", None, f"train.py saved no checkpoint in {checkpoint}")
-    rows = np.ascontiguousarray(prepare.get_val_rows(), dtype=np.int32)
-    vocab = len(prepare.get_token_bytes())
-    child_env = dict(os.environ if env is None else env, AUTORESEARCH_CACHE=str(prepare.trainer_view()),
-                     PYTHONUNBUFFERED="1")
-    blas = blas_library() if backend == "mlx" else None
-    if blas:  # MLX on a Linux CPU: one BLAS thread per CPU stream (mlx_loss_fn)
-        if blas not in child_env.get("LD_PRELOAD", ""):
-            child_env["LD_PRELOAD"] = ":".join(p for p in (blas, child_env.get("LD_PRELOAD")) if p)
-        child_env["OPENBLAS_NUM_THREADS"] = "1"
-        note(f"blas: preloading {blas} for MLX, one thread per stream (AUTORESEARCH_BLAS=none to disable)")
-    argv = [sys.executable, "-m", "autoresearch.evaluate", backend, str(Path(checkpoint).resolve())]
-    child = Child(argv, root, child_env, timeout, note, Path(state) / PID_FILE if state else None)
     try:
+        if not (Path(checkpoint) / "config.json").exists():
+            return result("crash", None, f"train.py saved no checkpoint in {checkpoint}")
+        rows = np.ascontiguousarray(prepare.get_val_rows(), dtype=np.int32)
+        vocab = len(prepare.get_token_bytes())
+        child = child or start_evaluator(backend, root, env, state)
+        child.listen(note)
+        child.start(Path(checkpoint).resolve(), timeout)
         return result(*score(child, rows, vocab, note))
     except EvaluatorFailed as e:
         return result("crash", None, str(e))
-    except BaseException:
-        child.kill()
+    except BaseException:  # Ctrl-C, SIGTERM: the child goes at once
+        if child:
+            child.kill()
         raise
     finally:
-        child.close()
+        if child:
+            child.close()
 
 
 def score(child, rows, vocab, note):
@@ -173,26 +186,46 @@ def purity_probe(again, first, tol, dtype):
 
 class Child:
     """The evaluator process, in its own session (its group is killed as one): stdin and stdout carry the
-    protocol, stderr is the log, a timer kills it at the time limit."""
+    protocol, stderr is the log, a timer kills it at the time limit once it has its checkpoint."""
 
-    def __init__(self, argv, cwd, env, timeout, on_line, pid_file=None):
-        self.timeout, self.timed_out, self.tail = timeout, False, ""
+    def __init__(self, argv, cwd, env, pid_file=None, notes=()):
+        self.timeout, self.timed_out, self.tail, self.timer, self.started = None, False, "", None, False
+        self.lines, self.on_line, self.lock = list(notes), None, threading.Lock()
         self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, start_new_session=True)
         self.pid_file = pid_file
         if pid_file:
             pid_file.write_text(f"{self.proc.pid} {' '.join(argv)}\n")
-        self.pump = threading.Thread(target=self._pump, args=(on_line,), daemon=True)
+        self.pump = threading.Thread(target=self._pump, daemon=True)
         self.pump.start()
-        self.timer = threading.Timer(timeout, self._expire) if timeout else None
-        if self.timer:
-            self.timer.start()
 
-    def _pump(self, on_line):
+    def listen(self, on_line):
+        """Send the log to on_line from now on, after the lines that came before."""
+        with self.lock:
+            for line in self.lines:
+                on_line(line)
+            self.on_line = on_line
+
+    def _pump(self):
         for raw in self.proc.stderr:
             line = raw.decode(errors="replace").rstrip("\n")
             self.tail = line.strip() or self.tail
-            on_line(line)
+            with self.lock:
+                self.lines.append(line)
+                if self.on_line:
+                    self.on_line(line)
+
+    def start(self, checkpoint, timeout):
+        """The checkpoint's path to the child; the time limit runs from here."""
+        self.timeout, self.started = timeout, True
+        if timeout:
+            self.timer = threading.Timer(timeout, self._expire)
+            self.timer.start()
+        try:
+            self.proc.stdin.write(f"{checkpoint}\n".encode())
+            self.proc.stdin.flush()
+        except OSError:
+            raise EvaluatorFailed(self.failure()) from None
 
     def _expire(self):
         self.timed_out = True
@@ -233,8 +266,11 @@ class Child:
         return f"the evaluator process exited with code {code}" + (f": {self.tail}" if self.tail else "")
 
     def close(self):
+        """End the child: stdin closed (after its rows it exits; before its checkpoint it is killed)."""
         if self.timer:
             self.timer.cancel()
+        if not self.started:
+            self.kill()
         try:
             self.proc.stdin.close()  # end of rows: the child exits
         except OSError:
@@ -361,14 +397,16 @@ def numpy_nats(logits, targets):
     return (np.log(logits.sum(axis=-1)) + peak[..., 0] - target_logits).astype(np.float32)
 
 
-def serve(backend, checkpoint):
-    """The child: build the model, say so on the protocol stream, then answer chunks of rows until stdin closes."""
+def serve(backend):
+    """The child: import train.py, read the checkpoint's path, build the model, say so on the protocol stream, then
+    answer chunks of rows until stdin closes."""
     protocol, rows_in = os.fdopen(os.dup(1), "wb"), os.fdopen(os.dup(0), "rb")
     os.dup2(2, 1)  # what train.py prints goes to the log, never into the protocol
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # and its stdin is empty
+    module = load_train(backend, Path.cwd())  # the framework's import: what a child started ahead has done
+    checkpoint = rows_in.readline().decode().strip()
     start = time.time()
     config, weights = prepare.load_checkpoint(checkpoint)
-    module = load_train(backend, Path.cwd())
     model = module.build_model(config, weights)
     loss_fn = make_loss_fn(backend, module, model)
     hello = {"dtype": str(module.compute_dtype).rsplit(".", 1)[-1], "device": module.device_name(),
@@ -381,4 +419,4 @@ def serve(backend, checkpoint):
 
 
 if __name__ == "__main__":
-    serve(*sys.argv[1:3])
+    serve(sys.argv[1])

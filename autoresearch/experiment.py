@@ -19,14 +19,13 @@ from .branch import (BRANCH_PREFIX, STATE_DIR, Lock, Refused, RunBranch, changed
 from .gate import Gate, decide, save_noise, spread
 from .hardware import hardware_tag
 from .hparams import set_constants
-from .ledger import LEDGER_NAME, LedgerError, Row, append_row, now, write_note
+from .ledger import LEDGER_NAME, NOTES_REF, LedgerError, Row, append_row, now, write_note
 from .runner import default_timeout, run_training
 
 EXIT = {"ok": 0, "keep": 0, "holds": 0, "error": 1, "refused": 2, "discard": 3, "regressed": 3, "crash": 4, "repeat": 5,
         "invalid": 6}
 OVERRUN_FRACTION = 0.05  # training may pass the budget by 5 % or one step, whichever is longer...
 EXIT_SECONDS = 3.0  # ...plus saving the weights and the interpreter's exit after the last step
-NOTES_REF_NAME = "refs/notes/autoresearch"
 PROTECTED = (LEDGER_NAME, f"{STATE_DIR}/noise.json")  # ignored files a train.py must not touch
 
 
@@ -140,7 +139,7 @@ class Watch:
             found.append("git refs changed (a commit, a tag or the notes)")
             for line in self.refs.splitlines():
                 name, sha = line.split(" ")
-                if name == NOTES_REF_NAME:
+                if name == f"refs/notes/{NOTES_REF}":
                     repo.git.update_ref(name, sha)  # the ledger's second copy
         if repo.head.commit != self.head:
             found.append(f"HEAD moved to {repo.head.commit.hexsha[:7]}")
@@ -175,9 +174,13 @@ def train_and_evaluate(root, backend, budget, seed=None, timeout=None, on_line=N
     evaluator, unless check(result) returns (status, reason) first. Returns (result, evaluation or None, stop)."""
     import prepare
 
-    from .evaluate import evaluate
+    from .evaluate import evaluate, start_evaluator
+    from .hardware import available_backends
 
     checkpoint = Path(tempfile.mkdtemp(prefix="autoresearch-checkpoint-"))
+    # On a GPU the evaluator's process starts now and imports while training runs; on a CPU it would take cores
+    # from training, so it starts after.
+    ahead = start_evaluator(backend, root, state=state_dir(root)) if available_backends().get(backend) == "gpu" else None
     try:
         env = dict(os.environ, AUTORESEARCH_CACHE=str(prepare.trainer_view()), AUTORESEARCH_CHECKPOINT=str(checkpoint))
         result = run_training(backend, budget=budget, seed=seed, root=root, on_line=on_line, timeout=timeout, env=env,
@@ -189,9 +192,11 @@ def train_and_evaluate(root, backend, budget, seed=None, timeout=None, on_line=N
             why = "timeout" if result.timed_out else f"exit {result.returncode}" if result.returncode else "no summary"
             return result, None, ("crash", why)
         ev = evaluate(backend, root, checkpoint, timeout=timeout or default_timeout(budget), on_line=on_line,
-                      state=state_dir(root))
+                      state=state_dir(root), child=ahead)
         return result, ev, None
     finally:
+        if ahead:
+            ahead.close()  # unused (training failed): killed; used: already closed
         shutil.rmtree(checkpoint, ignore_errors=True)
 
 

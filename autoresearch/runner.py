@@ -17,7 +17,7 @@ from .summary import parse_summary
 
 MIN_GRACE_SECONDS = 120  # startup, compilation and evaluation on top of the training budget
 TAIL_LINES = 60
-PID_FILE = "child.pid"  # in .autoresearch/: "pid command", while a child of the harness runs
+PID_FILE = "trainer.pid"  # in .autoresearch/: "pid command" while train.py runs (evaluate.py keeps its own)
 STEP_LINE = re.compile(r"^step \d+")  # the progress line of the train.py contract
 
 
@@ -52,20 +52,20 @@ class ProcessResult:
 
 
 def stop_leftover(state):
-    """Kill the process group a killed harness left running (its pid file); returns its pid or None."""
-    path = Path(state) / PID_FILE
-    if not path.exists():
-        return None
-    pid, _, command = path.read_text().strip().partition(" ")
-    path.unlink(missing_ok=True)
-    if not pid.isdigit() or int(pid) == os.getpid() or not _runs(int(pid), command):
-        return None
-    pid = int(pid)
-    try:
-        os.killpg(pid, signal.SIGKILL)  # the child leads its own group (start_new_session)
-    except (ProcessLookupError, PermissionError):
-        return None
-    return pid
+    """Kill the process groups a killed harness left running (trainer, evaluator: their *.pid files); returns
+    their pids."""
+    stopped = []
+    for path in sorted(Path(state).glob("*.pid")):
+        pid, _, command = path.read_text().strip().partition(" ")
+        path.unlink(missing_ok=True)
+        if not pid.isdigit() or int(pid) == os.getpid() or not _runs(int(pid), command):
+            continue
+        try:
+            os.killpg(int(pid), signal.SIGKILL)  # the child leads its own group (start_new_session)
+        except (ProcessLookupError, PermissionError):
+            continue
+        stopped.append(int(pid))
+    return stopped
 
 
 def _runs(pid, command):

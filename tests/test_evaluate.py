@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import prepare
-from autoresearch.evaluate import evaluate
+from autoresearch.evaluate import evaluate, start_evaluator
 from autoresearch.runner import run_training
 from conftest import TINY, make_checkout
 
@@ -127,6 +127,17 @@ def test_harness_value_is_the_in_process_value(backend, trained, use_cache):
     assert abs(result.val_bpb - expected) < 1e-4, (result.val_bpb, expected)
     assert "purity and causality probes passed" in result.reason and result.seconds > 0
     assert result.log == "\n".join(lines) and result.log.splitlines()[-1].startswith("evaluation: ok in ")
+
+
+def test_an_evaluator_started_ahead_gives_the_same_value(trained, use_cache):
+    """On a GPU the harness starts the evaluator while training runs: the number must not depend on it."""
+    root, checkpoint, expected = trained["mps"]
+    ahead = start_evaluator("mps", root)
+    result = evaluate("mps", root, checkpoint, timeout=300, child=ahead)
+    assert result.status == "ok" and abs(result.val_bpb - expected) < 1e-4, result.log
+    unused = start_evaluator("mps", root)
+    unused.close()  # never given a checkpoint (training failed): killed, not left waiting
+    assert unused.proc.returncode is not None
 
 
 @pytest.mark.parametrize("backend", ("mlx", "mps"))

@@ -29,7 +29,7 @@ def spawn(root, *args):
 def wait_for_training(root, timeout=120):
     """The trainer's pid once it prints its first step line."""
     deadline = time.time() + timeout
-    log, pid_file = root / ".autoresearch/run.log", root / ".autoresearch/child.pid"
+    log, pid_file = root / ".autoresearch/run.log", root / ".autoresearch/trainer.pid"
     while time.time() < deadline:
         if log.exists() and "\nstep 0" in log.read_text() and pid_file.exists():
             return int(pid_file.read_text().split()[0])
