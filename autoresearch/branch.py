@@ -199,6 +199,15 @@ class RunBranch:
         self.say(f"recovery: HEAD was {head.hexsha[:7]} ({where}), not the last keep {last.commit}: "
                  f"reset to {last.commit}" + ("; the working tree's files were left as they are" if dirty else ""))
 
+    def check_series(self):
+        """The command measures what the baseline measured: this hardware, eval profile and budget. A result of
+        another series has nothing to compare with, and would be kept unjudged."""
+        base = self.baseline()
+        if base is not None and base.key()[1:] != self.key()[1:]:
+            raise Refused(f"{self.name}'s baseline was measured on {base.hardware}, profile {base.eval_profile}, budget "
+                          f"{base.budget:g}s; this run would be {self.hardware}, {self.profile}, {self.budget:g}s: use "
+                          f"--budget {base.budget:g}, or set up another run branch for that series")
+
     def check_pin(self, commit="HEAD"):
         """The fixed half of commit is the one setup pinned on the baseline row; else Refused."""
         base = self.baseline()
@@ -245,6 +254,7 @@ class _Opened:
                                say or (lambda text: print(text, file=sys.stderr, flush=True)))
             branch.restore_ledger()
             branch.recover()
+            branch.check_series()
             branch.check_pin()
         except BaseException:
             self.lock.__exit__(None, None, None)

@@ -180,10 +180,10 @@ class LiveTraining:
         self.bar.update(self.task, completed=time.time() - self.start, description=text[:60])
 
     def close(self):
-        if self.task is not None:
+        if self.task is not None:  # a bar never started is not stopped: stopping prints an empty line
             self.bar.remove_task(self.task)
             self.task = None
-        self.bar.stop()
+            self.bar.stop()
 
     def __exit__(self, *exc):
         self.close()

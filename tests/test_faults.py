@@ -113,7 +113,7 @@ def test_loop_refuses_a_dirty_tree_and_keeps_user_files(repo_dir):
 
 def test_a_second_harness_fails_at_once_naming_the_first(repo_dir):
     edit(repo_dir)
-    first = spawn(repo_dir, "--backend", "mlx", "run", "-m", "first", "--budget", 8)
+    first = spawn(repo_dir, "--backend", "mlx", "run", "-m", "first", "--budget", BUDGET)
     wait_for_training(repo_dir)
     started = time.time()
     second = cli(repo_dir, "--backend", "mlx", "run", "-m", "second", "--budget", BUDGET)
@@ -124,7 +124,7 @@ def test_a_second_harness_fails_at_once_naming_the_first(repo_dir):
     out, err = first.communicate(timeout=120)
     assert first.returncode in (0, 3), out + err
     log = (repo_dir / ".autoresearch/run.log").read_text()
-    assert "\nstep 0" in log and "seed 42 budget 8s" in log  # the first run's log, not truncated by the second
+    assert "\nstep 0" in log and "=== mlx seed 42" in log  # the first run's log, not truncated by the second
     check_invariants(repo_dir, 2)
 
 

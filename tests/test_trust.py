@@ -125,3 +125,13 @@ def test_an_invalid_run_is_not_blacklisted_and_an_honest_edit_keeps(repo_dir):
     rows = read_ledger(repo_dir / "results.tsv")
     assert [r.status for r in rows][:2] == ["keep", "invalid"] and rows[-1].harness_seconds > 0
     assert abs(rows[-1].harness_seconds - rows[-1].training_seconds) < 0.05 * BUDGET + 3.5
+
+
+def test_another_budget_cannot_start_an_unjudged_series(repo_dir):
+    # a first result at a new budget has nothing to compare with: it would be kept as a "baseline"
+    edit(repo_dir)
+    proc = cli(repo_dir, "--backend", "mlx", "run", "-m", "new budget", "--budget", BUDGET + 1)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"budget {BUDGET:g}s" in errors[0], proc.stderr
+    assert len(read_ledger(repo_dir / "results.tsv")) == 1
