@@ -18,9 +18,6 @@ import pytest
 from conftest import BUDGET, cli, edit
 from autoresearch.ledger import format_row, notes_rows, read_ledger
 
-LONG = 30  # a budget long enough to be interrupted mid-training
-
-
 def spawn(root, *args):
     return subprocess.Popen([sys.executable, "-m", "autoresearch", *map(str, args)], cwd=root, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -31,7 +28,7 @@ def wait_for_training(root, timeout=120):
     deadline = time.time() + timeout
     log, pid_file = root / ".autoresearch/run.log", root / ".autoresearch/trainer.pid"
     while time.time() < deadline:
-        if log.exists() and "\nstep 0" in log.read_text() and pid_file.exists():
+        if pid_file.exists() and "\nstep 0" in log.read_text():  # pid first: by then the old log is cleared
             return int(pid_file.read_text().split()[0])
         time.sleep(0.1)
     raise AssertionError("training never started")
@@ -64,9 +61,9 @@ def test_signal_mid_training_resets_and_kills_the_trainer(repo_dir, command, sig
     head = git.Repo(repo_dir).head.commit.hexsha
     if command == "run":
         edit(repo_dir)
-        proc = spawn(repo_dir, "--backend", "mlx", "run", "-m", "lr", "--budget", LONG)
+        proc = spawn(repo_dir, "--backend", "mlx", "run", "-m", "lr", "--budget", BUDGET)
     else:
-        proc = spawn(repo_dir, "--backend", "mlx", "loop", "--agent", "random", "--budget", LONG)
+        proc = spawn(repo_dir, "--backend", "mlx", "loop", "--agent", "random", "--budget", BUDGET)
     trainer = wait_for_training(repo_dir)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
@@ -83,7 +80,7 @@ def test_sigkill_then_next_run_recovers(repo_dir):
     repo = git.Repo(repo_dir)
     head = repo.head.commit.hexsha
     edit(repo_dir)
-    proc = spawn(repo_dir, "--backend", "mlx", "run", "-m", "killed", "--budget", LONG)
+    proc = spawn(repo_dir, "--backend", "mlx", "run", "-m", "killed", "--budget", BUDGET)
     trainer = wait_for_training(repo_dir)
     killed_commit = repo.head.commit.hexsha
     assert killed_commit != head
