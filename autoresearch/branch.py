@@ -128,10 +128,6 @@ class RunBranch:
         return hardware_tag(self.backend)
 
     @property
-    def target(self):
-        return f"backends/{self.backend}/train.py"
-
-    @property
     def ledger(self):
         return self.root / LEDGER_NAME
 
