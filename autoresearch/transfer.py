@@ -104,10 +104,21 @@ def transfer(root, from_branch, backend, budget=None, seed=42, timeout=None, on_
         if on_result:
             on_result(item)
 
+    if all(row.backend != backend for row, _ in keeps):  # nothing to run: no series to open
+        for row, _ in keeps:
+            done(_other_backend(row, backend))
+        return results
     with open_branch(root, backend, budget, "transfer", say) as branch:
         for row, commit in keeps:
             done(_replay(branch, row, commit, settings, on_line))
     return results
+
+
+def _other_backend(row, backend):
+    origin, description = origin_of(row)
+    return Transferred(origin=origin, description=description, backend=row.backend, source_commit=row.commit,
+                       outcome=f"not applicable (backend {row.backend})", row=None,
+                       message=f"{row.commit} changed backends/{row.backend}/train.py, not {backend}'s")
 
 
 def _replay(branch, row, commit, settings, on_line):
@@ -116,8 +127,7 @@ def _replay(branch, row, commit, settings, on_line):
     origin, description = origin_of(row)
     common = dict(origin=origin, description=description, backend=row.backend, source_commit=row.commit)
     if row.backend != backend:
-        return Transferred(**common, outcome=f"not applicable (backend {row.backend})", row=None,
-                           message=f"{row.commit} changed backends/{row.backend}/train.py, not {backend}'s")
+        return _other_backend(row, backend)
     path = f"backends/{row.backend}/train.py"
     parent = commit.parents[0].hexsha if commit.parents else None
     if parent is None:
