@@ -2,7 +2,6 @@
 a pid file so a later harness can stop it, every line timestamped on arrival."""
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -13,12 +12,11 @@ from pathlib import Path
 
 from . import repo_root, train_file
 from .hardware import blas_library
-from .summary import parse_summary
+from .summary import STEP_LINE, parse_summary
 
 MIN_GRACE_SECONDS = 120  # startup, compilation and evaluation on top of the training budget
 TAIL_LINES = 60
 PID_FILE = "trainer.pid"  # in .autoresearch/: "pid command" while train.py runs (evaluate.py keeps its own)
-STEP_LINE = re.compile(r"^step \d+")  # the progress line of the train.py contract
 
 
 class Interrupted(Exception):

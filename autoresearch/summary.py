@@ -1,7 +1,9 @@
-"""The summary block every train.py prints at the end, beside the checkpoint it saves. No val_bpb: the harness
-scores the checkpoint itself (autoresearch/evaluate.py); a block that still has one parses."""
+"""The output contract of every train.py: a progress line per optimizer step, and the summary block it prints at
+the end, beside the checkpoint it saves. No val_bpb: the harness scores the checkpoint itself
+(autoresearch/evaluate.py); a block that still has one parses."""
 
 import math
+import re
 
 NUMERIC = (
     "val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "tokens_per_sec",
@@ -9,6 +11,31 @@ NUMERIC = (
 )
 REQUIRED = ("training_seconds", "total_seconds", "peak_vram_mb", "total_tokens_M",
             "num_steps", "num_params_M", "depth", "backend", "device", "eval_profile")
+
+# `step 00042 (14.0%) | loss: 3.2 | lrm: 1.00 | dt: 120ms | tok/sec: 8,192 | ... | remaining: 42s`
+STEP_LINE = re.compile(r"^step (?P<step>\d+)(?: \((?P<percent>[\d.]+)%\))?")
+STEP_FIELDS = {"loss": "loss", "tok/sec": "tokens_per_sec", "remaining": "remaining_seconds"}
+
+
+def parse_step(line):
+    """A progress line's numbers ({step, percent, loss, tokens_per_sec, remaining_seconds}, those it has), or
+    None for any other line. Agent-written: a field that does not parse is left out, never raised on."""
+    match = STEP_LINE.match(line)
+    if not match:
+        return None
+    fields = {"step": int(match["step"])}
+    if match["percent"]:
+        fields["percent"] = float(match["percent"])
+    for part in line.split("|")[1:]:
+        key, _, value = part.partition(":")
+        name = STEP_FIELDS.get(key.strip())
+        try:
+            number = float(value.strip().rstrip("s").replace(",", ""))
+        except ValueError:
+            continue
+        if name and math.isfinite(number):
+            fields[name] = number
+    return fields
 
 
 def parse_summary(text):
