@@ -524,7 +524,23 @@ def make_dataloader(tokenizer, B, T, split="train", buffer_size=1000):
     if split == "val":
         require_validation()  # here, not at the first batch: a generator would fail only when iterated
     rows = pack_rows(_documents(split), B, T, buffer_size, keep_remainders=split == "train")
-    return ((batch[:, :-1], batch[:, 1:], epoch) for batch, epoch in rows)
+    return _by_pass(rows, _split_tokens(split))
+
+
+def _split_tokens(split):
+    stem = Path(VAL_FILENAME).stem
+    names = [p.name for p in tokens_dir().glob("shard_*.offsets.npy")]
+    names = [n for n in names if (n[: -len(".offsets.npy")] == stem) == (split == "val")]
+    return max(1, sum(int(np.load(tokens_dir() / n)[-1]) for n in names))
+
+
+def _by_pass(rows, split_tokens):
+    """(inputs, targets, epoch): epoch is the pass over the split's tokens that this batch's tokens fall in (the
+    packer reads up to buffer_size documents ahead, so its own reader's pass runs early on small data)."""
+    trained = 0
+    for batch, _ in rows:
+        yield batch[:, :-1], batch[:, 1:], 1 + trained // split_tokens
+        trained += batch[:, 1:].size
 
 
 def build_val_rows(profile, directory=None):

@@ -59,8 +59,8 @@ def test_packing_invariants(use_cache):
     loader = prepare.make_dataloader(tok, B, T, "train")
     used, emitted, remainders = 0, 0, 0
     for _ in range(60):
-        x, y, epoch = next(loader)
-        assert x.shape == (B, T) and y.shape == (B, T) and x.dtype == np.int32 and epoch in (1, 2)  # 928 docs < the 1000-doc buffer: it reads ahead
+        x, y, _ = next(loader)
+        assert x.shape == (B, T) and y.shape == (B, T) and x.dtype == np.int32
         assert (x[:, 1:] == y[:, :-1]).all()
         rows = np.concatenate([x, y[:, -1:]], axis=1)
         assert (rows[:, 0] == bos).all()  # every row starts with a document
@@ -76,6 +76,17 @@ def test_packing_invariants(use_cache):
         emitted += rows.size
     assert emitted == 60 * B * (T + 1) and used > 60 * B  # several documents per row on average
     assert remainders > 0  # cropped tails come back later, whole within a row
+
+
+def test_epoch_is_the_pass_over_the_training_tokens(use_cache):
+    # the packer's 1000-document buffer reads past all of mixed-en's documents at once: its reader is on its
+    # second pass before the first batch, but the first pass's tokens are still being trained on
+    B, T = 64, 256
+    train_tokens = prepare.load_meta()["train_tokens"]
+    loader = prepare.make_dataloader(None, B, T, "train")
+    epochs = [next(loader)[2] for _ in range(train_tokens // (B * T) + 3)]
+    assert epochs == [1 + step * B * T // train_tokens for step in range(len(epochs))]
+    assert epochs[0] == 1 and epochs[-1] == 2
 
 
 def _token_use(keep_remainders, batches=1500, buffer_size=64):
