@@ -12,7 +12,8 @@ from pathlib import Path
 import git
 
 from .gate import load_noise
-from .hardware import hardware_tag
+from . import BACKENDS
+from .hardware import available_backends, hardware_tag
 from .ledger import LEDGER_NAME, best_kept, git_identity, read_ledger, restore_missing
 from .runner import stop_leftover
 
@@ -42,6 +43,19 @@ def open_repo(root):
         text = exclude.read_text() if exclude.exists() else ""
         exclude.write_text(text + ("\n" if text and not text.endswith("\n") else "") + "".join(f"{p}\n" for p in missing))
     return repo
+
+
+def branch_backend(root):
+    """The backend of the run branch checked out at root (its name ends in that backend's hardware tag here), or
+    None: `auto` on a run branch means the backend it was set up with."""
+    try:
+        repo = git.Repo(root)
+        name = "" if repo.head.is_detached else repo.active_branch.name
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        return None
+    if not name.startswith(BRANCH_PREFIX):
+        return None
+    return next((b for b in BACKENDS if b in available_backends() and name.endswith("-" + hardware_tag(b))), None)
 
 
 def state_dir(root):

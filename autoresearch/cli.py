@@ -1,8 +1,9 @@
 """The `autoresearch` command line."""
 
 import math
+import platform
+import re
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -13,7 +14,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from . import repo_root
 from .calibrate import TIME_LIMIT
 from .experiment import EXIT
-from .hardware import available_backends, blas_library, device_name, hardware_tag, pick_backend
+from .progress import LiveProgress
+from .hardware import BLAS_HINT, available_backends, blas_library, device_name, hardware_tag, pick_backend
 
 app = typer.Typer(add_completion=False, no_args_is_help=False,
                   help="Autonomous LLM research on any hardware. With no command: one training run.")
@@ -30,8 +32,12 @@ def fail(message, code=1):
 
 
 def resolve_backend(requested):
+    from .branch import branch_backend
+
+    say = lambda text: console.print(text, highlight=False, soft_wrap=True)  # noqa: E731
+    on_branch = branch_backend(repo_root()) if requested == "auto" else None
     try:
-        backend, reason = pick_backend(requested)
+        backend, reason = (on_branch, "the run branch's") if on_branch else pick_backend(requested, True, say)
     except ValueError as e:
         fail(str(e))
     if reason != "requested":
@@ -152,45 +158,17 @@ def hardware_cmd():
         print(f"{name:5} {hardware_tag(name):40} {device_name(name)}")
     backend, reason = pick_backend("auto")
     print(f"auto: {backend} ({reason})")
-    blas = blas_library()
-    if "mlx" in found and found["mlx"] == "cpu":
-        print(f"blas for mlx: {blas or 'reference (slow): apt-get install libopenblas0-pthread'}")
+    if found.get("mlx") == "cpu" and platform.system() == "Linux":
+        print(f"blas for mlx: {blas_library() or 'reference (slow): ' + BLAS_HINT}")
 
 
-class LiveTraining:
-    """A progress bar with ETA for one training run at a time; the full output is in .autoresearch/run.log."""
-
-    def __init__(self, budget, verbose=False):
-        self.verbose = verbose
-        self.budget = budget
-        self.task = None
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                            TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True)
-
-    def __enter__(self):
-        return self
-
-    def line(self, text):
-        if self.task is None:  # a run starts: expect the budget plus ~10% and 20 s for startup and eval
-            self.bar.start()
-            self.task = self.bar.add_task("training", total=self.budget * 1.1 + 20)
-            self.start = time.time()
-        if self.verbose:
-            self.bar.console.print(text, highlight=False, markup=False)
-        self.bar.update(self.task, completed=time.time() - self.start, description=text[:60])
-
-    def close(self):
-        if self.task is not None:  # a bar never started is not stopped: stopping prints an empty line
-            self.bar.remove_task(self.task)
-            self.task = None
-            self.bar.stop()
-
-    def __exit__(self, *exc):
-        self.close()
+def seed_runs(gate):
+    """Runs one experiment may take: the seeds gate's most, else one."""
+    return gate.seeds if gate.kind == "seeds" else 1
 
 
-def run_with_progress(fn, expected, verbose, **kwargs):
-    with LiveTraining(expected, verbose) as live:
+def run_with_progress(fn, live, **kwargs):
+    with live:
         outcome = guarded(fn, on_line=live.line, **kwargs)
     print(outcome.message)
     raise typer.Exit(EXIT[outcome.status])
@@ -248,7 +226,8 @@ def setup_cmd(
 
     backend = resolve_backend(backend_opt or ctx.obj["backend"])
     budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
-    run_with_progress(setup, budget, verbose, root=repo_root(), tag=tag, backend=backend, budget=budget,
+    live = LiveProgress(console, budget, "baseline", noise_runs, verbose)
+    run_with_progress(setup, live, root=repo_root(), tag=tag, backend=backend, budget=budget,
                       seed=seed, timeout=timeout, noise_runs=noise_runs, calibrate=calibrate,
                       force_calibration=force_calibration)
 
@@ -268,8 +247,10 @@ def run_cmd(
 
     backend = resolve_backend(backend_opt or ctx.obj["backend"])
     budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
-    run_with_progress(run_experiment, budget, verbose, root=repo_root(), backend=backend, description=message,
-                      budget=budget, seed=seed, timeout=timeout, gate=make_gate(gate, k, seeds, confidence))
+    gate = make_gate(gate, k, seeds, confidence)
+    live = LiveProgress(console, budget, "experiment", seed_runs(gate), verbose)
+    run_with_progress(run_experiment, live, root=repo_root(), backend=backend, description=message,
+                      budget=budget, seed=seed, timeout=timeout, gate=gate)
 
 
 @app.command("loop")
@@ -290,17 +271,20 @@ def loop_cmd(
 
     backend = resolve_backend(backend_opt or ctx.obj["backend"])
     budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
-    live = LiveTraining(budget, verbose)
+    gate = make_gate(gate, k, seeds, confidence)
+    live = LiveProgress(console, budget, "experiment", seed_runs(gate), verbose)
 
     def on_event(text):
         live.close()
         print(text, flush=True)
+        turn = re.match(r"turn (\d+): agent edited", text)
+        if turn:
+            live.experiment(f"experiment {turn[1]}")
 
     try:
         outcomes = guarded(run_loop, root=repo_root(), backend=backend, agent=make_agent(agent, agent_seed),
                            max_experiments=max_experiments, budget=budget, seed=seed, agent_timeout=agent_timeout,
-                           timeout=timeout, on_event=on_event, on_line=live.line,
-                           gate=make_gate(gate, k, seeds, confidence))
+                           timeout=timeout, on_event=on_event, on_line=live.line, gate=gate)
     finally:
         live.close()
     counts = {s: sum(o.status == s for o in outcomes) for s in ("keep", "discard", "crash", "invalid", "repeat")}
@@ -343,7 +327,8 @@ def verify_cmd(
 
     backend = resolve_backend(backend_opt or ctx.obj["backend"])
     budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
-    run_with_progress(verify, budget, verbose, root=repo_root(), backend=backend, runs=runs, budget=budget,
+    live = LiveProgress(console, budget, "verify", runs, verbose)
+    run_with_progress(verify, live, root=repo_root(), backend=backend, runs=runs, budget=budget,
                       seed=seed, timeout=timeout, gate=make_gate("noise", k, 3, 0.9))
 
 
@@ -428,16 +413,17 @@ def transfer_cmd(
     backend = resolve_backend(backend_opt or ctx.obj["backend"])
     budget = budget if budget is not None else ctx.obj["budget"]
     check_prepared(budget)
-    live = LiveTraining(budget or 300, verbose)
+    gate = make_gate(gate, k, seeds, confidence)
+    live = LiveProgress(console, budget or 300, "transfer", seed_runs(gate), verbose)
 
     def on_result(item):
         live.close()
         print(f"{item.origin}: {item.outcome}: {item.message}", flush=True)
+        live.experiment("transfer")
 
     try:
         results = guarded(transfer, root=repo_root(), from_branch=from_branch, backend=backend, budget=budget,
-                          seed=seed, timeout=timeout, on_line=live.line, gate=make_gate(gate, k, seeds, confidence),
-                          on_result=on_result)
+                          seed=seed, timeout=timeout, on_line=live.line, gate=gate, on_result=on_result)
     finally:
         live.close()
     if not results:
@@ -465,6 +451,22 @@ def ledger_rebuild_cmd():
         repo = guarded(open_repo, root=root)
         n = guarded(rebuild_ledger, repo=repo, path=root / LEDGER_NAME)
     print(f"{LEDGER_NAME}: {n} rows rebuilt from refs/notes/autoresearch")
+
+
+@app.command("dashboard")
+def dashboard_cmd(
+    sources: Optional[List[str]] = typer.Argument(None, help="ledger files or run branches (default: this checkout's "
+                                                  "results.tsv and run branches)"),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="port to listen on (0: any free one)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on; another than loopback lets others read it"),
+):
+    """A local, read-only live page: progress charts, ledgers, kept diffs, the run in flight, the findings matrix."""
+    from .dashboard import DashboardError, serve
+
+    try:
+        serve(sources or None, host, port)
+    except DashboardError as e:
+        fail(str(e))
 
 
 def main():

@@ -36,7 +36,7 @@ import numpy as np
 
 import prepare
 
-from .hardware import blas_library
+from .hardware import preload_blas
 
 # How far a loss may move between two evaluations of the same prefix (nats). Honest models give identical
 # numbers (every row is computed alone, masked attention adds exact zeros); the slack covers kernels that are
@@ -66,13 +66,8 @@ def start_evaluator(backend, root, env=None, state=None):
     fresh process costs no more than evaluating in-process did."""
     child_env = dict(os.environ if env is None else env, AUTORESEARCH_CACHE=str(prepare.trainer_view()),
                      PYTHONUNBUFFERED="1")
-    notes = []
-    blas = blas_library() if backend == "mlx" else None
-    if blas:  # MLX on a Linux CPU: one BLAS thread per CPU stream (mlx_loss_fn)
-        if blas not in child_env.get("LD_PRELOAD", ""):
-            child_env["LD_PRELOAD"] = ":".join(p for p in (blas, child_env.get("LD_PRELOAD")) if p)
-        child_env["OPENBLAS_NUM_THREADS"] = "1"
-        notes.append(f"blas: preloading {blas} for MLX, one thread per stream (AUTORESEARCH_BLAS=none to disable)")
+    blas = preload_blas(child_env, one_thread=True) if backend == "mlx" else None  # mlx_loss_fn: a stream per core
+    notes = [blas] if blas else []
     argv = [sys.executable, "-m", "autoresearch.evaluate", backend]
     return Child(argv, root, child_env, Path(state) / EVALUATOR_PID_FILE if state else None, notes)
 

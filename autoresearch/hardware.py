@@ -1,6 +1,7 @@
 """What this machine is: available backends, the auto choice, the hardware tag, an optimized BLAS."""
 
 import functools
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -18,6 +19,8 @@ BLAS_CANDIDATES = (
     "/usr/lib/{arch}-linux-gnu/libopenblas.so.0",
     "/usr/lib64/libopenblas.so.0",
 )
+
+BLAS_HINT = "pip install mkl (x86-64), or apt-get install libopenblas0-pthread"
 
 
 def _has(module):
@@ -73,8 +76,10 @@ def available_backends():
     return found
 
 
-def pick_backend(requested="auto"):
-    """(backend, reason). auto: cuda with an NVIDIA GPU, mlx on Apple Silicon, else the best CPU path."""
+def pick_backend(requested="auto", measure=False, on_line=None):
+    """(backend, reason). auto: cuda with an NVIDIA GPU, mlx on Apple Silicon; else, of the CPU paths installed,
+    the faster here by measurement (calibrate.fastest, cached per hardware and profile; measure=True takes it
+    when none is cached), or by the rule below until one was measured."""
     if requested != "auto":
         if requested not in BACKENDS:
             raise ValueError(f"unknown backend {requested!r}: choose auto or one of {', '.join(BACKENDS)}")
@@ -89,28 +94,78 @@ def pick_backend(requested="auto"):
         return "cuda", f"NVIDIA GPU found ({cuda_device()[0]})"
     if is_apple_silicon() and "mlx" in found:
         return "mlx", "Apple Silicon: MLX on Metal"
+    cpu = [b for b in ("mlx", "mps") if b in found]
+    if len(cpu) > 1:
+        from .calibrate import fastest
+
+        picked = fastest(cpu, on_line=on_line, may_measure=measure)
+        if picked:
+            return picked
+    unmeasured = " (not measured yet)" if len(cpu) > 1 else ""
     if "mlx" in found and blas_library():
-        return "mlx", f"no GPU; MLX on CPU with optimized BLAS ({blas_library()})"
+        return "mlx", f"no GPU; MLX on CPU with optimized BLAS ({blas_library()}){unmeasured}"
     if "mps" in found:
-        return "mps", "no GPU; PyTorch's CPU build (mps backend falls back to CPU)"
+        return "mps", f"no GPU; PyTorch's CPU build (mps backend falls back to CPU){unmeasured}"
     if "mlx" in found:
-        return "mlx", "no GPU; MLX on CPU (reference BLAS: slow, see README to install OpenBLAS)"
+        return "mlx", f"no GPU; MLX on CPU with its reference BLAS: slow ({BLAS_HINT})"
     raise ValueError("no backend installed: pip install -e '.[mlx]' or '.[mps]' or '.[cuda]'")
 
 
 def blas_library():
-    """An optimized BLAS to preload for MLX on Linux CPUs, or None. AUTORESEARCH_BLAS=path|none overrides."""
+    """The optimized BLAS to preload for MLX on Linux CPUs, or None (the wheel's reference BLAS): the `mkl` wheel
+    in this environment (the mlx extra installs it on x86-64 Linux, no root needed; bench/blas.md measured it
+    ahead of Debian's OpenBLAS), else the system's OpenBLAS. AUTORESEARCH_BLAS=path|none overrides."""
     override = os.environ.get("AUTORESEARCH_BLAS")
     if override:
         return None if override == "none" else override
     if platform.system() != "Linux":
         return None
+    return mkl_wheel() or system_openblas()
+
+
+def preload_blas(env, one_thread=False):
+    """Preload the optimized BLAS for an MLX process into env (a dict); the note to print, or None without one.
+    one_thread: for a process that runs one BLAS call per core itself (the evaluator's CPU streams)."""
+    blas = blas_library()
+    if not blas:
+        return None
+    if blas not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = ":".join(p for p in (blas, env.get("LD_PRELOAD")) if p)
+    if one_thread:
+        env["OPENBLAS_NUM_THREADS"] = env["MKL_NUM_THREADS"] = "1"
+    threads = ", one thread per stream" if one_thread else ""
+    return f"blas: preloading {blas} for MLX{threads} (AUTORESEARCH_BLAS=none to disable)"
+
+
+def mkl_wheel():
+    """libmkl_rt from the `mkl` wheel installed in this Python environment, or None."""
+    try:
+        files = importlib.metadata.files("mkl") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    found = [f.locate().resolve() for f in files if f.name.startswith("libmkl_rt.so")]
+    return next((str(path) for path in found if path.exists()), None)
+
+
+def system_openblas():
     arch = platform.machine()
     for pattern in BLAS_CANDIDATES:
         path = pattern.format(arch=arch)
         if os.path.exists(path):
             return path
     return None
+
+
+def blas_name(path):
+    """Short name of a BLAS library for the hardware tag: mkl, openblas, refblas (none preloaded), else the file's."""
+    if not path:
+        return "refblas"
+    name = os.path.basename(path).lower()
+    if "mkl" in name:
+        return "mkl"
+    if "openblas" in path.lower():
+        return "openblas"
+    return _slug(name.split(".so")[0].removeprefix("lib")) or "blas"
 
 
 def _slug(text):
@@ -142,10 +197,13 @@ def device_name(backend):
 
 
 def hardware_tag(backend):
-    """Stable slug: backend + device + memory + arch, e.g. mlx-cpu-x86_64-2c-24gb."""
+    """Stable slug: backend + device + memory + arch, e.g. mlx-cpu-x86_64-2c-24gb-mkl. On a Linux CPU, MLX's
+    speed is its BLAS's (bench/blas.md: 60x between the reference BLAS and MKL), so the BLAS it will preload
+    is part of the tag: results, calibrations and series under another BLAS are another hardware."""
     if backend == "cuda" and cuda_device():
         name, mem = cuda_device()
         return f"cuda-{_slug(name)}-{gpu_gb(mem)}gb"
     if is_apple_silicon():
         return f"{backend}-{_slug(cpu_name())}-{memory_gb()}gb"
-    return f"{backend}-cpu-{platform.machine().lower()}-{os.cpu_count()}c-{memory_gb()}gb"
+    tag = f"{backend}-cpu-{platform.machine().lower()}-{os.cpu_count()}c-{memory_gb()}gb"
+    return f"{tag}-{blas_name(blas_library())}" if backend == "mlx" and platform.system() == "Linux" else tag

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import repo_root, train_file
-from .hardware import blas_library
+from .hardware import preload_blas
 from .summary import STEP_LINE, parse_summary
 
 MIN_GRACE_SECONDS = 120  # startup, compilation and evaluation on top of the training budget
@@ -175,12 +175,8 @@ def train_env(backend, budget=None, seed=None, base=None):
         env["AUTORESEARCH_BUDGET"] = str(budget)
     if seed is not None:
         env["AUTORESEARCH_SEED"] = str(seed)
-    notes = []
-    blas = blas_library() if backend == "mlx" else None
-    if blas:
-        env["LD_PRELOAD"] = ":".join(p for p in (blas, env.get("LD_PRELOAD")) if p)
-        notes.append(f"blas: preloading {blas} for MLX (AUTORESEARCH_BLAS=none to disable)")
-    return env, notes
+    blas = preload_blas(env) if backend == "mlx" else None
+    return env, [blas] if blas else []
 
 
 def default_timeout(budget):

@@ -1,6 +1,7 @@
 """The experiment loop on real git repositories with real CPU training runs (a few seconds each)."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -48,12 +49,19 @@ def check_ledger_and_branch(root, backend, n_rows):
 
 def test_random_loop_mlx_through_the_cli(run_repo):
     proc = cli(run_repo, "--backend", "mlx", "setup", "--tag", "t1", "--budget", str(BUDGET),
-               "--noise-runs", "1", "--no-calibrate")
+               "--noise-runs", "2", "--no-calibrate")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert proc.stdout.strip().splitlines()[-1].startswith("RESULT keep")
+    # piped, progress comes as plain lines on stderr, each seed's first step at least; stdout stays the contract's
+    for seed in (1, 2):
+        assert re.search(rf"^progress: baseline \| seed {seed}/2 \| step \d+ \(\d+% of {BUDGET}s\) \| loss [\d.]+ \| "
+                         rf"[\d,]+ tok/s \| eta \d+m\d\ds$", proc.stderr, re.M), proc.stderr
+    assert "progress:" not in proc.stdout
     proc = cli(run_repo, "--backend", "mlx", "loop", "--agent", "random", "-n", "5", "--budget", str(BUDGET))
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "loop ended: 5 experiments" in proc.stdout
+    trained = re.findall(r"^turn (\d+): RESULT (?!repeat)", proc.stdout, re.M)
+    assert trained and all(f"progress: experiment {n} | seed 1/1 | step" in proc.stderr for n in trained)
     repeats = int(proc.stdout.split(" repeat")[0].rsplit(" ", 1)[-1])  # never-repeat answers add no row
     rows = check_ledger_and_branch(run_repo, "mlx", 6 - repeats)
     assert all(" -> " in r.description for r in rows[1:])  # the random agent says what it changed
