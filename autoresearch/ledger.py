@@ -37,7 +37,7 @@ class Row:
     config: str  # the calibrated config the run branch started from, "-" if none
     gate: str  # the keep rule that decided, e.g. greedy or noise(k=2)
     train_hash: str  # hash of the normalized train.py, for never-repeat
-    branch: str  # the run branch, e.g. autoresearch/nov24-mlx-cpu-x86_64-2c-24gb
+    branch: str  # the run branch, e.g. autoresearch/nov24-mlx-cpu-x86_64-2c-24gb-mkl
     samples: str  # every seed's val_bpb, comma-separated ("-" for a crash)
     # columns added later: ledgers and notes written before them read with these defaults
     harness_seconds: float = 0.0  # training seconds the harness measured itself, 0 when unknown
