@@ -556,14 +556,19 @@ def render_markdown(sources, rows, series, table, matrix, notes, png_name="progr
     return "\n".join(out).rstrip() + "\n"
 
 
-def bench_report(sources, out, repo=None):
-    """Read the sources (ledger files or run branches), merge, write out/report.md and out/progress.png.
-    Returns {rows, series, table, matrix, notes, report, png}."""
-    loaded = [load_source(s, repo) for s in sources]
-    rows = merge(loaded)
+def load_series(sources, repo=None):
+    """The sources' rows merged, and their series, each in time order: (rows, series)."""
+    rows = merge([load_source(s, repo) for s in sources])
     series = series_of(rows)
     for s in series:  # notes and several ledgers: order each series by time
         s.rows = in_time_order(s.rows)
+    return rows, series
+
+
+def bench_report(sources, out, repo=None):
+    """Read the sources (ledger files or run branches), merge, write out/report.md and out/progress.png.
+    Returns {rows, series, table, matrix, notes, report, png}."""
+    rows, series = load_series(sources, repo)
     table = hardware_table(series)
     matrix = findings_matrix(series)
     notes = comparability_notes(series)
@@ -576,5 +581,5 @@ def bench_report(sources, out, repo=None):
             "report": report, "png": png}
 
 
-__all__ = ["LedgerError", "ReportError", "Series", "bench_report", "findings_matrix", "hardware_table",
+__all__ = ["LedgerError", "ReportError", "Series", "bench_report", "findings_matrix", "hardware_table", "load_series",
            "load_source", "merge", "notes_rows", "plot_progress", "results_summary", "series_of", "summarize"]
