@@ -1,0 +1,177 @@
+"""`autoresearch dashboard` on a real run branch: the JSON endpoint, then the page in a real headless Chromium
+(Debian's /usr/bin/chromium, driven by playwright) while a real `loop` adds a row."""
+
+import dataclasses
+import json
+import os
+import re
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import BUDGET
+from autoresearch.ledger import append_row, now, read_ledger
+from autoresearch.summary import parse_step
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+XSS = "<img src=x onerror=window.__xss=1>"
+
+
+def start_dashboard(root, *args):
+    """The real command in a fresh process; returns (process, its URL) once it listens."""
+    proc = subprocess.Popen([sys.executable, "-m", "autoresearch", "dashboard", *args], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready, _, _ = select.select([proc.stdout], [], [], 60)
+    line = proc.stdout.readline() if ready else ""
+    match = re.search(r"http://\S+/", line)
+    if not match:
+        proc.kill()
+        pytest.fail(f"the dashboard did not start: {line}{proc.communicate()[1]}")
+    return proc, match[0]
+
+
+def stop(proc):
+    proc.terminate()
+    proc.communicate(timeout=10)
+
+
+def get(url, method="GET"):
+    with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10) as response:
+        return json.loads(response.read())
+
+
+def best_kept(root):
+    return min(r.val_bpb for r in read_ledger(root / "results.tsv") if r.status == "keep")
+
+
+@pytest.fixture(scope="module")
+def project(branch_template, tmp_path_factory):
+    """A copy of the real run branch (its baseline row in results.tsv and in the git notes)."""
+    dest = tmp_path_factory.mktemp("dashboard") / "project"
+    shutil.copytree(branch_template, dest, symlinks=True)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def dashboard(project):
+    proc, url = start_dashboard(project, "--port", "0")
+    yield url
+    stop(proc)
+
+
+def test_state_endpoint_and_safety(project, dashboard):
+    state = get(dashboard + "api/state")
+    row, = read_ledger(project / "results.tsv")
+    s, = state["series"]
+    assert s["summary"]["hardware"] == row.hardware and s["summary"]["branch"] == row.branch
+    assert s["summary"]["best"]["val_bpb"] == best_kept(project) and s["rows"][0]["description"] == "baseline"
+    assert state["error"] is None and state["live"] is None
+    # a trainer in flight: its pid file as the runner writes it, the real progress lines setup left in run.log
+    steps = [parse_step(line) for line in (project / ".autoresearch/run.log").read_text().splitlines()]
+    pid_file = project / ".autoresearch/trainer.pid"
+    pid_file.write_text(f"{os.getpid()} python backends/mlx/train.py\n")
+    try:
+        live = get(dashboard + "api/state")["live"]
+    finally:
+        pid_file.unlink()
+    assert live["progress"] == [p for p in steps if p][-1] and live["progress"]["step"] >= 0
+    assert {"percent", "loss", "remaining_seconds"} <= set(live["progress"])
+    # the baseline's diff of train.py, on demand; a commit no row kept is not diffed
+    diff = get(dashboard + f"api/diff?commit={row.commit}")
+    assert diff["path"] == "backends/mlx/train.py" and "+++ b/backends/mlx/train.py" in diff["diff"]
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        get(dashboard + "api/diff?commit=--output=x")
+    assert refused.value.code == 404
+    # read-only: every other method is refused
+    for method in ("POST", "PUT", "DELETE", "PATCH"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            get(dashboard + "api/state", method)
+        assert refused.value.code == 405
+    # bound to 127.0.0.1 by default: another loopback address finds nobody listening
+    assert dashboard.startswith("http://127.0.0.1:")
+    port = int(dashboard.rsplit(":", 1)[1].strip("/"))
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.2", port), timeout=2).close()
+
+
+def test_bad_source_and_taken_port_are_one_line_errors(project):
+    for args in (["no-such-ledger.tsv"], ["--port", "{port}"]):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            argv = [a.format(port=taken.getsockname()[1]) for a in args]
+            proc = subprocess.run([sys.executable, "-m", "autoresearch", "dashboard", *argv], cwd=project,
+                                  capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error:")
+    assert "in use" in proc.stderr
+
+
+def test_page_follows_a_real_loop(project, dashboard, cpu_cache):
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium): the page is tested in a real browser")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(dashboard)
+            page.wait_for_selector("h2.series-title")
+            row, = read_ledger(project / "results.tsv")
+            assert page.inner_text("h2.series-title") == row.hardware
+            assert page.inner_text(".best") == f"{best_kept(project):.6f}"
+            assert page.locator("table.ledger tbody tr").count() == 1
+            assert page.locator(".chart .scatterlayer .point").count() >= 1  # plotly drew the baseline
+            # remember this page (a reload would forget) and every text the live panel shows
+            page.evaluate("""() => { window.__same = 1; window.__live = [];
+                new MutationObserver(() => window.__live.push(document.getElementById('live').textContent))
+                    .observe(document.getElementById('live'), {childList: true, subtree: true}); }""")
+
+            # a real experiment: the page shows it in flight, then its row, without a reload
+            loop = subprocess.run([sys.executable, "-m", "autoresearch", "--backend", "mlx", "loop", "--agent",
+                                   "random", "-n", "1", "--budget", str(BUDGET)], cwd=project, capture_output=True,
+                                  text=True, timeout=300, env=dict(os.environ, AUTORESEARCH_CACHE=str(cpu_cache)))
+            assert loop.returncode == 0, loop.stdout + loop.stderr
+            rows = read_ledger(project / "results.tsv")
+            assert len(rows) == 2 or "1 repeat" in loop.stdout
+            page.wait_for_function(f"() => document.querySelectorAll('table.ledger tbody tr').length === {len(rows)}",
+                                   timeout=10_000)
+            shown = page.evaluate("window.__live")
+            assert any(re.search(r"step \d+ · [\d.]+% of budget · loss [\d.]+", t) for t in shown), shown
+            assert page.inner_text("#live") == "No experiment in flight."
+            assert page.inner_text(".best") == f"{best_kept(project):.6f}"
+
+            # a row appended as the harness does, with a description that is markup: shown as text, never run
+            started = time.time()
+            append_row(project / "results.tsv", dataclasses.replace(rows[0], status="discard", description=XSS,
+                                                                    timestamp=now()))
+            page.wait_for_function(f"() => document.querySelectorAll('table.ledger tbody tr').length === {len(rows) + 1}",
+                                   timeout=6_000)
+            assert time.time() - started < 6
+            assert page.locator("td.desc", has_text=XSS).count() == 1
+            assert page.evaluate("window.__xss") is None and page.locator("main img").count() == 0
+            assert page.evaluate("window.__same") == 1
+
+            # the ledger sorts by a column; a kept commit's diff opens on demand
+            page.click("th[data-col=val_bpb]")
+            shown_values = page.locator("table.ledger tbody tr td:nth-child(5)").all_inner_texts()
+            assert shown_values[0] == f"{min(r.val_bpb for r in rows if r.status in ('keep', 'discard')):.6f}"
+            page.click(f"details.kept[data-commit='{row.commit}'] summary")
+            page.wait_for_selector("pre.diff")
+            assert "+++ b/backends/mlx/train.py" in page.inner_text("pre.diff")
+            assert not errors, errors
+        finally:
+            browser.close()
