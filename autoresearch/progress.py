@@ -37,7 +37,7 @@ class LiveProgress:
 
     def experiment(self, label):
         """A new job of the same command (loop: the next experiment)."""
-        self.label, self.run, self.run_started, self.step = label, 0, None, {}
+        self.label, self.run, self.run_started, self.step, self.phase = label, 0, None, {}, "starting"
 
     def line(self, text):
         now = time.time()
@@ -99,7 +99,11 @@ class LiveProgress:
                         times=f"{clock(done)} elapsed, eta {clock(eta)}")
 
     def close(self):
-        """Take the live line off the terminal before other output; the next line brings it back."""
+        """Take the live line off the terminal before other output (a result: the run timed so far is over); the
+        next line brings it back."""
+        if self.run_started is not None:
+            self.durations.append(time.time() - self.run_started)
+            self.run_started = None
         if self.bar is not None:  # a bar never started is not stopped: stopping prints an empty line
             self.bar.stop()
             self.bar = self.task = None
