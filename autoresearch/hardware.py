@@ -198,7 +198,7 @@ def device_name(backend):
 
 def hardware_tag(backend):
     """Stable slug: backend + device + memory + arch, e.g. mlx-cpu-x86_64-2c-24gb-mkl. On a Linux CPU, MLX's
-    speed is its BLAS's (bench/blas.md: 60x between the reference BLAS and MKL), so the BLAS it will preload
+    speed is its BLAS's (bench/blas.md: 7-14x between the reference BLAS and MKL), so the BLAS it preloads
     is part of the tag: results, calibrations and series under another BLAS are another hardware."""
     if backend == "cuda" and cuda_device():
         name, mem = cuda_device()
