@@ -14,8 +14,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from . import repo_root
 from .calibrate import TIME_LIMIT
 from .experiment import EXIT
-from .progress import LiveProgress
 from .hardware import BLAS_HINT, available_backends, blas_library, device_name, hardware_tag, pick_backend
+from .progress import LiveProgress
 
 app = typer.Typer(add_completion=False, no_args_is_help=False,
                   help="Autonomous LLM research on any hardware. With no command: one training run.")
