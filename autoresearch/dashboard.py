@@ -33,6 +33,7 @@ from . import report, train_file
 from .branch import BRANCH_PREFIX, STATE_DIR
 from .gate import spread
 from .ledger import LEDGER_NAME, LedgerError, read_ledger
+from .progress import HEADER
 from .runner import PID_FILE
 from .summary import parse_step
 
@@ -40,7 +41,6 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 PAGE = Path(__file__).with_name("dashboard_page.html")
 LOG_TAIL = 64 * 1024  # bytes of run.log read for the last progress line
-RUN_HEADER = "=== "  # measure() starts each seed's section of run.log with "=== mlx seed 42 budget 300s ==="
 COMMIT = re.compile(r"^[0-9a-f]{4,40}$")
 
 
@@ -108,7 +108,7 @@ def in_flight(root):
         return None
     header, progress = None, None
     for line in reversed(tail):  # the current seed's lines only: run.log holds every seed of the experiment
-        if line.startswith(RUN_HEADER):
+        if HEADER.match(line):  # the current seed's section of run.log starts here
             header = line.strip("= ")
             break
         progress = progress or parse_step(line)

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 from .calibrate import TIME_LIMIT
 from .summary import parse_step
 
-HEADER = re.compile(r"^=== \S+ seed \d+ budget")  # experiment.measure's line before every run
+HEADER = re.compile(r"^=== \S+ seed \d+ budget")  # experiment.measure's line before every run (the dashboard reads it too)
 PLAIN_EVERY = 10.0  # seconds between plain progress lines
 OVERHEAD_GUESS = 20.0  # seconds of startup and evaluation per run, until a run was timed
 CALIBRATION_GUESS = 2 * TIME_LIMIT  # its training steps plus a startup per rung
@@ -41,7 +41,7 @@ class LiveProgress:
 
     def line(self, text):
         now = time.time()
-        first_step = False
+        first_step, step = False, parse_step(text)
         if HEADER.match(text):
             if self.run_started is not None:
                 self.durations.append(now - self.run_started)
@@ -50,9 +50,9 @@ class LiveProgress:
         elif text.startswith("calibrate:"):
             self.calibration_started = self.calibration_started or now
             self.phase = "calibrating"
-        elif parse_step(text) is not None:
+        elif step is not None:
             first_step = not self.step
-            self.step, self.phase = parse_step(text), "training"
+            self.step, self.phase = step, "training"
         elif text.strip() == "---":  # the summary block: training is over, the harness's evaluation follows
             self.phase = "evaluating"
         if self.verbose or text.startswith(ALWAYS):
