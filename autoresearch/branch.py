@@ -128,6 +128,7 @@ class RunBranch:
     profile: str
     say: object = print  # one-line notices: recovery, restored rows
     calibrated: str | None = None  # setup's calibrated config, before the baseline row records it
+    tag: str | None = None  # the hardware its rows are measured on, where not this process's (a swarm's workers)
 
     @property
     def root(self):
@@ -139,7 +140,7 @@ class RunBranch:
 
     @property
     def hardware(self):
-        return hardware_tag(self.backend)
+        return self.tag or hardware_tag(self.backend)
 
     @property
     def ledger(self):
@@ -239,21 +240,22 @@ class RunBranch:
         return f"interrupted: experiment {commit.hexsha[:7]} not measured (kept as {ref}); reset to {base.hexsha[:7]}"
 
 
-def open_branch(root, backend, budget, command, say=None):
+def open_branch(root, backend, budget, command, say=None, hardware=None):
     """Lock the checkout, then the checked-out run branch, its ledger restored and HEAD at its last keep.
-    Use as `with open_branch(...) as branch:`."""
-    return _Opened(root, backend, budget, command, say)
+    hardware: the tag its experiments run on, where that is not this process's. Use as `with open_branch(...) as
+    branch:`."""
+    return _Opened(root, backend, budget, command, say, hardware)
 
 
 class _Opened:
-    def __init__(self, root, backend, budget, command, say):
-        self.args = (root, backend, budget, command, say)
+    def __init__(self, root, backend, budget, command, say, hardware):
+        self.args = (root, backend, budget, command, say, hardware)
         self.lock = None
 
     def __enter__(self):
         import prepare
 
-        root, backend, budget, command, say = self.args
+        root, backend, budget, command, say, hardware = self.args
         repo = open_repo(root)
         if repo.head.is_detached or not repo.active_branch.name.startswith(BRANCH_PREFIX):
             raise Refused("not on a run branch: start one with `autoresearch setup --tag TAG --backend "
@@ -261,7 +263,7 @@ class _Opened:
         self.lock = Lock(root, command).__enter__()
         try:
             branch = RunBranch(repo, backend, float(budget), prepare.load_profile().name,
-                               say or (lambda text: print(text, file=sys.stderr, flush=True)))
+                               say or (lambda text: print(text, file=sys.stderr, flush=True)), tag=hardware)
             branch.restore_ledger()
             branch.recover()
             branch.check_series()

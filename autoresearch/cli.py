@@ -291,6 +291,43 @@ def loop_cmd(
     print(f"loop ended: {len(outcomes)} experiments, " + ", ".join(f"{v} {k}" for k, v in counts.items()))
 
 
+@app.command("swarm")
+def swarm_cmd(
+    ctx: typer.Context,
+    backend_opt: Optional[str] = BackendOption,
+    workers: int = typer.Option(2, "--workers", "-w", help="Ray actors, each with one GPU or a share of the CPU cores"),
+    agent: str = typer.Option(..., "--agent", "-a", help="random, or a command: prompt on stdin, or in place of {prompt}"),
+    address: Optional[str] = typer.Option(None, "--address", help="local (default: a Ray instance of this machine's), "
+                                          "auto (the cluster this node joined with `ray start`), or ray://HOST:10001"),
+    tag: Optional[str] = typer.Option(None, "--tag", "-t", help="first set up the run branch "
+                                      "autoresearch/<tag>-<the workers' hardware> on worker 0"),
+    noise_runs: int = typer.Option(3, "--noise-runs", help="with --tag: baseline seeds, for the noise floor"),
+    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="with --tag: size the model for the "
+                                   "workers' hardware first"),
+    max_experiments: Optional[int] = typer.Option(None, "--max-experiments", "-n", help="stop after N turns, all workers together"),
+    agent_timeout: float = typer.Option(900, "--agent-timeout", help="seconds an agent may take per edit"),
+    agent_seed: int = typer.Option(0, "--agent-seed", help="seed of worker 0's random agent (worker i: + i)"),
+    budget: Optional[float] = BudgetOption, seed: int = SeedOption, timeout: Optional[float] = TimeoutOption,
+    gate: str = GateOption, k: float = KOption, seeds: int = SeedsOption, confidence: float = ConfidenceOption,
+):
+    """Several workers run the loop on one run branch at once, on Ray; this checkout holds the merged branch and
+    the one ledger, every row tagged with its worker (Ctrl-C to end)."""
+    from .experiment import Settings
+    from .swarm import Plan, run_swarm
+
+    backend = resolve_backend(backend_opt or ctx.obj["backend"])
+    budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
+    try:
+        settings = Settings(seed, timeout, make_gate(gate, k, seeds, confidence))
+        plan = Plan(workers, agent, agent_seed, agent_timeout, max_experiments, address, tag, noise_runs, calibrate)
+    except ValueError as e:
+        fail(str(e), code=EXIT["refused"])
+    rows = guarded(run_swarm, root=repo_root(), backend=backend, budget=budget, settings=settings, plan=plan,
+                   on_event=lambda text: print(text, flush=True))
+    counts = {s: sum(r.status == s for r in rows) for s in ("keep", "discard", "crash", "invalid", "lost")}
+    print(f"swarm ended: {len(rows)} rows, " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+
+
 @app.command("calibrate")
 def calibrate_cmd(
     ctx: typer.Context,

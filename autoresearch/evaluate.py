@@ -36,7 +36,7 @@ import numpy as np
 
 import prepare
 
-from .hardware import preload_blas
+from .hardware import cpu_cores, preload_blas
 
 # How far a loss may move between two evaluations of the same prefix (nats). Honest models give identical
 # numbers (every row is computed alone, masked attention adds exact zeros); the slack covers kernels that are
@@ -363,7 +363,7 @@ def mlx_loss_fn(module, model, vocab):
     # ~800M/s), and the transcendental passes over the (b, T, V) logits cost more than the matmuls. So the rows
     # are split over one CPU stream per core (streams run side by side), and numpy does the log-softmax on the
     # same memory; the harness preloads a single-threaded BLAS for it (evaluate()), one per stream.
-    streams = [mx.new_stream(mx.cpu) for _ in range(os.cpu_count() or 1)] if not module.on_gpu else []
+    streams = [mx.new_stream(mx.cpu) for _ in range(cpu_cores())] if not module.on_gpu else []
 
     def loss_fn(rows):
         rows = np.asarray(rows, dtype=np.int32)

@@ -27,6 +27,7 @@ EXIT = {"ok": 0, "keep": 0, "holds": 0, "error": 1, "refused": 2, "discard": 3, 
 OVERRUN_FRACTION = 0.05  # training may pass the budget by 5 % or one step, whichever is longer...
 EXIT_SECONDS = 3.0  # ...plus saving the weights and the interpreter's exit after the last step
 PROTECTED = (LEDGER_NAME, f"{STATE_DIR}/noise.json")  # ignored files a train.py must not touch
+UNJUDGED = ("invalid", "lost")  # rows that say nothing about the idea: the same program may run again
 
 
 class CacheBroken(Exception):
@@ -255,7 +256,7 @@ def manual_run(root, backend, budget, on_line=None):
 # ---------------------------------------------------------------------------
 
 
-def _row(branch, runs, status, commit, description, settings, source):
+def make_row(branch, runs, status, commit, description, settings, source):
     """The ledger row of a program's runs (several seeds where the gate asked for them)."""
     good = [m.val_bpb for m in runs if m.status == "ok"]
     scored = status in ("keep", "discard", "verify")
@@ -324,7 +325,7 @@ def train_and_record(branch, description, base, commit, settings, on_line=None, 
     elif not baseline_runs:
         branch.repo.head.reset(base, index=True, working_tree=True)
         message += f"; reverted to {base.hexsha[:7]}"
-    row = _row(branch, runs, status, short, description, settings, source)
+    row = make_row(branch, runs, status, short, description, settings, source)
     try:
         record(branch.repo, row, commit)
     except LedgerError:  # a full disk: no row, so no keep either
@@ -410,15 +411,17 @@ def check_candidate(repo, backend):
 
 def find_repeat(branch):
     """The row of this run whose train.py is the same program as the edited one, or None. A run the harness
-    caught (invalid) says nothing about the idea and is not a repeat."""
+    caught (invalid) or lost with its swarm worker says nothing about the idea and is not a repeat."""
     digest = train_hash(train_file(branch.backend, branch.root).read_text())
-    same = [r for r in branch.rows() if r.key() == branch.key() and r.train_hash == digest and r.status != "invalid"]
+    same = [r for r in branch.rows() if r.key() == branch.key() and r.train_hash == digest
+            and r.status not in UNJUDGED]
     return same[-1] if same else None
 
 
-def experiment(branch, description, settings, on_line=None):
+def experiment(branch, description, settings, on_line=None, claim=None):
     """Commit the edited train.py, train it, keep it or reset to the last keep. A program already in the
-    ledger is not run again: the answer comes from the ledger and the edit is undone."""
+    ledger is not run again: the answer comes from the ledger and the edit is undone. claim(train_hash), in a
+    swarm: None once the program is this worker's to run, else where the same program ran or runs."""
     target = check_candidate(branch.repo, branch.backend)
     description = " ".join(description.split()) or "(no description)"
     repeat = find_repeat(branch)
@@ -427,6 +430,10 @@ def experiment(branch, description, settings, on_line=None):
         val = f"val_bpb={repeat.val_bpb:.6f}" if repeat.status in ("keep", "discard") else repeat.status
         return Outcome("repeat", repeat, None, f"RESULT repeat: the same program as commit {repeat.commit} "
                        f"({repeat.status}, {val}, \"{repeat.description}\"); not run again, edit undone")
+    elsewhere = claim(train_hash(train_file(branch.backend, branch.root).read_text())) if claim else None
+    if elsewhere:
+        branch.repo.git.checkout("HEAD", "--", target)
+        return Outcome("repeat", None, None, f"RESULT repeat: the same program {elsewhere}; not run again, edit undone")
     base = branch.repo.head.commit
     branch.repo.index.add([target])
     commit = branch.repo.index.commit(description)
@@ -471,7 +478,7 @@ def verify(root, backend, runs=3, budget=None, seed=1000, timeout=None, on_line=
         message = (f"VERIFY {status}: recorded {best.val_bpb:.6f}, re-run mean {statistics.fmean(samples):.6f} "
                    f"(n={len(samples)}), regression {regression:+.6f}, allowed {allowed:.6f}"
                    + (f" ({gate.k:g} x spread {sigma:.6f})" if sigma is not None else " (no noise floor)"))
-        row = _row(branch, measurements, "verify", best.commit, f"verify {best.commit}: {best.description}",
+        row = make_row(branch, measurements, "verify", best.commit, f"verify {best.commit}: {best.description}",
                    settings, train_file(backend, branch.root).read_text())
         record(branch.repo, row, branch.repo.head.commit)
         return Outcome(status, row, best, message)

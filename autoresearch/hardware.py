@@ -172,6 +172,15 @@ def _slug(text):
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def cpu_cores():
+    """The cores this process may run on: its affinity where the OS has one (a swarm worker's share, a
+    container's cpuset), else every core."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
 def memory_gb():
     return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30)
 
@@ -193,7 +202,7 @@ def device_name(backend):
         return f"{gpu[0]} {gpu_gb(gpu[1])}GB" if gpu else "cpu"
     if is_apple_silicon():
         return f"{cpu_name()} {memory_gb()}GB"
-    return f"cpu {platform.machine()} {os.cpu_count()}c {memory_gb()}GB"
+    return f"cpu {platform.machine()} {cpu_cores()}c {memory_gb()}GB"
 
 
 def hardware_tag(backend):
@@ -205,5 +214,5 @@ def hardware_tag(backend):
         return f"cuda-{_slug(name)}-{gpu_gb(mem)}gb"
     if is_apple_silicon():
         return f"{backend}-{_slug(cpu_name())}-{memory_gb()}gb"
-    tag = f"{backend}-cpu-{platform.machine().lower()}-{os.cpu_count()}c-{memory_gb()}gb"
+    tag = f"{backend}-cpu-{platform.machine().lower()}-{cpu_cores()}c-{memory_gb()}gb"
     return f"{tag}-{blas_name(blas_library())}" if backend == "mlx" and platform.system() == "Linux" else tag

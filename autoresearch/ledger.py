@@ -11,8 +11,9 @@ from dataclasses import MISSING, dataclass, fields
 from datetime import datetime
 from pathlib import Path
 
-# verify: a re-run of a kept commit, decides nothing; invalid: caught breaking the rules, reverted, idea not judged
-STATUSES = ("keep", "discard", "crash", "verify", "invalid")
+# verify: a re-run of a kept commit, decides nothing; invalid: caught breaking the rules, reverted, idea not judged;
+# lost: a swarm worker died mid-experiment, nothing measured, idea not judged
+STATUSES = ("keep", "discard", "crash", "verify", "invalid", "lost")
 LEDGER_NAME = "results.tsv"
 NOTES_REF = "autoresearch"  # every row is also a git note on its commit: refs/notes/autoresearch
 
@@ -42,6 +43,7 @@ class Row:
     # columns added later: ledgers and notes written before them read with these defaults
     harness_seconds: float = 0.0  # training seconds the harness measured itself, 0 when unknown
     pin: str = "-"  # hash of the fixed half of the repository the row ran against, "-" when unknown
+    worker: str = "-"  # the swarm worker that ran it (w0, w1, ...), "-" outside a swarm
 
     def values(self):
         return [float(v) for v in self.samples.split(",")] if self.samples not in ("", "-") else []
@@ -283,6 +285,11 @@ def append_row(path, row):
         _replace(path, (_migrated(f, path) + line).encode(), "append a row")
     else:
         _append(path, (("" if f.data.endswith(b"\n") else "\n") + line).encode(), "append a row")
+
+
+def replace_ledger(path, data):
+    """Write the ledger whole from bytes (a swarm worker's copy of the driver's): the old file or the new, never half."""
+    _replace(Path(path), data, "write the ledger")
 
 
 def _ledger_bytes(rows):

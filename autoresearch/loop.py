@@ -60,6 +60,42 @@ def set_aside(repo, label):
     return "stash@{0}"
 
 
+class NoEdit(Exception):
+    """The agent's turn produced no experiment; its changes were set aside. reason: why, for the next prompt."""
+
+    def __init__(self, message, reason):
+        super().__init__(message)
+        self.reason = reason
+
+
+def agent_edit(branch, agent, label, last_turn, agent_timeout, event):
+    """One agent turn on the run branch: the agent edits train.py, the edit is checked, and its description is
+    returned (from the agent, else from the changed hyperparameters). No valid edit: NoEdit, the changes set
+    aside in a git stash entry, never deleted."""
+    root, backend, repo = branch.root, branch.backend, branch.repo
+    before = train_file(backend, root).read_text()
+    prompt = build_prompt(root, backend, branch.budget, last_turn)
+    started = time.time()
+    try:
+        description = agent.edit(root, backend, prompt, agent_timeout)
+        check_candidate(repo, backend)
+    except (AgentFailed, Refused) as e:
+        where = set_aside(repo, f"autoresearch {label}: {e}")
+        raise NoEdit(f"agent {agent.name!r} produced no experiment: {e}"
+                     + (f" (its changes set aside in git {where})" if where else ""), str(e)) from None
+    except BaseException:
+        set_aside(repo, f"autoresearch {label}: interrupted while the agent worked")
+        raise
+    description = description or describe_diff(before, train_file(backend, root).read_text())
+    event(f"{label}: agent edited in {time.time() - started:.0f}s: {description}")
+    return description
+
+
+def check_agent_timeout(agent_timeout):
+    if not agent_timeout > 0:
+        raise ValueError(f"--agent-timeout must be a positive number of seconds, got {agent_timeout:g}")
+
+
 def run_loop(root, backend, agent, max_experiments=None, budget=None, seed=42, agent_timeout=900,
              timeout=None, on_event=print, on_line=None, gate=Gate()):
     """Repeat agent edit + experiment until interrupted or max_experiments agent turns. Returns the outcomes."""
@@ -67,8 +103,7 @@ def run_loop(root, backend, agent, max_experiments=None, budget=None, seed=42, a
     budget = check_budget(budget)
     if max_experiments is not None and max_experiments < 0:
         raise ValueError(f"--max-experiments must be at least 0, got {max_experiments}")
-    if not agent_timeout > 0:
-        raise ValueError(f"--agent-timeout must be a positive number of seconds, got {agent_timeout:g}")
+    check_agent_timeout(agent_timeout)
     root = Path(root)
     outcomes, turn, last_turn = [], 0, None
     log = state_dir(root) / "loop.log"
@@ -81,26 +116,14 @@ def run_loop(root, backend, agent, max_experiments=None, budget=None, seed=42, a
     check_cache()
     with open_branch(root, backend, budget, "loop", say=event) as branch:
         refuse_dirty(branch.repo)  # between turns the loop undoes changes: none may be the user's
-        repo = branch.repo
         while max_experiments is None or turn < max_experiments:
             turn += 1
-            before = train_file(backend, root).read_text()
-            prompt = build_prompt(root, backend, budget, last_turn)
-            started = time.time()
             try:
-                description = agent.edit(root, backend, prompt, agent_timeout)
-                check_candidate(repo, backend)
-            except (AgentFailed, Refused) as e:
-                last_turn = f"no experiment: {e}"
-                where = set_aside(repo, f"autoresearch loop turn {turn}: {e}")
-                event(f"turn {turn}: agent {agent.name!r} produced no experiment: {e}"
-                      + (f" (its changes set aside in git {where})" if where else ""))
+                description = agent_edit(branch, agent, f"turn {turn}", last_turn, agent_timeout, event)
+            except NoEdit as e:
+                last_turn = f"no experiment: {e.reason}"
+                event(f"turn {turn}: {e}")
                 continue
-            except BaseException:
-                set_aside(repo, f"autoresearch loop turn {turn}: interrupted while the agent worked")
-                raise
-            description = description or describe_diff(before, train_file(backend, root).read_text())
-            event(f"turn {turn}: agent edited in {time.time() - started:.0f}s: {description}")
             check_cache()  # a broken cache is not the candidate's fault: stop with the edit still in the tree
             outcome = experiment(branch, description, settings, on_line)
             outcomes.append(outcome)

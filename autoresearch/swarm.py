@@ -1,0 +1,520 @@
+"""The swarm: one run branch explored by several workers at once, on Ray (`pip install -e '.[swarm]'`).
+
+Each worker is a Ray actor holding one GPU, or a share of a CPU box's cores, with its own clone of the repository
+and its own copy of the run branch on its node. It runs the loop's turn there: agent edit, experiment, gate. The
+driver's checkout is the one ledger and the merged branch: every row lands there tagged with its worker, and a
+kept result that still beats the swarm's best becomes it, so every worker starts its next turn from it."""
+
+import fcntl
+import hashlib
+import os
+import socket
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import git
+
+from . import train_file
+from .agents import make_agent
+from .branch import BRANCH_PREFIX, Lock, Refused, open_branch, open_repo, refuse_dirty, state_dir
+from .experiment import (UNJUDGED, CacheBroken, Measurement, Settings, check_budget, check_cache, experiment,
+                         make_row, record, setup)
+from .gate import decide, load_noise, noise_path, save_noise
+from .hardware import hardware_tag
+from .ledger import LEDGER_NAME, NOTES_REF, append_row, git_identity, read_ledger, replace_ledger
+from .loop import NoEdit, agent_edit, check_agent_timeout
+from .runner import stop_leftover
+
+BEST_REF = "refs/autoresearch/swarm/best"  # in a worker's clone: the swarm's best as the driver last sent it
+OUT_REF = "refs/autoresearch/swarm/out"  # in a worker's clone: its last experiment, bundled for the driver
+MAX_LOSSES = 3  # a worker lost this many times in a row without a result is given up
+START_TIMEOUT = 300  # seconds for every worker to be placed and to answer (a cluster without the resources never does)
+CORE_LOCKS = Path(tempfile.gettempdir()) / "autoresearch-swarm-cores"  # one flock per core slot of this node
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the swarm runs: the same for every worker, fixed at the start."""
+    workers: int
+    agent: str = "random"  # random, or a command line
+    agent_seed: int = 0  # worker i's random agent is seeded agent_seed + i
+    agent_timeout: float = 900
+    max_experiments: int | None = None  # agent turns with a result, all workers together
+    address: str | None = None  # None or "local": a Ray instance of this machine's; "auto", "ray://...": a cluster
+    tag: str | None = None  # set up the run branch autoresearch/<tag>-<workers' hardware> on worker 0 first
+    noise_runs: int = 3  # with tag: the baseline's seeds
+    calibrate: bool = True  # with tag: size the model for the workers' hardware first
+
+    def __post_init__(self):
+        if isinstance(self.workers, bool) or int(self.workers) != self.workers or self.workers < 1:
+            raise ValueError(f"--workers must be a whole number >= 1, got {self.workers}")
+        if self.max_experiments is not None and self.max_experiments < 0:
+            raise ValueError(f"--max-experiments must be at least 0, got {self.max_experiments}")
+        if self.noise_runs < 1:
+            raise ValueError(f"--noise-runs must be at least 1, got {self.noise_runs}")
+        check_agent_timeout(self.agent_timeout)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a worker needs to start: its part of the plan and the series it measures."""
+    swarm: str  # names the workers' clones: one swarm per driver checkout
+    backend: str
+    budget: float
+    settings: Settings
+    plan: Plan
+    cores: int  # CPU cores per worker, pinned where the OS allows; 0 for GPU workers
+    cache: str | None  # the driver's AUTORESEARCH_CACHE, else each node's default
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The driver's run branch as a worker copies it: the branch and the notes as a git bundle, the ledger, the
+    noise floors."""
+    branch: str
+    bundle: bytes
+    ledger: bytes
+    noise: bytes
+    notes: bool  # whether the bundle holds refs/notes/autoresearch (a repository without rows has none)
+
+    def refspecs(self, branch_to):
+        """What to fetch from the bundle: the branch into branch_to, the notes over the clone's own."""
+        notes = f"refs/notes/{NOTES_REF}"
+        return [f"+refs/heads/{self.branch}:{branch_to}"] + ([f"+{notes}:{notes}"] if self.notes else [])
+
+
+@dataclass
+class Report:
+    """One turn of a worker, as it comes back to the driver."""
+    worker: str
+    label: str
+    events: list
+    message: str = ""
+    row: object = None  # the Row it recorded, None for a turn without a measurement (no edit, a repeat)
+    commit: str = ""  # the experiment's commit, and the commit it started from
+    base: str = ""
+    bundle: bytes = b""  # the experiment's commit as a git bundle on top of base
+
+
+# ---------------------------------------------------------------------------
+# Git: what moves between the driver's repository and the workers' clones
+
+
+def make_bundle(repo, *revs):
+    """The objects of revs (refs, and ^commits the other side has) as the bytes of a git bundle."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "swarm.bundle"
+        repo.git.bundle("create", "--quiet", str(path), *revs)
+        return path.read_bytes()
+
+
+def fetch_bundle(repo, data, *refspecs):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "swarm.bundle"
+        path.write_bytes(data)
+        repo.git.fetch("--quiet", str(path), *refspecs)
+
+
+def snapshot(repo, branch):
+    root = Path(repo.working_tree_dir)
+    noise = noise_path(root)
+    notes = f"refs/notes/{NOTES_REF}" in {r.path for r in repo.refs}
+    refs = [f"refs/heads/{branch}"] + ([f"refs/notes/{NOTES_REF}"] if notes else [])
+    return Snapshot(branch, make_bundle(repo, *refs),
+                    (root / LEDGER_NAME).read_bytes() if (root / LEDGER_NAME).exists() else b"",
+                    noise.read_bytes() if noise.exists() else b"{}", notes)
+
+
+def cache_identity():
+    """The prepared data a node measures on: its eval profile and the hash of its validation rows."""
+    import prepare
+
+    meta = prepare.load_meta()
+    return f"profile {meta['profile']['name']}, validation rows {str(meta.get('val_rows_sha256'))[:12]}"
+
+
+def pin_cores(count):
+    """Claim `count` cores of this node that no other worker holds (a flock per slot, released when the process
+    dies) and run on them only: the worker's trainer inherits the affinity, and its hardware tag says how many
+    cores it has. Returns the lock's file descriptor (kept open for the worker's life)."""
+    cores = sorted(os.sched_getaffinity(0))
+    CORE_LOCKS.mkdir(exist_ok=True)
+    for slot in range(len(cores) // count):
+        fd = os.open(CORE_LOCKS / f"{cores[slot * count]}-{count}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        os.sched_setaffinity(0, cores[slot * count:(slot + 1) * count])
+        return fd
+    raise Refused(f"no {count} free cores left on {socket.gethostname()} for another worker")
+
+
+# ---------------------------------------------------------------------------
+# The worker: a Ray actor (ray.remote(Worker) in run_swarm)
+
+
+class Worker:
+    def __init__(self, spec, index):
+        self.spec, self.name = spec, f"w{index}"
+        if spec.cache:
+            os.environ["AUTORESEARCH_CACHE"] = spec.cache
+        self.cores = None
+        if spec.cores and hasattr(os, "sched_setaffinity"):
+            self.cores = pin_cores(spec.cores)
+            os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(spec.cores)
+        import prepare
+
+        self.root = prepare.cache_dir() / "swarm" / spec.swarm / self.name
+        self.agent = make_agent(spec.plan.agent, spec.plan.agent_seed + index)
+        self.turns, self.last_turn = 0, None
+
+    def hello(self):
+        """Where this worker runs and what it would measure on, for the driver's checks before any experiment."""
+        try:
+            check_cache()
+            data = cache_identity()
+        except Exception as e:  # no cache, a damaged one: the node's problem, said in one line
+            return {"error": " ".join(str(e).split())}
+        return {"node": socket.gethostname(), "pid": os.getpid(), "hardware": hardware_tag(self.spec.backend),
+                "data": data, "root": str(self.root)}
+
+    def sync(self, shot):
+        """The clone made the driver's: the run branch at the swarm's best, the notes, the ledger, the noise floors.
+        What an earlier life of this worker left (a trainer, an edit) is stopped and undone: the clone is scratch."""
+        if not (self.root / ".git").exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            git.Repo.init(self.root)
+        repo = open_repo(self.root)
+        stop_leftover(state_dir(self.root))
+        fetch_bundle(repo, shot.bundle, *shot.refspecs(BEST_REF))
+        repo.git.checkout("--force", "-B", shot.branch, BEST_REF)
+        repo.git.clean("-fdq")
+        replace_ledger(self.root / LEDGER_NAME, shot.ledger)
+        tmp = noise_path(self.root).with_suffix(".swarm.tmp")
+        tmp.write_bytes(shot.noise)
+        tmp.replace(noise_path(self.root))
+        return repo
+
+    def setup(self, shot, tag):
+        """Set up the swarm's run branch in this clone, for this worker's hardware (calibrated, baseline seeds);
+        returns its closing line and the new branch as a Snapshot."""
+        spec = self.spec
+        self.sync(shot)
+        outcome = setup(self.root, tag, spec.backend, spec.budget, spec.settings.seed, spec.settings.timeout,
+                        noise_runs=spec.plan.noise_runs, gate=spec.settings.gate, calibrate=spec.plan.calibrate,
+                        say=lambda text: None)
+        repo = open_repo(self.root)
+        return outcome.message, snapshot(repo, repo.active_branch.name)
+
+    def turn(self, shot, claims):
+        """One turn of the loop on the swarm's best: agent edit, experiment, gate. Its row is the driver's to record."""
+        import ray
+
+        spec = self.spec
+        self.turns += 1
+        label = f"{self.name} turn {self.turns}"
+        events = []
+        repo = self.sync(shot)
+        base = repo.head.commit.hexsha
+        with open_branch(self.root, spec.backend, spec.budget, f"swarm {self.name}", say=events.append) as branch:
+            try:
+                description = agent_edit(branch, self.agent, label, self.last_turn, spec.plan.agent_timeout,
+                                         events.append)
+            except NoEdit as e:
+                self.last_turn = f"no experiment: {e.reason}"
+                return Report(self.name, label, events, f"{label}: {e}")
+            source = train_file(spec.backend, self.root).read_text()
+            outcome = experiment(branch, description, spec.settings,
+                                 claim=lambda digest: ray.get(claims.claim.remote(digest, self.name, description, source)))
+        self.last_turn = f"{description}: {outcome.message}"
+        if outcome.status == "repeat":
+            return Report(self.name, label, events, f"{label}: {outcome.message}")
+        commit = repo.commit(outcome.row.commit)
+        repo.git.update_ref(OUT_REF, commit.hexsha)
+        return Report(self.name, label, events, f"{label}: {outcome.message}", outcome.row, commit.hexsha, base,
+                      make_bundle(repo, OUT_REF, f"^{base}"))
+
+    def stop(self):
+        """Stop this worker's training or evaluation now (the driver is ending): nothing of it will be recorded."""
+        return stop_leftover(state_dir(self.root)) if self.root.exists() else []
+
+
+class Claims:
+    """Which programs (train_hash) the swarm's workers run or ran, so that no two run the same one. A Ray actor."""
+
+    def __init__(self):
+        self.runs = {}  # train_hash: [worker, description, source, finished]
+
+    def claim(self, digest, worker, description, source):
+        """None: the program is worker's to run now. Else where it runs or ran."""
+        held = self.runs.get(digest)
+        if held:
+            return f"{'ran' if held[3] else 'runs'} on {held[0]} (\"{held[1]}\")"
+        self.runs[digest] = [worker, description, source, False]
+        return None
+
+    def finished(self, digest, judged):
+        """The program's row is in the ledger; one that says nothing about the idea (invalid) may run again."""
+        if judged and digest in self.runs:
+            self.runs[digest][3] = True
+        else:
+            self.runs.pop(digest, None)
+
+    def lost(self, worker):
+        """The programs worker was running when it died, released: [(train_hash, description, source)]."""
+        found = [(d, w[1], w[2]) for d, w in self.runs.items() if w[0] == worker and not w[3]]
+        for digest, _, _ in found:
+            del self.runs[digest]
+        return found
+
+
+# ---------------------------------------------------------------------------
+# The driver: the one ledger and the merged run branch
+
+
+def absorb(branch, report, settings):
+    """Record a worker's row in the driver's ledger. A keep moves the run branch to it where it started from the
+    branch's head; where the swarm's best moved meanwhile, the gate decides again against the new best, and a
+    result that still beats it is committed on top of it (same train.py). Returns (row, closing line)."""
+    repo = branch.repo
+    fetch_bundle(repo, report.bundle, OUT_REF)  # the experiment's commit, into the driver's objects
+    row = replace(report.row, worker=report.worker)
+    commit, head = repo.commit(report.commit), repo.head.commit
+    message, adopt = report.message, None
+    if row.status == "keep" and report.base == head.hexsha:
+        adopt = commit
+    elif row.status == "keep":
+        best = branch.best()
+        decision = decide(settings.gate, row.values(), best.values(), branch.noise())
+        if decision.keep:
+            with repo.git.custom_environment(**git_identity(repo)):
+                sha = repo.git.commit_tree(commit.tree.hexsha, "-p", head.hexsha, "-m", commit.message)
+            adopt = repo.commit(sha)
+            row = replace(row, commit=sha[:7])
+            message += (f" | the swarm's best had moved to {best.commit}: still better "
+                        f"[{decision.reason}], committed on top of it as {sha[:7]}")
+        else:
+            row = replace(row, status="discard", description=f"{row.description} [kept by {report.worker} against "
+                          f"{report.base[:7]}; the swarm's best had moved to {best.commit}: {decision.reason}]")
+            message += f" | discarded: the swarm's best had moved to {best.commit} [{decision.reason}]"
+    record(repo, row, adopt or commit)
+    if adopt is not None:
+        repo.head.reset(adopt, index=True, working_tree=True)
+    return row, message
+
+
+def lost_row(branch, settings, worker, description, source, reason):
+    """The row of an experiment whose worker died before it was measured: nothing measured, the idea not judged."""
+    head = branch.repo.head.commit
+    row = make_row(branch, [Measurement("lost", 0.0, {}, 0.0, reason)], "lost", head.hexsha[:7],
+                   f"{description} [lost: {reason}]", settings, source)
+    return replace(row, worker=worker)
+
+
+def import_setup(root, message, shot, say):
+    """The run branch worker 0 set up, into the driver's checkout: the branch, its notes, its rows, its noise
+    floor; then checked out."""
+    repo = open_repo(root)
+    fetch_bundle(repo, shot.bundle, *shot.refspecs(f"refs/heads/{shot.branch}"))
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs = Path(tmp)
+        (theirs / LEDGER_NAME).write_bytes(shot.ledger)
+        rows = [r for r in read_ledger(theirs / LEDGER_NAME) if r.branch == shot.branch]
+        noise_path(theirs).parent.mkdir()
+        noise_path(theirs).write_bytes(shot.noise)
+        for r in rows:
+            append_row(root / LEDGER_NAME, r)
+            noise = load_noise(theirs, r.hardware, r.eval_profile, r.budget)
+            if noise:
+                save_noise(root, r.hardware, r.eval_profile, r.budget, noise["samples"], noise["commit"])
+    repo.git.checkout(shot.branch)
+    say(f"setup on w0: {message}")
+    say(f"run branch {shot.branch} set up on the workers' hardware and checked out here")
+
+
+def start_ray(ray, address):
+    """Connect to the cluster at address, or start a Ray instance of this machine's (None or "local")."""
+    if address in (None, "local"):
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    else:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+
+
+def cores_per_worker(ray, backend, workers):
+    """CPU cores for each worker: 0 on GPUs (a whole GPU each); on CPUs an even share of the largest node's."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if backend == "cuda":
+        gpus = sum(int(n.get("GPU", 0)) for n in nodes)
+        if gpus < workers:
+            raise Refused(f"{workers} cuda workers need {workers} GPUs; the Ray cluster has {gpus}")
+        return 0
+    largest = max(int(n.get("CPU", 0)) for n in nodes)
+    total = sum(int(n.get("CPU", 0)) for n in nodes)
+    share = min(largest, total // workers)
+    if share < 1:
+        raise Refused(f"{workers} workers need a CPU core each; the Ray cluster has {total}")
+    return share
+
+
+def run_swarm(root, backend, budget, settings, plan, on_event=print):
+    """N workers run the loop's turn on one run branch until interrupted or plan.max_experiments turns with a
+    result. The driver's checkout (root) holds the merged branch and the one ledger. Returns the rows recorded."""
+    try:
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+    except ImportError:
+        raise Refused("the swarm runs on Ray: pip install -e '.[swarm]'") from None
+    budget = check_budget(budget)
+    root = Path(root)
+    repo = open_repo(root)
+    refuse_dirty(repo)
+    check_cache()
+    log = state_dir(root) / "swarm.log"
+
+    def event(text):
+        with open(log, "a") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} {text}\n")
+        on_event(text)
+
+    start_ray(ray, plan.address)
+    actors = []
+    try:
+        swarm = hashlib.sha256(f"{socket.gethostname()}:{root.resolve()}".encode()).hexdigest()[:12]
+        spec = Spec(swarm, backend, budget, settings, plan, cores_per_worker(ray, backend, plan.workers),
+                    os.environ.get("AUTORESEARCH_CACHE"))
+        remote = ray.remote(Worker).options(num_cpus=spec.cores or 1, num_gpus=1 if backend == "cuda" else 0,
+                                            max_restarts=-1, max_task_retries=0, max_concurrency=2)
+        actors = [remote.remote(spec, i) for i in range(plan.workers)]
+        hardware = _check_workers(ray, actors, event)
+        if plan.tag:
+            with Lock(root, "swarm setup"):
+                name = f"{BRANCH_PREFIX}{plan.tag}-{hardware}"
+                if name in repo.heads:
+                    raise Refused(f"branch {name} already exists: choose another --tag, or check it out and run "
+                                  f"the swarm on it without --tag")
+                event(f"setup: calibrating and measuring the baseline on w0 ({plan.noise_runs} seeds)")
+                shot = snapshot(repo, repo.active_branch.name)
+                message, shot = ray.get(actors[0].setup.remote(shot, plan.tag))
+                import_setup(root, message, shot, event)
+        claims = ray.remote(Claims).options(num_cpus=0).remote()
+        with _open_branch(root, backend, budget, event, hardware) as branch:
+            return _drive(ray, branch, actors, claims, settings, plan, event,
+                          (RayActorError, ActorUnavailableError, RayTaskError))
+    finally:
+        _stop(ray, actors, event)
+
+
+@contextmanager
+def _open_branch(root, backend, budget, event, hardware):
+    """open_branch for the workers' hardware; a refusal says how to set up a run branch for them."""
+    opener = open_branch(root, backend, budget, "swarm", say=event, hardware=hardware)
+    try:
+        branch = opener.__enter__()
+    except Refused as e:
+        raise Refused(f"{e} (the workers measure on {hardware}; `--tag TAG` sets up a run branch for them)") from None
+    try:
+        yield branch
+    finally:
+        opener.__exit__(None, None, None)
+
+
+def _check_workers(ray, actors, event):
+    """Every worker placed and answering, on a prepared cache with the driver's data, all on one hardware.
+    Returns that hardware tag."""
+    try:
+        hellos = ray.get([a.hello.remote() for a in actors], timeout=START_TIMEOUT)
+    except ray.exceptions.GetTimeoutError:
+        raise Refused(f"the workers did not all start within {START_TIMEOUT}s: the Ray cluster lacks the CPUs or "
+                      f"GPUs for {len(actors)} of them (ray status shows what it has)") from None
+    mine = cache_identity()
+    for i, h in enumerate(hellos):
+        if "error" in h:
+            raise CacheBroken(f"worker w{i}: {h['error']} (prepare the data on every node, or share one cache "
+                              f"with AUTORESEARCH_CACHE)")
+        if h["data"] != mine:
+            raise Refused(f"worker w{i} on {h['node']} has other prepared data ({h['data']}) than this checkout "
+                          f"({mine}): prepare from the same source on every node")
+        event(f"w{i}: pid {h['pid']} on {h['node']}, {h['hardware']}, clone {h['root']}")
+    tags = sorted({h["hardware"] for h in hellos})
+    if len(tags) > 1:
+        raise Refused(f"the workers run on different hardware ({', '.join(tags)}): results of different hardware "
+                      f"are never compared, so run one swarm per hardware")
+    return tags[0]
+
+
+def _drive(ray, branch, actors, claims, settings, plan, event, died):
+    """Give each worker a turn on the latest best, record each result as it comes, until max_experiments."""
+    rows, pending, results = [], {}, 0
+    losses = [0] * len(actors)
+    alive = set(range(len(actors)))
+    shot = ray.put(snapshot(branch.repo, branch.name))
+
+    def more():
+        return plan.max_experiments is None or results + len(pending) < plan.max_experiments
+
+    for i in sorted(alive):
+        if more():
+            pending[actors[i].turn.remote(shot, claims)] = i
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)  # a timeout: signals get through
+        if not ready:
+            continue
+        i = pending.pop(ready[0])
+        try:
+            report = ray.get(ready[0])
+        except died as e:
+            losses[i] += 1
+            reason = f"worker w{i} died" + (f": {_last_line(e)}" if isinstance(e, ray.exceptions.RayTaskError) else "")
+            for digest, description, source in ray.get(claims.lost.remote(f"w{i}")):
+                row = lost_row(branch, settings, f"w{i}", description, source, reason)
+                record(branch.repo, row, branch.repo.head.commit)
+                rows.append(row)
+                shot = ray.put(snapshot(branch.repo, branch.name))
+                event(f"w{i}: RESULT lost ({reason}): \"{description}\" was not measured; it may run again")
+            if losses[i] >= MAX_LOSSES:
+                alive.discard(i)
+                event(f"w{i}: lost {losses[i]} times in a row: given up ({len(alive)} workers left)")
+                continue
+            event(f"w{i}: {reason}; Ray restarts it")
+            time.sleep(1)
+        else:
+            losses[i] = 0
+            results += 1
+            for text in report.events:
+                event(text)
+            message = report.message
+            if report.row is not None:
+                row, message = absorb(branch, report, settings)
+                ray.get(claims.finished.remote(row.train_hash, row.status not in UNJUDGED))
+                rows.append(row)
+                shot = ray.put(snapshot(branch.repo, branch.name))
+            best = branch.best()
+            event(message + (f" | swarm best {best.val_bpb:.6f} ({best.commit}, {best.worker})" if best else ""))
+        if i in alive and more():
+            pending[actors[i].turn.remote(shot, claims)] = i
+    if not alive:
+        raise Refused("every worker was lost: see the Ray logs (ray status, /tmp/ray/session_latest/logs)")
+    return rows
+
+
+def _stop(ray, actors, event):
+    """No trainer outlives the swarm: each worker stops its own, then Ray goes."""
+    stopped = []
+    for a in actors:
+        try:
+            stopped += ray.get(a.stop.remote(), timeout=30)
+        except Exception:  # a dead or restarting worker: its trainer is stopped by its clone's next recovery
+            pass
+    if stopped:
+        event(f"stopped {len(stopped)} training run(s) in flight: not measured, no rows")
+    ray.shutdown()
+
+
+def _last_line(e):
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(e).__name__
