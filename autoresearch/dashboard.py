@@ -32,7 +32,7 @@ import git
 from . import report, train_file
 from .branch import BRANCH_PREFIX, STATE_DIR
 from .gate import spread
-from .ledger import LEDGER_NAME, LedgerError, read_ledger
+from .ledger import LEDGER_NAME, SCORED, LedgerError, read_ledger
 from .progress import HEADER
 from .runner import PID_FILE
 from .summary import parse_step
@@ -64,11 +64,11 @@ def _finite(value):
 
 
 def _row(r, index):
-    scored = r.status not in ("crash", "invalid") and math.isfinite(r.val_bpb)
+    scored = r.status in SCORED and math.isfinite(r.val_bpb)
     return {"index": index, "commit": r.commit, "status": r.status, "val_bpb": r.val_bpb if scored else None,
             "description": r.description, "seed": r.seed, "seeds": len(r.values()), "timestamp": r.timestamp,
             "training_seconds": r.training_seconds, "memory_gb": r.memory_gb, "num_steps": r.num_steps,
-            "tokens_per_sec": report.throughput(r), "gate": r.gate}
+            "tokens_per_sec": report.throughput(r), "gate": r.gate, "worker": r.worker}
 
 
 def series_data(s, label, root):

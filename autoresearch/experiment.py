@@ -19,7 +19,7 @@ from .branch import (BRANCH_PREFIX, STATE_DIR, Lock, Refused, RunBranch, changed
 from .gate import Gate, decide, save_noise, spread
 from .hardware import hardware_tag
 from .hparams import set_constants
-from .ledger import LEDGER_NAME, NOTES_REF, LedgerError, Row, append_row, now, write_note
+from .ledger import LEDGER_NAME, NOTES_REF, SCORED, LedgerError, Row, append_row, now, write_note
 from .runner import default_timeout, run_training
 
 EXIT = {"ok": 0, "keep": 0, "holds": 0, "error": 1, "refused": 2, "discard": 3, "regressed": 3, "crash": 4, "repeat": 5,
@@ -259,7 +259,7 @@ def manual_run(root, backend, budget, on_line=None):
 def make_row(branch, runs, status, commit, description, settings, source):
     """The ledger row of a program's runs (several seeds where the gate asked for them)."""
     good = [m.val_bpb for m in runs if m.status == "ok"]
-    scored = status in ("keep", "discard", "verify")
+    scored = status in SCORED
     s = runs[-1].summary or {}
     return Row(
         commit=commit, val_bpb=statistics.fmean(good) if scored else 0.0,

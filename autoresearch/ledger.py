@@ -14,6 +14,7 @@ from pathlib import Path
 # verify: a re-run of a kept commit, decides nothing; invalid: caught breaking the rules, reverted, idea not judged;
 # lost: a swarm worker died mid-experiment, nothing measured, idea not judged
 STATUSES = ("keep", "discard", "crash", "verify", "invalid", "lost")
+SCORED = ("keep", "discard", "verify")  # the statuses whose val_bpb is a measurement (the rest hold 0.0)
 LEDGER_NAME = "results.tsv"
 NOTES_REF = "autoresearch"  # every row is also a git note on its commit: refs/notes/autoresearch
 

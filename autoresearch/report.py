@@ -11,7 +11,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .ledger import NOTES_REF, LedgerError, format_row, in_time_order, notes_rows, read_ledger, row_time
+from .ledger import NOTES_REF, SCORED, LedgerError, format_row, in_time_order, notes_rows, read_ledger, row_time
 
 PLATEAU_K = 10
 TRANSFER = re.compile(r"^transfer ([0-9a-f]{4,40}): (.*)$")
@@ -248,7 +248,7 @@ def plot_progress(series, path, title=None):
     for ax, s, head in zip(axes[:, 0], series, labels(series)):
         rows = s.experiments
         xs = list(range(len(rows)))
-        ok = [(x, r) for x, r in zip(xs, rows) if r.status != "crash" and math.isfinite(r.val_bpb)]
+        ok = [(x, r) for x, r in zip(xs, rows) if r.status in SCORED and math.isfinite(r.val_bpb)]
         kept = [(x, r) for x, r in ok if r.status == "keep"]
         values = [r.val_bpb for _, r in ok]
         base = s.baseline.val_bpb if s.baseline else (values[0] if values else 1.0)
@@ -290,10 +290,10 @@ def plot_progress(series, path, title=None):
                 ax.annotate(label, (x, r.val_bpb), xytext=(6, 6), textcoords="offset points", fontsize=7.5,
                             color="#145a32", rotation=25, rotation_mode="anchor", ha="left", va="bottom",
                             zorder=5, annotation_clip=False)
-        crashes = [x for x, r in zip(xs, rows) if r.status == "crash" or not math.isfinite(r.val_bpb)]
+        crashes = [x for x, r in zip(xs, rows) if r.status not in SCORED or not math.isfinite(r.val_bpb)]
         if crashes:
             ax.scatter(crashes, [0.04] * len(crashes), marker="x", s=40, color="#d73027", linewidths=1.6,
-                       transform=edge, label="crash", zorder=4, clip_on=False)
+                       transform=edge, label="not scored (crash, invalid, lost)", zorder=4, clip_on=False)
         n_trials = len(s.trials)
         keeps = sum(r.status == "keep" for r in s.trials)
         sub = f"{s.backend} · {s.eval_profile} profile · budget {s.budget:g}s · {s.branch}"
@@ -457,7 +457,7 @@ def findings_matrix(series):
                                 "cells": {label: {"status": "kept", "commit": r.commit, "val_bpb": _r(r.val_bpb),
                                                   "delta": _r(r.val_bpb - prev.val_bpb) if prev else None}}})
             prev = r
-    status_word = {"keep": "kept", "discard": "discarded", "crash": "crashed"}
+    status_word = {"keep": "kept", "discard": "discarded"}  # crash, invalid, lost: not scored
     for label, s in zip(names, series):
         best = None
         for r in s.experiments:
@@ -468,9 +468,9 @@ def findings_matrix(series):
                 if change is None:  # its origin is not among the sources: a row of its own
                     change = {"commit": origin, "description": description, "origin": None, "cells": {}}
                     changes.append(change)
-                crashed = r.status == "crash" or not math.isfinite(r.val_bpb)
+                crashed = r.status not in SCORED or not math.isfinite(r.val_bpb)
                 change["cells"][label] = {
-                    "status": status_word[r.status], "commit": r.commit,
+                    "status": status_word.get(r.status, "crashed"), "commit": r.commit,
                     "val_bpb": None if crashed else _r(r.val_bpb),
                     "delta": None if crashed or best is None else _r(r.val_bpb - best)}
             if r.status == "keep" and math.isfinite(r.val_bpb):

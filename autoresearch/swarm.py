@@ -7,8 +7,11 @@ kept result that still beats the swarm's best becomes it, so every worker starts
 
 import fcntl
 import hashlib
+import logging
 import os
+import signal
 import socket
+import threading
 import tempfile
 import time
 from contextlib import contextmanager
@@ -26,13 +29,13 @@ from .gate import decide, load_noise, noise_path, save_noise
 from .hardware import hardware_tag
 from .ledger import LEDGER_NAME, NOTES_REF, append_row, git_identity, read_ledger, replace_ledger
 from .loop import NoEdit, agent_edit, check_agent_timeout
-from .runner import stop_leftover
+from .runner import Interrupted, stop_leftover
 
 BEST_REF = "refs/autoresearch/swarm/best"  # in a worker's clone: the swarm's best as the driver last sent it
 OUT_REF = "refs/autoresearch/swarm/out"  # in a worker's clone: its last experiment, bundled for the driver
 MAX_LOSSES = 3  # a worker lost this many times in a row without a result is given up
 START_TIMEOUT = 300  # seconds for every worker to be placed and to answer (a cluster without the resources never does)
-CORE_LOCKS = Path(tempfile.gettempdir()) / "autoresearch-swarm-cores"  # one flock per core slot of this node
+LOCKS = Path(tempfile.gettempdir()) / "autoresearch-swarm"  # this node's flocks: a core slot each, the trainer view
 
 
 @dataclass(frozen=True)
@@ -141,9 +144,9 @@ def pin_cores(count):
     dies) and run on them only: the worker's trainer inherits the affinity, and its hardware tag says how many
     cores it has. Returns the lock's file descriptor (kept open for the worker's life)."""
     cores = sorted(os.sched_getaffinity(0))
-    CORE_LOCKS.mkdir(exist_ok=True)
+    LOCKS.mkdir(exist_ok=True)
     for slot in range(len(cores) // count):
-        fd = os.open(CORE_LOCKS / f"{cores[slot * count]}-{count}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(LOCKS / f"cores-{cores[slot * count]}-{count}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -171,13 +174,19 @@ class Worker:
 
         self.root = prepare.cache_dir() / "swarm" / spec.swarm / self.name
         self.agent = make_agent(spec.plan.agent, spec.plan.agent_seed + index)
-        self.turns, self.last_turn = 0, None
+        self.last_turn = None
 
     def hello(self):
         """Where this worker runs and what it would measure on, for the driver's checks before any experiment."""
+        import prepare
+
         try:
             check_cache()
             data = cache_identity()
+            LOCKS.mkdir(exist_ok=True)
+            with open(LOCKS / "trainer-view.lock", "w") as lock:  # the workers of a node build its view once
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                prepare.trainer_view()
         except Exception as e:  # no cache, a damaged one: the node's problem, said in one line
             return {"error": " ".join(str(e).split())}
         return {"node": socket.gethostname(), "pid": os.getpid(), "hardware": hardware_tag(self.spec.backend),
@@ -211,13 +220,13 @@ class Worker:
         repo = open_repo(self.root)
         return outcome.message, snapshot(repo, repo.active_branch.name)
 
-    def turn(self, shot, claims):
-        """One turn of the loop on the swarm's best: agent edit, experiment, gate. Its row is the driver's to record."""
+    def turn(self, shot, claims, number):
+        """Turn `number` of the loop on the swarm's best: agent edit, experiment, gate. Its row is the driver's
+        to record."""
         import ray
 
         spec = self.spec
-        self.turns += 1
-        label = f"{self.name} turn {self.turns}"
+        label = f"{self.name} turn {number}"
         events = []
         repo = self.sync(shot)
         base = repo.head.commit.hexsha
@@ -337,8 +346,51 @@ def import_setup(root, message, shot, say):
     say(f"run branch {shot.branch} set up on the workers' hardware and checked out here")
 
 
+class Signals:
+    """Ctrl-C, SIGTERM and SIGHUP while the driver works with Ray: noted, then raised between Ray's calls as the
+    harness's own (KeyboardInterrupt, Interrupted), since an exception raised inside one breaks it. ray.init takes
+    SIGTERM over: install() again after it. On exit the handlers from before are back."""
+
+    CAUGHT = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __enter__(self):
+        self.signum = None
+        self.main = threading.current_thread() is threading.main_thread()
+        self.before = {sig: signal.getsignal(sig) for sig in self.CAUGHT} if self.main else {}
+        return self.install()
+
+    def install(self):
+        for sig in self.before:
+            signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def check(self):
+        if self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum:
+            raise Interrupted(self.signum)
+
+    def get(self, ray, ref, timeout=None):
+        """ray.get(ref), waiting in short steps so that a signal is raised at once; GetTimeoutError after timeout."""
+        deadline = None if timeout is None else time.time() + timeout
+        while not ray.wait([ref], timeout=1.0)[0]:
+            self.check()
+            if deadline is not None and time.time() > deadline:
+                raise ray.exceptions.GetTimeoutError(f"not ready after {timeout}s")
+        return ray.get(ref)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.before.items():
+            signal.signal(sig, handler)
+
+
 def start_ray(ray, address):
     """Connect to the cluster at address, or start a Ray instance of this machine's (None or "local")."""
+    # Ray's notice that a local instance uses token authentication (kept on) is not the harness's to print
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if address in (None, "local"):
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     else:
@@ -366,7 +418,6 @@ def run_swarm(root, backend, budget, settings, plan, on_event=print):
     result. The driver's checkout (root) holds the merged branch and the one ledger. Returns the rows recorded."""
     try:
         import ray
-        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
     except ImportError:
         raise Refused("the swarm runs on Ray: pip install -e '.[swarm]'") from None
     budget = check_budget(budget)
@@ -381,32 +432,42 @@ def run_swarm(root, backend, budget, settings, plan, on_event=print):
             f.write(f"{time.strftime('%H:%M:%S')} {text}\n")
         on_event(text)
 
-    start_ray(ray, plan.address)
-    actors = []
-    try:
-        swarm = hashlib.sha256(f"{socket.gethostname()}:{root.resolve()}".encode()).hexdigest()[:12]
-        spec = Spec(swarm, backend, budget, settings, plan, cores_per_worker(ray, backend, plan.workers),
-                    os.environ.get("AUTORESEARCH_CACHE"))
-        remote = ray.remote(Worker).options(num_cpus=spec.cores or 1, num_gpus=1 if backend == "cuda" else 0,
-                                            max_restarts=-1, max_task_retries=0, max_concurrency=2)
-        actors = [remote.remote(spec, i) for i in range(plan.workers)]
-        hardware = _check_workers(ray, actors, event)
-        if plan.tag:
-            with Lock(root, "swarm setup"):
-                name = f"{BRANCH_PREFIX}{plan.tag}-{hardware}"
-                if name in repo.heads:
-                    raise Refused(f"branch {name} already exists: choose another --tag, or check it out and run "
-                                  f"the swarm on it without --tag")
-                event(f"setup: calibrating and measuring the baseline on w0 ({plan.noise_runs} seeds)")
-                shot = snapshot(repo, repo.active_branch.name)
-                message, shot = ray.get(actors[0].setup.remote(shot, plan.tag))
-                import_setup(root, message, shot, event)
-        claims = ray.remote(Claims).options(num_cpus=0).remote()
-        with _open_branch(root, backend, budget, event, hardware) as branch:
-            return _drive(ray, branch, actors, claims, settings, plan, event,
-                          (RayActorError, ActorUnavailableError, RayTaskError))
-    finally:
-        _stop(ray, actors, event)
+    with Signals() as signals:
+        start_ray(ray, plan.address)
+        signals.install()
+        actors = []
+        try:
+            return _swarm(ray, root, backend, budget, settings, plan, event, signals, actors)
+        finally:
+            _stop(ray, actors, event)
+
+
+def _swarm(ray, root, backend, budget, settings, plan, event, signals, actors):
+    """run_swarm once Ray is up: the workers started (into actors), checked, set up where asked, then driven."""
+    from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+
+    repo = open_repo(root)
+    swarm = hashlib.sha256(f"{socket.gethostname()}:{root.resolve()}".encode()).hexdigest()[:12]
+    spec = Spec(swarm, backend, budget, settings, plan, cores_per_worker(ray, backend, plan.workers),
+                os.environ.get("AUTORESEARCH_CACHE"))
+    remote = ray.remote(Worker).options(num_cpus=spec.cores or 1, num_gpus=1 if backend == "cuda" else 0,
+                                        max_restarts=-1, max_task_retries=0, max_concurrency=2)
+    actors.extend(remote.remote(spec, i) for i in range(plan.workers))
+    hardware = _check_workers(ray, actors, event, signals)
+    if plan.tag:
+        with Lock(root, "swarm setup"):
+            name = f"{BRANCH_PREFIX}{plan.tag}-{hardware}"
+            if name in repo.heads:
+                raise Refused(f"branch {name} already exists: choose another --tag, or check it out and run "
+                              f"the swarm on it without --tag")
+            event(f"setup: calibrating and measuring the baseline on w0 ({plan.noise_runs} seeds)")
+            shot = snapshot(repo, repo.active_branch.name)
+            message, shot = signals.get(ray, actors[0].setup.remote(shot, plan.tag))
+            import_setup(root, message, shot, event)
+    claims = ray.remote(Claims).options(num_cpus=0).remote()
+    with _open_branch(root, backend, budget, event, hardware) as branch:
+        return _drive(ray, branch, actors, claims, settings, plan, event, signals,
+                      (RayActorError, ActorUnavailableError, RayTaskError))
 
 
 @contextmanager
@@ -423,11 +484,12 @@ def _open_branch(root, backend, budget, event, hardware):
         opener.__exit__(None, None, None)
 
 
-def _check_workers(ray, actors, event):
+def _check_workers(ray, actors, event, signals):
     """Every worker placed and answering, on a prepared cache with the driver's data, all on one hardware.
     Returns that hardware tag."""
     try:
-        hellos = ray.get([a.hello.remote() for a in actors], timeout=START_TIMEOUT)
+        deadline = time.time() + START_TIMEOUT
+        hellos = [signals.get(ray, a.hello.remote(), max(1.0, deadline - time.time())) for a in actors]
     except ray.exceptions.GetTimeoutError:
         raise Refused(f"the workers did not all start within {START_TIMEOUT}s: the Ray cluster lacks the CPUs or "
                       f"GPUs for {len(actors)} of them (ray status shows what it has)") from None
@@ -447,21 +509,30 @@ def _check_workers(ray, actors, event):
     return tags[0]
 
 
-def _drive(ray, branch, actors, claims, settings, plan, event, died):
+def _drive(ray, branch, actors, claims, settings, plan, event, signals, died):
     """Give each worker a turn on the latest best, record each result as it comes, until max_experiments."""
     rows, pending, results = [], {}, 0
-    losses = [0] * len(actors)
+    losses, turns, bases = [0] * len(actors), [0] * len(actors), [None] * len(actors)
     alive = set(range(len(actors)))
     shot = ray.put(snapshot(branch.repo, branch.name))
 
     def more():
         return plan.max_experiments is None or results + len(pending) < plan.max_experiments
 
+    def dispatch(i):
+        turns[i] += 1
+        head, best = branch.repo.head.commit.hexsha, branch.best()
+        if bases[i] not in (None, head) and best.worker != f"w{i}":
+            event(f"w{i} turn {turns[i]}: adopts the swarm's best {head[:7]} ({best.worker}'s, val_bpb {best.val_bpb:.6f})")
+        bases[i] = head
+        pending[actors[i].turn.remote(shot, claims, turns[i])] = i
+
     for i in sorted(alive):
         if more():
-            pending[actors[i].turn.remote(shot, claims)] = i
+            dispatch(i)
     while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)  # a timeout: signals get through
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+        signals.check()
         if not ready:
             continue
         i = pending.pop(ready[0])
@@ -496,7 +567,7 @@ def _drive(ray, branch, actors, claims, settings, plan, event, died):
             best = branch.best()
             event(message + (f" | swarm best {best.val_bpb:.6f} ({best.commit}, {best.worker})" if best else ""))
         if i in alive and more():
-            pending[actors[i].turn.remote(shot, claims)] = i
+            dispatch(i)
     if not alive:
         raise Refused("every worker was lost: see the Ray logs (ray status, /tmp/ray/session_latest/logs)")
     return rows
