@@ -313,7 +313,7 @@ def swarm_cmd(
     """Several workers run the loop on one run branch at once, on Ray; this checkout holds the merged branch and
     the one ledger, every row tagged with its worker (Ctrl-C to end)."""
     from .experiment import Settings
-    from .swarm import Plan, run_swarm
+    from .swarm import Plan, SwarmError, run_swarm
 
     backend = resolve_backend(backend_opt or ctx.obj["backend"])
     budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
@@ -322,8 +322,11 @@ def swarm_cmd(
         plan = Plan(workers, agent, agent_seed, agent_timeout, max_experiments, address, tag, noise_runs, calibrate)
     except ValueError as e:
         fail(str(e), code=EXIT["refused"])
-    rows = guarded(run_swarm, root=repo_root(), backend=backend, budget=budget, settings=settings, plan=plan,
-                   on_event=lambda text: print(text, flush=True))
+    try:
+        rows = guarded(run_swarm, root=repo_root(), backend=backend, budget=budget, settings=settings, plan=plan,
+                       on_event=lambda text: print(text, flush=True))
+    except SwarmError as e:
+        fail(str(e), code=EXIT["error"])
     counts = {s: sum(r.status == s for r in rows) for s in ("keep", "discard", "crash", "invalid", "lost")}
     print(f"swarm ended: {len(rows)} rows, " + ", ".join(f"{v} {k}" for k, v in counts.items()))
 

@@ -38,6 +38,10 @@ START_TIMEOUT = 300  # seconds for every worker to be placed and to answer (a cl
 LOCKS = Path(tempfile.gettempdir()) / "autoresearch-swarm"  # this node's flocks: a core slot each, the trainer view
 
 
+class SwarmError(Exception):
+    """The swarm cannot go on (every worker lost); what it recorded stays recorded."""
+
+
 @dataclass(frozen=True)
 class Plan:
     """How the swarm runs: the same for every worker, fixed at the start."""
@@ -237,6 +241,7 @@ class Worker:
             except NoEdit as e:
                 self.last_turn = f"no experiment: {e.reason}"
                 return Report(self.name, label, events, f"{label}: {e}")
+            check_cache()  # a broken cache is the node's fault: no claim, no row, the driver is told
             source = train_file(spec.backend, self.root).read_text()
             outcome = experiment(branch, description, spec.settings,
                                  claim=lambda digest: ray.get(claims.claim.remote(digest, self.name, description, source)))
@@ -540,7 +545,8 @@ def _drive(ray, branch, actors, claims, settings, plan, event, signals, died):
             report = ray.get(ready[0])
         except died as e:
             losses[i] += 1
-            reason = f"worker w{i} died" + (f": {_last_line(e)}" if isinstance(e, ray.exceptions.RayTaskError) else "")
+            failed = isinstance(e, ray.exceptions.RayTaskError)  # the turn raised; the worker itself lives
+            reason = f"worker w{i}'s turn failed: {_last_line(e)}" if failed else f"worker w{i} died"
             for digest, description, source in ray.get(claims.lost.remote(f"w{i}")):
                 row = lost_row(branch, settings, f"w{i}", description, source, reason)
                 record(branch.repo, row, branch.repo.head.commit)
@@ -551,7 +557,7 @@ def _drive(ray, branch, actors, claims, settings, plan, event, signals, died):
                 alive.discard(i)
                 event(f"w{i}: lost {losses[i]} times in a row: given up ({len(alive)} workers left)")
                 continue
-            event(f"w{i}: {reason}; Ray restarts it")
+            event(f"w{i}: {reason}" + ("" if failed else "; Ray restarts it"))
             time.sleep(1)
         else:
             losses[i] = 0
@@ -569,7 +575,7 @@ def _drive(ray, branch, actors, claims, settings, plan, event, signals, died):
         if i in alive and more():
             dispatch(i)
     if not alive:
-        raise Refused("every worker was lost: see the Ray logs (ray status, /tmp/ray/session_latest/logs)")
+        raise SwarmError("every worker was lost: see the Ray logs (ray status, /tmp/ray/session_latest/logs)")
     return rows
 
 

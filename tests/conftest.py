@@ -93,11 +93,16 @@ def branch_template(tmp_path_factory, cpu_cache):
     return root
 
 
+def copy_checkout(template, tmp_path):
+    """A test's own copy of a session's checkout, its run branch, ledger and state included."""
+    dest = tmp_path / "project"
+    shutil.copytree(template, dest, symlinks=True)
+    return dest
+
+
 @pytest.fixture
 def repo_dir(branch_template, tmp_path, use_cache):
-    dest = tmp_path / "project"
-    shutil.copytree(branch_template, dest, symlinks=True)
-    return dest
+    return copy_checkout(branch_template, tmp_path)
 
 
 def edit(root, **constants):

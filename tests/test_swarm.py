@@ -3,7 +3,6 @@ seconds, a worker's process killed mid-run, the driver stopped by SIGTERM. The m
 are also tested without Ray, on real repositories."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import git
 import pytest
 
-from conftest import BUDGET, cli, make_repo
+from conftest import BUDGET, cli, copy_checkout, make_repo
 from autoresearch.branch import open_branch
 from autoresearch.experiment import Settings, train_hash
 from autoresearch.gate import Gate
@@ -69,9 +68,7 @@ def swarm_template(tmp_path_factory, cpu_cache):
 
 @pytest.fixture
 def swarm_dir(swarm_template, tmp_path, use_cache):
-    dest = tmp_path / "project"
-    shutil.copytree(swarm_template, dest, symlinks=True)
-    return dest
+    return copy_checkout(swarm_template, tmp_path)
 
 
 def check_driver(root):
