@@ -304,7 +304,8 @@ def swarm_cmd(
     noise_runs: int = typer.Option(3, "--noise-runs", help="with --tag: baseline seeds, for the noise floor"),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="with --tag: size the model for the "
                                    "workers' hardware first"),
-    max_experiments: Optional[int] = typer.Option(None, "--max-experiments", "-n", help="stop after N turns, all workers together"),
+    max_experiments: Optional[int] = typer.Option(None, "--max-experiments", "-n",
+                                                  help="stop after N turns, all workers together"),
     agent_timeout: float = typer.Option(900, "--agent-timeout", help="seconds an agent may take per edit"),
     agent_seed: int = typer.Option(0, "--agent-seed", help="seed of worker 0's random agent (worker i: + i)"),
     budget: Optional[float] = BudgetOption, seed: int = SeedOption, timeout: Optional[float] = TimeoutOption,

@@ -11,8 +11,8 @@ import logging
 import os
 import signal
 import socket
-import threading
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -24,7 +24,8 @@ from . import train_file
 from .agents import make_agent
 from .branch import BRANCH_PREFIX, Lock, Refused, open_branch, open_repo, refuse_dirty, state_dir
 from .experiment import (UNJUDGED, CacheBroken, Measurement, Settings, check_budget, check_cache, experiment,
-                         make_row, record, setup)
+                         make_row, record)
+from .experiment import setup as setup_run_branch
 from .gate import decide, load_noise, noise_path, save_noise
 from .hardware import hardware_tag
 from .ledger import LEDGER_NAME, NOTES_REF, append_row, git_identity, read_ledger, replace_ledger
@@ -218,7 +219,7 @@ class Worker:
         returns its closing line and the new branch as a Snapshot."""
         spec = self.spec
         self.sync(shot)
-        outcome = setup(self.root, tag, spec.backend, spec.budget, spec.settings.seed, spec.settings.timeout,
+        outcome = setup_run_branch(self.root, tag, spec.backend, spec.budget, spec.settings.seed, spec.settings.timeout,
                         noise_runs=spec.plan.noise_runs, gate=spec.settings.gate, calibrate=spec.plan.calibrate,
                         say=lambda text: None)
         repo = open_repo(self.root)
@@ -243,8 +244,10 @@ class Worker:
                 return Report(self.name, label, events, f"{label}: {e}")
             check_cache()  # a broken cache is the node's fault: no claim, no row, the driver is told
             source = train_file(spec.backend, self.root).read_text()
-            outcome = experiment(branch, description, spec.settings,
-                                 claim=lambda digest: ray.get(claims.claim.remote(digest, self.name, description, source)))
+            def claim(digest):
+                return ray.get(claims.claim.remote(digest, self.name, description, source))
+
+            outcome = experiment(branch, description, spec.settings, claim=claim)
         self.last_turn = f"{description}: {outcome.message}"
         if outcome.status == "repeat":
             return Report(self.name, label, events, f"{label}: {outcome.message}")
@@ -528,7 +531,8 @@ def _drive(ray, branch, actors, claims, settings, plan, event, signals, died):
         turns[i] += 1
         head, best = branch.repo.head.commit.hexsha, branch.best()
         if bases[i] not in (None, head) and best.worker != f"w{i}":
-            event(f"w{i} turn {turns[i]}: adopts the swarm's best {head[:7]} ({best.worker}'s, val_bpb {best.val_bpb:.6f})")
+            event(f"w{i} turn {turns[i]}: adopts the swarm's best {head[:7]} ({best.worker}'s, "
+                  f"val_bpb {best.val_bpb:.6f})")
         bases[i] = head
         pending[actors[i].turn.remote(shot, claims, turns[i])] = i
 
