@@ -19,7 +19,7 @@ from .branch import (BRANCH_PREFIX, STATE_DIR, Lock, Refused, RunBranch, changed
 from .gate import Gate, decide, save_noise, spread
 from .hardware import hardware_tag
 from .hparams import set_constants
-from .ledger import LEDGER_NAME, NOTES_REF, SCORED, LedgerError, Row, append_row, now, write_note
+from .ledger import LEDGER_NAME, NOTES_REF, SCORED, UNJUDGED, LedgerError, Row, append_row, now, write_note
 from .runner import default_timeout, run_training
 
 EXIT = {"ok": 0, "keep": 0, "holds": 0, "error": 1, "refused": 2, "discard": 3, "regressed": 3, "crash": 4, "repeat": 5,
@@ -27,7 +27,6 @@ EXIT = {"ok": 0, "keep": 0, "holds": 0, "error": 1, "refused": 2, "discard": 3, 
 OVERRUN_FRACTION = 0.05  # training may pass the budget by 5 % or one step, whichever is longer...
 EXIT_SECONDS = 3.0  # ...plus saving the weights and the interpreter's exit after the last step
 PROTECTED = (LEDGER_NAME, f"{STATE_DIR}/noise.json")  # ignored files a train.py must not touch
-UNJUDGED = ("invalid", "lost")  # rows that say nothing about the idea: the same program may run again
 
 
 class CacheBroken(Exception):

@@ -15,6 +15,7 @@ from pathlib import Path
 # lost: a swarm worker died mid-experiment, nothing measured, idea not judged
 STATUSES = ("keep", "discard", "crash", "verify", "invalid", "lost")
 SCORED = ("keep", "discard", "verify")  # the statuses whose val_bpb is a measurement (the rest hold 0.0)
+UNJUDGED = ("invalid", "lost")  # rows that say nothing about the idea: the same program may run again
 LEDGER_NAME = "results.tsv"
 NOTES_REF = "autoresearch"  # every row is also a git note on its commit: refs/notes/autoresearch
 

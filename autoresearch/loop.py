@@ -91,7 +91,10 @@ def agent_edit(branch, agent, label, last_turn, agent_timeout, event):
     return description
 
 
-def check_agent_timeout(agent_timeout):
+def check_turns(max_experiments, agent_timeout):
+    """The loop's own options (loop and swarm): ValueError, before anything runs."""
+    if max_experiments is not None and max_experiments < 0:
+        raise ValueError(f"--max-experiments must be at least 0, got {max_experiments}")
     if not agent_timeout > 0:
         raise ValueError(f"--agent-timeout must be a positive number of seconds, got {agent_timeout:g}")
 
@@ -101,9 +104,7 @@ def run_loop(root, backend, agent, max_experiments=None, budget=None, seed=42, a
     """Repeat agent edit + experiment until interrupted or max_experiments agent turns. Returns the outcomes."""
     settings = Settings(seed, timeout, gate)
     budget = check_budget(budget)
-    if max_experiments is not None and max_experiments < 0:
-        raise ValueError(f"--max-experiments must be at least 0, got {max_experiments}")
-    check_agent_timeout(agent_timeout)
+    check_turns(max_experiments, agent_timeout)
     root = Path(root)
     outcomes, turn, last_turn = [], 0, None
     log = state_dir(root) / "loop.log"

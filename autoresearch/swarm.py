@@ -23,13 +23,13 @@ import git
 from . import train_file
 from .agents import make_agent
 from .branch import BRANCH_PREFIX, Lock, Refused, open_branch, open_repo, refuse_dirty, state_dir
-from .experiment import (UNJUDGED, CacheBroken, Measurement, Settings, check_budget, check_cache, experiment,
-                         make_row, record)
+from .experiment import (CacheBroken, Measurement, Settings, check_budget, check_cache, experiment, make_row,
+                         record)
 from .experiment import setup as setup_run_branch
 from .gate import decide, load_noise, noise_path, save_noise
 from .hardware import hardware_tag
-from .ledger import LEDGER_NAME, NOTES_REF, append_row, git_identity, read_ledger, replace_ledger
-from .loop import NoEdit, agent_edit, check_agent_timeout
+from .ledger import LEDGER_NAME, NOTES_REF, UNJUDGED, append_row, git_identity, read_ledger, replace_ledger
+from .loop import NoEdit, agent_edit, check_turns
 from .runner import Interrupted, stop_leftover
 
 BEST_REF = "refs/autoresearch/swarm/best"  # in a worker's clone: the swarm's best as the driver last sent it
@@ -59,11 +59,9 @@ class Plan:
     def __post_init__(self):
         if isinstance(self.workers, bool) or int(self.workers) != self.workers or self.workers < 1:
             raise ValueError(f"--workers must be a whole number >= 1, got {self.workers}")
-        if self.max_experiments is not None and self.max_experiments < 0:
-            raise ValueError(f"--max-experiments must be at least 0, got {self.max_experiments}")
         if self.noise_runs < 1:
             raise ValueError(f"--noise-runs must be at least 1, got {self.noise_runs}")
-        check_agent_timeout(self.agent_timeout)
+        check_turns(self.max_experiments, self.agent_timeout)
 
 
 @dataclass(frozen=True)
