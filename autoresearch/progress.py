@@ -24,6 +24,13 @@ def clock(seconds):
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
 
 
+def describe_step(s, budget):
+    """The parts of a progress line for the numbers of train.py's latest step (summary.parse_step)."""
+    parts = [f"step {s['step']}" + (f" ({s['percent']:.0f}% of {budget:g}s)" if "percent" in s else "")]
+    parts += [f"loss {s['loss']:.4f}"] if "loss" in s else []
+    return parts + ([f"{s['tokens_per_sec']:,.0f} tok/s"] if "tokens_per_sec" in s else [])
+
+
 class LiveProgress:
     """Fed every output line of a command's runs (on_line). runs: how many runs the current job has (setup's
     seeds; the seeds gate's most)."""
@@ -64,10 +71,7 @@ class LiveProgress:
         if self.run:
             parts.append(f"seed {self.run}/{max(self.runs, self.run)}")
         if self.phase == "training":
-            s = self.step
-            parts.append(f"step {s['step']}" + (f" ({s['percent']:.0f}% of {self.budget:g}s)" if "percent" in s else ""))
-            parts += [f"loss {s['loss']:.4f}"] if "loss" in s else []
-            parts += [f"{s['tokens_per_sec']:,.0f} tok/s"] if "tokens_per_sec" in s else []
+            parts += describe_step(self.step, self.budget)
         else:
             parts.append(self.phase)
         return " | ".join(parts)

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -28,13 +29,16 @@ from .experiment import (CacheBroken, Measurement, Settings, check_budget, check
 from .experiment import setup as setup_run_branch
 from .gate import decide, load_noise, noise_path, save_noise
 from .hardware import hardware_tag
+from .progress import describe_step
 from .ledger import LEDGER_NAME, NOTES_REF, UNJUDGED, append_row, git_identity, read_ledger, replace_ledger
 from .loop import NoEdit, agent_edit, check_turns
 from .runner import Interrupted, stop_leftover
+from .summary import parse_step
 
 BEST_REF = "refs/autoresearch/swarm/best"  # in a worker's clone: the swarm's best as the driver last sent it
 OUT_REF = "refs/autoresearch/swarm/out"  # in a worker's clone: its last experiment, bundled for the driver
 MAX_LOSSES = 3  # a worker lost this many times in a row without a result is given up
+PROGRESS_SECONDS = 10  # the driver's `progress:` line on stderr: at a turn's first step, then this often
 START_TIMEOUT = 300  # seconds for every worker to be placed and to answer (a cluster without the resources never does)
 LOCKS = Path(tempfile.gettempdir()) / "autoresearch-swarm"  # this node's flocks: a core slot each, the trainer view
 
@@ -73,7 +77,7 @@ class Spec:
     settings: Settings
     plan: Plan
     cores: int  # CPU cores per worker, pinned where the OS allows; 0 for GPU workers
-    cache: str | None  # the driver's AUTORESEARCH_CACHE, else each node's default
+    cache: str | None  # on a local Ray instance, the driver's AUTORESEARCH_CACHE; on a cluster, each node's own
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,7 @@ class Worker:
         self.root = prepare.cache_dir() / "swarm" / spec.swarm / self.name
         self.agent = make_agent(spec.plan.agent, spec.plan.agent_seed + index)
         self.last_turn = None
+        self.step = None  # (turn label, the numbers of train.py's latest progress line), while it trains
 
     def hello(self):
         """Where this worker runs and what it would measure on, for the driver's checks before any experiment."""
@@ -191,7 +196,7 @@ class Worker:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 prepare.trainer_view()
         except Exception as e:  # no cache, a damaged one: the node's problem, said in one line
-            return {"error": " ".join(str(e).split())}
+            return {"error": " ".join(str(e).split()), "node": socket.gethostname()}
         return {"node": socket.gethostname(), "pid": os.getpid(), "hardware": hardware_tag(self.spec.backend),
                 "data": data, "root": str(self.root)}
 
@@ -245,7 +250,15 @@ class Worker:
             def claim(digest):
                 return ray.get(claims.claim.remote(digest, self.name, description, source))
 
-            outcome = experiment(branch, description, spec.settings, claim=claim)
+            def on_line(text):
+                numbers = parse_step(text)
+                if numbers:
+                    self.step = (label, numbers)
+
+            try:
+                outcome = experiment(branch, description, spec.settings, on_line, claim)
+            finally:
+                self.step = None
         self.last_turn = f"{description}: {outcome.message}"
         if outcome.status == "repeat":
             return Report(self.name, label, events, f"{label}: {outcome.message}")
@@ -253,6 +266,11 @@ class Worker:
         repo.git.update_ref(OUT_REF, commit.hexsha)
         return Report(self.name, label, events, f"{label}: {outcome.message}", outcome.row, commit.hexsha, base,
                       make_bundle(repo, OUT_REF, f"^{base}"))
+
+    def progress(self):
+        """(turn label, {step, percent, loss, ...}) of the training running now, or None: for the driver's progress
+        lines."""
+        return self.step
 
     def stop(self):
         """Stop this worker's training or evaluation now (the driver is ending): nothing of it will be recorded."""
@@ -393,12 +411,17 @@ class Signals:
             signal.signal(sig, handler)
 
 
+def is_local(address):
+    return address in (None, "local")
+
+
 def start_ray(ray, address):
-    """Connect to the cluster at address, or start a Ray instance of this machine's (None or "local")."""
+    """Start a Ray instance of this machine's (None or "local": a new one, even beside a running cluster), or
+    connect to the cluster at address ("auto": the one `ray start` made on this node; "ray://HOST:PORT")."""
     # Ray's notice that a local instance uses token authentication (kept on) is not the harness's to print
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    if address in (None, "local"):
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if is_local(address):
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     else:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
 
@@ -455,7 +478,7 @@ def _swarm(ray, root, backend, budget, settings, plan, event, signals, actors):
     repo = open_repo(root)
     swarm = hashlib.sha256(f"{socket.gethostname()}:{root.resolve()}".encode()).hexdigest()[:12]
     spec = Spec(swarm, backend, budget, settings, plan, cores_per_worker(ray, backend, plan.workers),
-                os.environ.get("AUTORESEARCH_CACHE"))
+                os.environ.get("AUTORESEARCH_CACHE") if is_local(plan.address) else None)
     remote = ray.remote(Worker).options(num_cpus=spec.cores or 1, num_gpus=1 if backend == "cuda" else 0,
                                         max_restarts=-1, max_task_retries=0, max_concurrency=2)
     actors.extend(remote.remote(spec, i) for i in range(plan.workers))
@@ -502,8 +525,8 @@ def _check_workers(ray, actors, event, signals):
     mine = cache_identity()
     for i, h in enumerate(hellos):
         if "error" in h:
-            raise CacheBroken(f"worker w{i}: {h['error']} (prepare the data on every node, or share one cache "
-                              f"with AUTORESEARCH_CACHE)")
+            raise CacheBroken(f"worker w{i} on {h.get('node', 'its node')}: {h['error']} (prepare the data on every "
+                              f"node, or share one cache: AUTORESEARCH_CACHE in the environment of `ray start`)")
         if h["data"] != mine:
             raise Refused(f"worker w{i} on {h['node']} has other prepared data ({h['data']}) than this checkout "
                           f"({mine}): prepare from the same source on every node")
@@ -515,12 +538,39 @@ def _check_workers(ray, actors, event, signals):
     return tags[0]
 
 
+class Progress:
+    """The driver's `progress:` line on stderr while workers train: each one's turn, step, % of the budget, loss
+    and tokens/s, at a turn's first step and then every PROGRESS_SECONDS (stdout keeps the turns' results)."""
+
+    def __init__(self, ray, budget):
+        self.ray, self.budget = ray, budget
+        self.asked = self.printed = 0.0
+        self.seen, self.last = set(), None
+
+    def poll(self, actors):
+        now = time.time()
+        if now - self.asked < 2:
+            return
+        self.asked = now
+        try:
+            steps = [s for s in self.ray.get([a.progress.remote() for a in actors], timeout=5) if s]
+        except Exception:  # a worker dying or restarting: its turn's result says so
+            return
+        new = {label for label, _ in steps} - self.seen
+        line = " | ".join(" ".join([label] + describe_step(numbers, self.budget)) for label, numbers in steps)
+        if steps and line != self.last and (new or now - self.printed >= PROGRESS_SECONDS):
+            self.seen |= new
+            self.printed, self.last = now, line
+            print(f"progress: {line}", file=sys.stderr, flush=True)
+
+
 def _drive(ray, branch, actors, claims, settings, plan, event, signals, died):
     """Give each worker a turn on the latest best, record each result as it comes, until max_experiments."""
     rows, pending, results = [], {}, 0
     losses, turns, bases = [0] * len(actors), [0] * len(actors), [None] * len(actors)
     alive = set(range(len(actors)))
     shot = ray.put(snapshot(branch.repo, branch.name))
+    progress = Progress(ray, branch.budget)
 
     def more():
         return plan.max_experiments is None or results + len(pending) < plan.max_experiments
@@ -541,6 +591,7 @@ def _drive(ray, branch, actors, claims, settings, plan, event, signals, died):
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
         signals.check()
         if not ready:
+            progress.poll([actors[i] for i in pending.values()])
             continue
         i = pending.pop(ready[0])
         try:

@@ -3,6 +3,7 @@ seconds, a worker's process killed mid-run, the driver stopped by SIGTERM. The m
 are also tested without Ray, on real repositories."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -137,6 +138,7 @@ def test_two_workers_share_the_best_and_a_killed_worker_recovers(swarm_dir, tmp_
     assert not alive(killed), text
     assert "w1: RESULT lost (worker w1 died)" in text and "Ray restarts it" in text
     assert "adopts the swarm's best" in text
+    assert re.search(r"^progress: w[01] turn \d+ step \d+ \(\d+% of 3s\)", text, re.M)  # on stderr, while they train
 
     rows = check_driver(swarm_dir)
     swarm_rows = [r for r in rows if r.worker != "-"]
@@ -191,6 +193,26 @@ def test_a_whole_machine_run_branch_is_another_series_than_the_workers(repo_dir)
     assert f"-{os.cpu_count()}c-" in proc.stderr and "the workers measure on mlx-cpu-" in proc.stderr
     assert "--tag TAG" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert len(read_ledger(repo_dir / "results.tsv")) == 1
+
+
+def test_a_cluster_node_without_the_data_stops_the_swarm_before_any_experiment(swarm_dir, tmp_path):
+    """`--address auto` joins the cluster `ray start` made on this node, whose workers use that node's own cache
+    (AUTORESEARCH_CACHE of `ray start`'s environment): an unprepared one stops the swarm in one line."""
+    ray_cli = Path(sys.executable).with_name("ray")
+    empty = tmp_path / "node-cache"
+    started = subprocess.run([ray_cli, "start", "--head", "--num-cpus", "2", "--include-dashboard=false",
+                              "--disable-usage-stats"], env=dict(os.environ, AUTORESEARCH_CACHE=str(empty)),
+                             capture_output=True, text=True, timeout=180)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        head = git.Repo(swarm_dir).head.commit.hexsha
+        proc = cli(swarm_dir, *swarm_args("--agent", "random", "-n", 1, "--address", "auto"))
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "error: worker w0 on " in proc.stderr and f"no prepared data in {empty}" in proc.stderr
+        assert "AUTORESEARCH_CACHE in the environment of `ray start`" in proc.stderr
+        assert git.Repo(swarm_dir).head.commit.hexsha == head and len(read_ledger(swarm_dir / "results.tsv")) == 1
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=180)
 
 
 # ---------------------------------------------------------------------------
