@@ -169,6 +169,8 @@ def pin_cores(count):
 
 
 class Worker:
+    """One worker of the swarm (a threaded Ray actor: a turn, and the driver's progress and stop calls beside it)."""
+
     def __init__(self, spec, index):
         self.spec, self.name = spec, f"w{index}"
         if spec.cache:
