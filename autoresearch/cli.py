@@ -1,6 +1,5 @@
 """The `autoresearch` command line."""
 
-import math
 import platform
 import re
 import sys
@@ -75,9 +74,13 @@ def check_prepared(budget=None):
 
     import prepare
 
+    from .experiment import check_budget
+
     if budget is not None:
-        if not (budget > 0 and math.isfinite(budget)):
-            fail(f"--budget must be a positive number of seconds, got {budget:g}", code=EXIT["refused"])
+        try:
+            check_budget(budget)
+        except ValueError as e:
+            fail(str(e), code=EXIT["refused"])
         os.environ["AUTORESEARCH_BUDGET"] = str(budget)
     try:
         return prepare.time_budget(prepare.load_profile())

@@ -12,7 +12,8 @@ from rich.progress import BarColumn, Progress, TextColumn
 from .calibrate import TIME_LIMIT
 from .summary import parse_step
 
-HEADER = re.compile(r"^=== \S+ seed \d+ budget")  # experiment.measure's line before every run (the dashboard reads it too)
+# experiment.measure's line before every run (the dashboard reads it too)
+HEADER = re.compile(r"^=== \S+ seed \d+ budget")
 PLAIN_EVERY = 10.0  # seconds between plain progress lines
 OVERHEAD_GUESS = 20.0  # seconds of startup and evaluation per run, until a run was timed
 CALIBRATION_GUESS = 2 * TIME_LIMIT  # its training steps plus a startup per rung
