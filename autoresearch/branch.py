@@ -95,14 +95,21 @@ def refs_snapshot(repo):
 
 
 class Lock:
-    """An exclusive lock on the checkout (flock: released by the kernel when the holder dies, even by SIGKILL)."""
+    """An exclusive lock on the checkout (flock: released by the kernel when the holder dies, even by SIGKILL).
+    One harness per checkout, not one lock per call: in the process that holds it, taking it again (the swarm
+    holds it from before Ray starts, then opens the run branch) nests."""
+
+    _held = {}  # lock file: how many times this process holds it
 
     def __init__(self, root, command):
-        self.path = state_dir(root) / LOCK_FILE
+        self.path = (state_dir(root) / LOCK_FILE).resolve()
         self.command = command
         self.fd = None
 
     def __enter__(self):
+        if self.path in Lock._held:
+            Lock._held[self.path] += 1
+            return self
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -113,9 +120,14 @@ class Lock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}: {self.command}\n".encode())
         self.fd = fd
+        Lock._held[self.path] = 1
         return self
 
     def __exit__(self, *exc):
+        Lock._held[self.path] -= 1
+        if self.fd is None or Lock._held[self.path]:
+            return
+        del Lock._held[self.path]
         os.ftruncate(self.fd, 0)
         os.close(self.fd)  # closing releases the flock
 

@@ -30,7 +30,7 @@ from .experiment import setup as setup_run_branch
 from .gate import decide, load_noise, noise_path, save_noise
 from .hardware import hardware_tag
 from .progress import describe_step
-from .ledger import LEDGER_NAME, NOTES_REF, UNJUDGED, append_row, git_identity, read_ledger, replace_ledger
+from .ledger import LEDGER_NAME, NOTES_REF, UNJUDGED, append_row, git_identity, replace_ledger
 from .loop import NoEdit, agent_edit, check_turns
 from .runner import Interrupted, stop_leftover
 from .summary import parse_step
@@ -100,7 +100,6 @@ class Snapshot:
 class Report:
     """One turn of a worker, as it comes back to the driver."""
     worker: str
-    label: str
     events: list
     message: str = ""
     row: object = None  # the Row it recorded, None for a turn without a measurement (no edit, a repeat)
@@ -175,9 +174,9 @@ class Worker:
         self.spec, self.name = spec, f"w{index}"
         if spec.cache:
             os.environ["AUTORESEARCH_CACHE"] = spec.cache
-        self.cores = None
+        self.cores_lock = None  # held open for the worker's life
         if spec.cores and hasattr(os, "sched_setaffinity"):
-            self.cores = pin_cores(spec.cores)
+            self.cores_lock = pin_cores(spec.cores)
             os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(spec.cores)
         import prepare
 
@@ -220,15 +219,15 @@ class Worker:
         return repo
 
     def setup(self, shot, tag):
-        """Set up the swarm's run branch in this clone, for this worker's hardware (calibrated, baseline seeds);
-        returns its closing line and the new branch as a Snapshot."""
+        """Set up the swarm's run branch in this clone, for this worker's hardware (calibrated, baseline seeds).
+        Returns its Outcome (the baseline row), its noise floor and the new branch as a Snapshot."""
         spec = self.spec
         self.sync(shot)
-        outcome = setup_run_branch(self.root, tag, spec.backend, spec.budget, spec.settings.seed, spec.settings.timeout,
-                        noise_runs=spec.plan.noise_runs, gate=spec.settings.gate, calibrate=spec.plan.calibrate,
-                        say=lambda text: None)
-        repo = open_repo(self.root)
-        return outcome.message, snapshot(repo, repo.active_branch.name)
+        outcome = setup_run_branch(self.root, tag, spec.backend, spec.budget, spec.settings.seed,
+                                   spec.settings.timeout, noise_runs=spec.plan.noise_runs, gate=spec.settings.gate,
+                                   calibrate=spec.plan.calibrate, say=lambda text: None)
+        repo, row = open_repo(self.root), outcome.row
+        return outcome, load_noise(self.root, *row.key()[1:]), snapshot(repo, repo.active_branch.name)
 
     def turn(self, shot, claims, number):
         """Turn `number` of the loop on the swarm's best: agent edit, experiment, gate. Its row is the driver's
@@ -246,7 +245,7 @@ class Worker:
                                          events.append)
             except NoEdit as e:
                 self.last_turn = f"no experiment: {e.reason}"
-                return Report(self.name, label, events, f"{label}: {e}")
+                return Report(self.name, events, f"{label}: {e}")
             check_cache()  # a broken cache is the node's fault: no claim, no row, the driver is told
             source = train_file(spec.backend, self.root).read_text()
             def claim(digest):
@@ -263,10 +262,10 @@ class Worker:
                 self.step = None
         self.last_turn = f"{description}: {outcome.message}"
         if outcome.status == "repeat":
-            return Report(self.name, label, events, f"{label}: {outcome.message}")
+            return Report(self.name, events, f"{label}: {outcome.message}")
         commit = repo.commit(outcome.row.commit)
         repo.git.update_ref(OUT_REF, commit.hexsha)
-        return Report(self.name, label, events, f"{label}: {outcome.message}", outcome.row, commit.hexsha, base,
+        return Report(self.name, events, f"{label}: {outcome.message}", outcome.row, commit.hexsha, base,
                       make_bundle(repo, OUT_REF, f"^{base}"))
 
     def progress(self):
@@ -351,24 +350,16 @@ def lost_row(branch, settings, worker, description, source, reason):
     return replace(row, worker=worker)
 
 
-def import_setup(root, message, shot, say):
-    """The run branch worker 0 set up, into the driver's checkout: the branch, its notes, its rows, its noise
-    floor; then checked out."""
+def import_setup(root, outcome, noise, shot, say):
+    """The run branch worker 0 set up, into the driver's checkout: the branch and its notes, its baseline row, its
+    noise floor; then checked out."""
     repo = open_repo(root)
     fetch_bundle(repo, shot.bundle, *shot.refspecs(f"refs/heads/{shot.branch}"))
-    with tempfile.TemporaryDirectory() as tmp:
-        theirs = Path(tmp)
-        (theirs / LEDGER_NAME).write_bytes(shot.ledger)
-        rows = [r for r in read_ledger(theirs / LEDGER_NAME) if r.branch == shot.branch]
-        noise_path(theirs).parent.mkdir()
-        noise_path(theirs).write_bytes(shot.noise)
-        for r in rows:
-            append_row(root / LEDGER_NAME, r)
-            noise = load_noise(theirs, r.hardware, r.eval_profile, r.budget)
-            if noise:
-                save_noise(root, r.hardware, r.eval_profile, r.budget, noise["samples"], noise["commit"])
+    append_row(root / LEDGER_NAME, outcome.row)
+    if noise:
+        save_noise(root, *outcome.row.key()[1:], noise["samples"], noise["commit"])
     repo.git.checkout(shot.branch)
-    say(f"setup on w0: {message}")
+    say(f"setup on w0: {outcome.message}")
     say(f"run branch {shot.branch} set up on the workers' hardware and checked out here")
 
 
@@ -463,7 +454,8 @@ def run_swarm(root, backend, budget, settings, plan, on_event=print):
             f.write(f"{time.strftime('%H:%M:%S')} {text}\n")
         on_event(text)
 
-    with Signals() as signals:
+    # the checkout's lock before Ray starts: a second driver here would share the workers' clones
+    with Lock(root, "swarm"), Signals() as signals:
         start_ray(ray, plan.address)
         signals.install()
         actors = []
@@ -486,15 +478,14 @@ def _swarm(ray, root, backend, budget, settings, plan, event, signals, actors):
     actors.extend(remote.remote(spec, i) for i in range(plan.workers))
     hardware = _check_workers(ray, actors, event, signals)
     if plan.tag:
-        with Lock(root, "swarm setup"):
-            name = f"{BRANCH_PREFIX}{plan.tag}-{hardware}"
-            if name in repo.heads:
-                raise Refused(f"branch {name} already exists: choose another --tag, or check it out and run "
-                              f"the swarm on it without --tag")
-            event(f"setup: calibrating and measuring the baseline on w0 ({plan.noise_runs} seeds)")
-            shot = snapshot(repo, repo.active_branch.name)
-            message, shot = signals.get(ray, actors[0].setup.remote(shot, plan.tag))
-            import_setup(root, message, shot, event)
+        name = f"{BRANCH_PREFIX}{plan.tag}-{hardware}"
+        if name in repo.heads:
+            raise Refused(f"branch {name} already exists: choose another --tag, or check it out and run "
+                          f"the swarm on it without --tag")
+        event(f"setup: calibrating and measuring the baseline on w0 ({plan.noise_runs} seeds)")
+        shot = snapshot(repo, repo.active_branch.name)
+        outcome, noise, shot = signals.get(ray, actors[0].setup.remote(shot, plan.tag))
+        import_setup(root, outcome, noise, shot, event)
     claims = ray.remote(Claims).options(num_cpus=0).remote()
     with _open_branch(root, backend, budget, event, hardware) as branch:
         return _drive(ray, branch, actors, claims, settings, plan, event, signals,
@@ -524,6 +515,8 @@ def _check_workers(ray, actors, event, signals):
     except ray.exceptions.GetTimeoutError:
         raise Refused(f"the workers did not all start within {START_TIMEOUT}s: the Ray cluster lacks the CPUs or "
                       f"GPUs for {len(actors)} of them (ray status shows what it has)") from None
+    except ray.exceptions.RayActorError as e:  # its constructor raised (no free cores, no checkout installed)
+        raise SwarmError(f"a worker could not start: {_last_line(e)}") from None
     mine = cache_identity()
     for i, h in enumerate(hellos):
         if "error" in h:

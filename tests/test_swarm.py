@@ -133,6 +133,11 @@ def test_two_workers_share_the_best_and_a_killed_worker_recovers(swarm_dir, tmp_
     workers = driver.workers()
     killed = trainer_of(workers["w1"][1])  # w1 trains its first experiment: kill its Ray process (the actor)
     os.kill(workers["w1"][0], signal.SIGKILL)
+    # a second driver on this checkout would share the workers' clones: refused at once, before Ray starts
+    started = time.time()
+    second = cli(swarm_dir, *swarm_args("--agent", "random"))
+    assert second.returncode == 2 and "another harness works on this checkout" in second.stderr, second.stderr
+    assert time.time() - started < 30 and driver.proc.poll() is None
     assert driver.wait() == 0, driver.text()
     text = driver.text()
     assert not alive(killed), text
@@ -249,7 +254,7 @@ def test_a_stale_keep_is_judged_again_against_the_moved_best(swarm_dir, tmp_path
             commit, data, digest = worker_commit(clone, start, values, description)
             row = replace(template, commit=commit.hexsha[:7], val_bpb=val, samples=f"{val:.6f}",
                           description=description, train_hash=digest)
-            return Report("w1", "w1 turn 1", [], f"w1 turn 1: RESULT keep val_bpb={val}", row, commit.hexsha,
+            return Report("w1", [], f"w1 turn 1: RESULT keep val_bpb={val}", row, commit.hexsha,
                           start, data)
 
         first = template.val_bpb - 0.1
