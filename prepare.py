@@ -24,18 +24,21 @@ import json
 import math
 import os
 import pickle
+import queue
+import re
 import shlex
 import shutil
+import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from http.client import HTTPException
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 (pa.compute)
 import pyarrow.parquet as pq
 import tiktoken
 
@@ -154,62 +157,204 @@ def _atomic_save_npy(path, array):
 # ---------------------------------------------------------------------------
 
 
+DOWNLOAD_TIMEOUT = 30  # seconds one read may wait for the server's next bytes
+STALL_SECONDS = 30  # a transfer slower than MIN_RATE over this many seconds is cut off and retried
+MIN_RATE = 4096  # bytes per second
+DOWNLOAD_DEADLINE = 3600  # seconds one shard may take, all its attempts together
+DOWNLOADS = ".downloads"  # <cache>/.downloads/<dataset>/: shards (and .part files) not yet in data/
+
+
+def _is_text(kind):
+    return (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or (pa.types.is_dictionary(kind) and _is_text(kind.value_type)))
+
+
 def _check_parquet(path, label=None):
-    """Number of documents in a parquet file with a `text` column; PrepareError otherwise."""
+    """Number of documents in a parquet file with a string `text` column; PrepareError otherwise."""
     label = label or path
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:
-        raise PrepareError(f"{label}: not a readable parquet file ({type(e).__name__}: {e})".splitlines()[0]) from None
+        raise PrepareError(_one_line(f"{label}: not a readable parquet file ({type(e).__name__}: {e})")) from None
     if "text" not in pf.schema_arrow.names:
         raise PrepareError(f"{label}: parquet file has no `text` column (columns: {', '.join(pf.schema_arrow.names)})")
+    kind = pf.schema_arrow.field("text").type
+    if not _is_text(kind):
+        raise PrepareError(f"{label}: the `text` column holds {kind}, not strings")
     return pf.metadata.num_rows
 
 
-def download_file(url, dest, retries=5, timeout=30, backoff=0.5):
-    """Download url to dest, resuming a partial `.part` file; dest appears only when complete."""
+def check_shard(path, label=None):
+    """A shard as training and evaluation need it, read whole: a string `text` column, at least one row and some
+    text (an empty split makes the loader spin and the evaluator divide by zero). Returns its number of rows."""
+    label = label or path
+    rows = _check_parquet(path, label)
+    if rows == 0:
+        raise PrepareError(f"{label}: the shard holds no documents (0 rows)")
+    chars = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=ROW_GROUP_DOCS, columns=["text"]):
+            lengths = pa.compute.utf8_length(batch.column(0).cast(pa.string()))
+            chars += pa.compute.sum(lengths).as_py() or 0
+    except (pa.ArrowException, OSError) as e:
+        raise PrepareError(_one_line(f"{label}: not a readable parquet file ({type(e).__name__}: {e})")) from None
+    if chars == 0:
+        raise PrepareError(f"{label}: the shard holds no text ({rows:,} documents, every one empty)")
+    return rows
+
+
+def _one_line(text):
+    """A message from elsewhere (an exception, a server's reason phrase) as one line."""
+    return " ".join(str(text).split())
+
+
+class _Restart(Exception):
+    """The server's reply does not continue the partial file: start the file again from its first byte."""
+
+
+class _Stalled(Exception):
+    """The transfer went slower than the floor: retried, resuming where it stopped."""
+
+
+class Cancelled(Exception):
+    """Another download failed, or the process is being stopped: this one ends at its next chunk."""
+
+
+def _source_path(part):
+    return part.with_name(part.name + ".source")  # where the .part came from: its URL and the server's validators
+
+
+def _resumable(part, url):
+    """(bytes of part to resume, its recorded source) for url; a .part of another URL, or one with no record of
+    where it came from, is deleted: appending another server's bytes to it would splice two files."""
+    try:
+        source = json.loads(_source_path(part).read_text())
+    except (OSError, ValueError):
+        source = None
+    if not part.exists() or not isinstance(source, dict) or source.get("url") != url:
+        part.unlink(missing_ok=True)
+        _source_path(part).unlink(missing_ok=True)
+        return 0, None
+    return part.stat().st_size, source
+
+
+def _discard(part):
+    part.unlink(missing_ok=True)
+    _source_path(part).unlink(missing_ok=True)
+
+
+def _content_range(value):
+    """(first byte, complete length) of a Content-Range header, or None when it is not one."""
+    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", (value or "").strip())
+    return (int(match[1]), None if match[3] == "*" else int(match[3])) if match else None
+
+
+def _length(headers):
+    """Content-Length as an int, -1 when absent or not a number (the shard's own check catches a short file)."""
+    value = (headers.get("Content-Length") or "").strip()
+    return int(value) if value.isdigit() else -1
+
+
+def _open_part(response, part, url, have, source):
+    """(file mode, bytes already there, total expected or -1) for this reply, after checking that a partial
+    reply continues the .part exactly: from its last byte, of the same file (ETag, Last-Modified)."""
+    validators = {"etag": response.headers.get("ETag"), "last_modified": response.headers.get("Last-Modified")}
+    if have and response.status == 206:
+        found = _content_range(response.headers.get("Content-Range"))
+        same = all(source.get(k) in (None, v) for k, v in validators.items())
+        if found is None or found[0] != have or not same:
+            raise _Restart(f"the server's partial reply does not continue the {have:,} bytes downloaded so far")
+        total = found[1] if found[1] is not None else have + _length(response.headers)
+        if _length(response.headers) >= 0 and found[1] is not None and have + _length(response.headers) != found[1]:
+            raise _Restart("the server's partial reply has the wrong length")
+        return "ab", have, total
+    _source_path(part).write_text(json.dumps({"url": url, **validators}))  # before the first byte
+    return "wb", 0, _length(response.headers)
+
+
+def _copy(response, f, url, limits, cancel):
+    """Copy the reply into f chunk by chunk (read1: whatever has arrived), so that a cancel, the deadline and
+    the rate floor are checked while bytes trickle in."""
+    ends, deadline, min_rate, stall = limits
+    window, window_bytes = time.monotonic(), 0
+    while True:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(url)
+        chunk = response.read1(1 << 20)
+        if not chunk:
+            return
+        f.write(chunk)
+        now = time.monotonic()
+        if now > ends:
+            raise PrepareError(f"download of {url} took longer than its deadline ({deadline:g}s)")
+        window_bytes += len(chunk)
+        if now - window >= stall:
+            if window_bytes < min_rate * (now - window):
+                raise _Stalled(f"slower than {min_rate:,} bytes/s for {stall:g}s")
+            window, window_bytes = now, 0
+
+
+def download_file(url, dest, retries=5, timeout=DOWNLOAD_TIMEOUT, backoff=0.5, deadline=DOWNLOAD_DEADLINE,
+                  min_rate=MIN_RATE, stall=STALL_SECONDS, cancel=None):
+    """Download url to dest, resuming a partial `.part` file of the same source; dest appears only when complete
+    and checked (check_shard). One PrepareError line when it cannot: every attempt within `deadline` seconds."""
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
+    ends = time.monotonic() + deadline
+    limits = (ends, deadline, min_rate, stall)
     last = None
     for attempt in range(1, retries + 1):
-        have = part.stat().st_size if part.exists() else 0
-        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        total = -1
+        have, source = _resumable(part, url)
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        if have and (source.get("etag") or source.get("last_modified")):
+            headers["If-Range"] = source.get("etag") or source.get("last_modified")  # changed file: a whole 200
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                if have and response.status == 206:
-                    mode = "ab"
-                    total = have + int(response.headers.get("Content-Length", -have - 1))
-                else:
-                    mode, have = "wb", 0
-                    total = int(response.headers.get("Content-Length", -1))
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
+                mode, have, total = _open_part(response, part, url, have, source)
                 with open(part, mode) as f:
-                    shutil.copyfileobj(response, f, 1 << 20)
+                    _copy(response, f, url, limits, cancel)
             size = part.stat().st_size
             if total >= 0 and size != total:
                 raise HTTPException(f"connection closed at {size} of {total} bytes")
-            _check_parquet(part, label=url)
+            check_shard(part, label=url)
             os.replace(part, dest)
+            _source_path(part).unlink(missing_ok=True)
             return dest
         except urllib.error.HTTPError as e:
             if e.code == 416:  # our partial file is stale or complete-but-unrenamed: start over
-                part.unlink(missing_ok=True)
+                _discard(part)
             elif e.code < 500 and e.code != 429:
-                raise PrepareError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
+                raise PrepareError(_one_line(f"download of {url} failed: HTTP {e.code} {e.reason}")) from None
             last = f"HTTP {e.code} {e.reason}"
+        except _Restart as e:
+            _discard(part)
+            last = str(e)
+            continue  # nothing wrong with the server's health: ask again at once, for the whole file
         except PrepareError:
-            part.unlink(missing_ok=True)  # complete but corrupt: never keep it
-            if attempt == retries:
-                raise
-            last = "downloaded file is not valid parquet"
+            _discard(part)  # not a usable shard, or past the deadline: never keep it
+            if total >= 0 or attempt == retries or time.monotonic() > ends:
+                raise  # all of the bytes the server announced: it would send the same again
+            last = "downloaded file is not a usable shard"
+        except _Stalled as e:
+            last = str(e)
         except (urllib.error.URLError, HTTPException, OSError) as e:
             last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+        if time.monotonic() > ends:
+            break
         if attempt < retries:
-            time.sleep(min(backoff * 2 ** (attempt - 1), 10))
-    raise PrepareError(f"download of {url} failed after {retries} attempts ({last})")
+            time.sleep(min(backoff * 2 ** (attempt - 1), 10, max(ends - time.monotonic(), 0)))
+    raise PrepareError(_one_line(f"download of {url} failed after {attempt} attempts ({last})"))
 
 
-def download_dataset(name, num_shards, workers=8, base_url=None, retries=5, progress=None, out=None):
-    """Download training shards 0..num_shards-1 and the pinned validation shard into out (default data/)."""
+def download_dataset(name, num_shards, workers=8, base_url=None, retries=5, progress=None, out=None, reuse=None,
+                     **limits):
+    """Download training shards 0..num_shards-1 and the pinned validation shard into out (default data/), but for
+    those already in out or reuse that pass check_shard. Returns {shard name: path} of every one of them.
+
+    The downloads run on daemon threads: a signal (Ctrl-C, SIGTERM) ends the main thread's wait at once, the
+    workers stop at their next chunk, and none of them holds up the process's exit (a ThreadPoolExecutor's
+    workers are joined at exit: a 1 byte/s server would keep the process alive for hours)."""
     if name not in DATASETS:
         raise PrepareError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)} or use --source PATH")
     spec = DATASETS[name]
@@ -218,23 +363,57 @@ def download_dataset(name, num_shards, workers=8, base_url=None, retries=5, prog
     base_url = (base_url or spec.base_url).rstrip("/")
     out = Path(out or data_dir())
     out.mkdir(parents=True, exist_ok=True)
-    indices = list(range(min(num_shards, spec.max_shard))) + [spec.val_shard]
-    todo = [i for i in indices if not (out / shard_name(i)).exists()]
+    names = [shard_name(i) for i in list(range(min(num_shards, spec.max_shard))) + [spec.val_shard]]
+    found = {n: _usable(n, ([Path(reuse)] if reuse else []) + [out]) for n in names}
+    todo = [n for n in names if found[n] is None]
     if progress:
-        progress("download", len(indices) - len(todo), len(indices))
-    if not todo:
-        return
-    with ThreadPoolExecutor(max(1, min(workers, len(todo)))) as pool:
-        futures = [pool.submit(download_file, f"{base_url}/{shard_name(i)}", out / shard_name(i), retries) for i in todo]
-        try:
-            for future in as_completed(futures):
-                future.result()
-                if progress:
-                    progress("download", 1, None)
-        except PrepareError as e:
-            for f in futures:
-                f.cancel()
-            raise PrepareError(f"{e}; offline? import local files instead: autoresearch prepare --source PATH") from None
+        progress("download", len(names) - len(todo), len(names))
+    jobs, done, cancel = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
+    for n in todo:
+        jobs.put(n)
+
+    def work():
+        while not cancel.is_set():
+            try:
+                n = jobs.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.put((n, download_file(f"{base_url}/{n}", out / n, retries, cancel=cancel, **limits)))
+            except Exception as e:  # the main thread raises it
+                done.put((n, e))
+
+    for i in range(max(1, min(workers, len(todo)))):
+        threading.Thread(target=work, name=f"download-{i}", daemon=True).start()
+    try:
+        for _ in todo:
+            n, result = done.get()
+            if isinstance(result, Cancelled):
+                continue
+            if isinstance(result, PrepareError):
+                raise PrepareError(f"{result}; offline? import local files instead: autoresearch prepare --source PATH")
+            if isinstance(result, Exception):
+                raise PrepareError(_one_line(f"download of {base_url}/{n} failed: {type(result).__name__}: {result}"))
+            found[n] = result
+            if progress:
+                progress("download", 1, None)
+    finally:
+        cancel.set()  # the other workers stop at their next chunk
+    return found
+
+
+def _usable(name, folders):
+    """The first folder's copy of shard `name` that passes check_shard, else None: a damaged one is downloaded
+    again (and replaces it where it lies in data/ only when the prepare that fetched it succeeds)."""
+    for folder in folders:
+        path = folder / name
+        if path.exists():
+            try:
+                check_shard(path)
+                return path
+            except PrepareError:
+                continue
+    return None
 
 
 def list_source_files(paths):
@@ -257,41 +436,89 @@ def list_source_files(paths):
 
 
 def read_documents(path):
-    """Documents of one source file; every problem is a one-line PrepareError."""
+    """Documents of one source file, as a list; every problem is a one-line PrepareError."""
+    return list(iter_documents(path))
+
+
+def iter_documents(path):
+    """Documents of one source file, one at a time: a file larger than memory is imported by streaming it. Every
+    problem is a one-line PrepareError; a file that holds no text is one."""
     path = Path(path)
-    if path.suffix == ".parquet":
-        _check_parquet(path)
-        docs = pq.read_table(path, columns=["text"]).column("text").to_pylist()
-        docs = [d for d in docs if d]
-    elif path.suffix == ".jsonl":
-        docs = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise PrepareError(f"{path}:{lineno}: not a JSON object with a `text` field") from None
-                if text:
-                    docs.append(str(text))
-    else:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise PrepareError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        docs, current = [], ""
-        for para in text.split("\n\n"):
-            if para.strip():
-                current = f"{current}\n\n{para}" if current else para
-            if len(current) >= TXT_DOC_CHARS:
-                docs.append(current)
-                current = ""
-        if current:
-            docs.append(current)
-    if not docs:
+    reader = {".parquet": _parquet_documents, ".jsonl": _jsonl_documents}.get(path.suffix, _txt_documents)
+    found = False
+    for doc in reader(path):
+        found = True
+        yield doc
+    if not found:
         raise PrepareError(f"{path}: no text found")
-    return docs
+
+
+def _parquet_documents(path):
+    _check_parquet(path)
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=ROW_GROUP_DOCS, columns=["text"]):
+            yield from (d for d in batch.column(0).to_pylist() if d)
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+        raise PrepareError(_one_line(f"{path}: not a readable parquet file ({type(e).__name__}: {e})")) from None
+
+
+def _jsonl_documents(path):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PrepareError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+                raise PrepareError(f"{path}:{lineno}: not a JSON object with a `text` field") from None
+            if text is None or text == "":
+                continue
+            if not isinstance(text, str):
+                raise PrepareError(f"{path}:{lineno}: `text` is {type(text).__name__}, not a string")
+            _check_unicode(text, f"{path}:{lineno}")
+            yield text
+
+
+def _check_unicode(text, label):
+    """JSON's \\ud800 escapes decode to lone surrogates, which no UTF-8 file (a shard) can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PrepareError(f"{label}: `text` holds a lone surrogate ({text[e.start]!r} at character {e.start}), "
+                           "not valid Unicode") from None
+
+
+def _txt_documents(path):
+    """Blank-line paragraphs grouped into documents of about TXT_DOC_CHARS, read a block at a time. Paragraphs are
+    split as bytes: b"\\n\\n" never occurs inside a UTF-8 sequence, so each decodes on its own."""
+    current, offset = "", 0
+    for para in _paragraphs(path):
+        try:
+            text = para.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise PrepareError(f"{path}: not UTF-8 text ({e.reason} at byte {offset + e.start})") from None
+        offset += len(para) + 2
+        if text.strip():
+            current = f"{current}\n\n{text}" if current else text
+        if len(current) >= TXT_DOC_CHARS:
+            yield current
+            current = ""
+    if current:
+        yield current
+
+
+def _paragraphs(path, block=1 << 20):
+    """The file's bytes split on b"\\n\\n", exactly as bytes.split would split the whole file."""
+    pending = b""
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            *whole, pending = (pending + chunk).split(b"\n\n")
+            yield from whole
+    yield pending
 
 
 def is_validation(doc, val_fraction):
@@ -300,32 +527,69 @@ def is_validation(doc, val_fraction):
     return h / 2**64 < val_fraction
 
 
-def _write_shard(path, docs):
-    table = pa.table({"text": pa.array(docs, type=pa.string())})
-    pq.write_table(table, path, row_group_size=ROW_GROUP_DOCS)
+class _ShardWriter:
+    """Documents written to a parquet shard a row group at a time: an import holds one row group in memory, not
+    the corpus."""
+
+    def __init__(self, path):
+        self.path, self.writer, self.docs, self.count, self.chars = path, None, [], 0, 0
+
+    def add(self, doc):
+        self.docs.append(doc)
+        self.count += 1
+        self.chars += len(doc)
+        if len(self.docs) >= ROW_GROUP_DOCS:
+            self.flush()
+
+    def flush(self):
+        if self.docs:
+            table = pa.table({"text": pa.array(self.docs, type=pa.string())})
+            if self.writer is None:
+                self.writer = pq.ParquetWriter(self.path, table.schema)
+            self.writer.write_table(table, row_group_size=ROW_GROUP_DOCS)
+            self.docs = []
+
+    def close(self):
+        self.flush()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def import_sources(paths, out_dir, val_fraction=0.1):
-    """Read local sources and write them as upstream-named shards into out_dir. Returns counts."""
+    """Read local sources and write them as upstream-named shards into out_dir, streaming. Returns counts; on
+    any error the shards it wrote are removed."""
     if not 0 < val_fraction < 1:
         raise PrepareError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
-    train, val = [], []
-    for f in list_source_files(paths):
-        for doc in read_documents(f):
-            (val if is_validation(doc, val_fraction) else train).append(doc)
-    if not train or not val:
-        raise PrepareError(f"sources hold too little text for a train/validation split ({len(train) + len(val)} documents)")
-    shard, chars, index = [], 0, 0
-    for doc in train:
-        shard.append(doc)
-        chars += len(doc)
-        if chars >= IMPORT_SHARD_CHARS:
-            _write_shard(out_dir / shard_name(index), shard)
-            shard, chars, index = [], 0, index + 1
-    if shard:
-        _write_shard(out_dir / shard_name(index), shard)
-    _write_shard(out_dir / VAL_FILENAME, val)
-    return {"train_docs": len(train), "val_docs": len(val)}
+    out_dir = Path(out_dir)
+    val, train, written = _ShardWriter(out_dir / VAL_FILENAME), None, []
+    n_train = 0
+    try:
+        for f in list_source_files(paths):
+            for doc in iter_documents(f):
+                if is_validation(doc, val_fraction):
+                    val.add(doc)
+                    continue
+                if train is None:
+                    train = _ShardWriter(out_dir / shard_name(len(written)))
+                    written.append(train)
+                train.add(doc)
+                n_train += 1
+                if train.chars >= IMPORT_SHARD_CHARS:
+                    train.close()
+                    train = None
+        val.close()
+        if train is not None:
+            train.close()
+        if not n_train or not val.count:
+            raise PrepareError(f"sources hold too little text for a train/validation split "
+                               f"({n_train + val.count} documents)")
+    except BaseException:
+        for w in written + [val]:
+            if w.writer is not None:
+                w.writer.close()
+            w.path.unlink(missing_ok=True)
+        raise
+    return {"train_docs": n_train, "val_docs": val.count}
 
 
 def list_shards(directory=None):
@@ -743,6 +1007,21 @@ def check_cache():
 # ---------------------------------------------------------------------------
 
 
+def _dataset_shards(dataset, num_shards, workers, base_url, progress, other_data):
+    """(training shards, validation shard) of a dataset: those in data/ that pass check_shard (unless data/ holds
+    other data), the rest downloaded into <cache>/.downloads/<dataset>, which prepare moves into data/ only when it
+    succeeds: a failed prepare leaves data/ as it was, and its finished downloads for the next one."""
+    reuse = None if other_data else data_dir()
+    found = download_dataset(dataset, num_shards, workers, base_url, progress=progress,
+                             out=cache_dir() / DOWNLOADS / dataset, reuse=reuse)
+    extra = sorted(reuse.glob("shard_*.parquet")) if reuse is not None and reuse.is_dir() else []
+    for path in extra:  # shards an earlier, larger prepare downloaded are trained on too, unless damaged
+        if path.name not in found and _usable(path.name, [reuse]):
+            found[path.name] = path
+    val = found.pop(VAL_FILENAME)
+    return [found[n] for n in sorted(found)], val
+
+
 def _check_writable(directory):
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -789,15 +1068,14 @@ def prepare(profile="cpu", dataset=None, sources=None, num_shards=10, workers=8,
                 progress("import", 0, 1)
             stats = import_sources(sources, staging / "data", val_fraction)
             train_shards, val_shard = list_shards(staging / "data")
-        else:
-            fresh = staging / "data" if other_data else data_dir()
-            download_dataset(dataset, num_shards, workers, base_url, progress=progress, out=fresh)
-            train_shards, val_shard = list_shards(fresh)
-        for path in train_shards + [val_shard]:
-            _check_parquet(path)
+        else:  # every shard passed check_shard: a download's own, or the one already in data/
+            train_shards, val_shard = _dataset_shards(dataset, num_shards, workers, base_url, progress, other_data)
         if progress:
             progress("tokenizer", 0, 1)
         enc = train_tokenizer(train_shards, prof.vocab_size, staging / "tokenizer")
+        if enc.n_vocab < prof.vocab_size:  # the evaluator refuses such a cache: say so now, not after training
+            raise PrepareError(f"too little training text for profile {prof.name}: its tokenizer learned "
+                               f"{enc.n_vocab:,} of the {prof.vocab_size:,} tokens the profile needs; add text")
         tokenizer = Tokenizer(enc)
         all_shards = train_shards + [val_shard]
         if progress:
@@ -827,6 +1105,10 @@ def prepare(profile="cpu", dataset=None, sources=None, num_shards=10, workers=8,
         for sub in ("tokenizer", "tokens") + (("data",) if sources or other_data else ()):
             shutil.rmtree(root / sub, ignore_errors=True)
             os.replace(staging / sub, root / sub)
+        for path in train_shards + [val_shard]:  # downloaded shards join data/ only now that all went well
+            if dataset and path.parent == root / DOWNLOADS / dataset:
+                (root / "data").mkdir(exist_ok=True)
+                os.replace(path, root / "data" / path.name)
         tmp = root / "profile.json.tmp"
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(tmp, _meta_path())
