@@ -14,6 +14,7 @@ from . import repo_root
 from .calibrate import TIME_LIMIT
 from .experiment import EXIT
 from .hardware import BLAS_HINT, available_backends, blas_library, device_name, hardware_tag, pick_backend
+from .plain import markup, plain, text as plain_text
 from .progress import LiveProgress
 
 app = typer.Typer(add_completion=False, no_args_is_help=False,
@@ -25,22 +26,23 @@ PHASES = {"download": "downloading shards", "import": "importing sources", "toke
 
 
 def fail(message, code=1):
-    """One line on stderr, non-zero exit: every user-facing error goes through here."""
-    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    """One line on stderr, non-zero exit: every user-facing error goes through here. The message names paths,
+    tags and a server's words: shown as plain text, whatever brackets or escape sequences they hold."""
+    console.print(f"[red]error:[/red] {markup(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
 def resolve_backend(requested):
     from .branch import branch_backend
 
-    say = lambda text: console.print(text, highlight=False, soft_wrap=True)  # noqa: E731
+    say = lambda line: console.print(plain(line), highlight=False, markup=False, soft_wrap=True)  # noqa: E731
     on_branch = branch_backend(repo_root()) if requested == "auto" else None
     try:
         backend, reason = (on_branch, "the run branch's") if on_branch else pick_backend(requested, True, say)
     except ValueError as e:
         fail(str(e))
     if reason != "requested":
-        console.print(f"backend: {backend} ({reason})", highlight=False, soft_wrap=True)
+        console.print(plain(f"backend: {backend} ({reason})"), highlight=False, markup=False, soft_wrap=True)
     return backend
 
 
@@ -49,9 +51,13 @@ def main_callback(
     ctx: typer.Context,
     backend: str = typer.Option("auto", "--backend", "-b", help="auto, cuda, mps or mlx"),
     budget: Optional[float] = typer.Option(None, "--budget", help="training seconds (default: the profile's 300)"),
+    sandbox_mode: str = typer.Option("auto", "--sandbox", envvar="AUTORESEARCH_SANDBOX",
+                                     help="auto (what exists), require (refuse without one) or off: the OS sandbox "
+                                          "of trainer, evaluator and agent"),
 ):
     """With no command: one manual training run of backends/<backend>/train.py (upstream's `uv run train.py`)."""
     ctx.obj = {"backend": backend, "budget": budget}
+    use_sandbox(sandbox_mode, ctx.invoked_subcommand)
     if ctx.invoked_subcommand is not None:
         return
     from .experiment import CacheBroken, check_cache, manual_run
@@ -66,6 +72,23 @@ def main_callback(
     print(text)
     if status != "ok":
         fail(f"training {status}", code=EXIT[status])
+
+
+UNTRUSTED_COMMANDS = (None, "setup", "run", "loop", "swarm", "calibrate", "verify", "transfer")  # they run train.py
+
+
+def use_sandbox(mode, command):
+    """--sandbox, resolved once for the command; said once where the command runs untrusted code."""
+    from . import sandbox
+
+    try:
+        box = sandbox.use(mode)
+    except ValueError as e:
+        fail(str(e), code=2)
+    except sandbox.SandboxUnavailable as e:
+        fail(str(e), code=2)
+    if command in UNTRUSTED_COMMANDS:
+        console.print(f"sandbox: {box.kind} ({box.reason})", markup=False, highlight=False, soft_wrap=True)
 
 
 def check_prepared(budget=None):
@@ -108,7 +131,7 @@ def prepare_cmd(
         console.print(f"profile: {profile} (auto for this machine; --profile to choose)", highlight=False)
     if not source and not dataset:
         dataset = "climbmix"
-    console.print(f"cache: {prepare.cache_dir()}", highlight=False)
+    console.print(plain(f"cache: {prepare.cache_dir()}"), highlight=False, markup=False)
     with Progress(TextColumn("{task.description:<20}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as bar:
         tasks = {}
@@ -173,7 +196,7 @@ def seed_runs(gate):
 def run_with_progress(fn, live, **kwargs):
     with live:
         outcome = guarded(fn, on_line=live.line, **kwargs)
-    print(outcome.message)
+    print(plain(outcome.message))
     raise typer.Exit(EXIT[outcome.status])
 
 
@@ -279,7 +302,7 @@ def loop_cmd(
 
     def on_event(text):
         live.close()
-        print(text, flush=True)
+        print(plain(text), flush=True)
         turn = re.match(r"turn (\d+): agent edited", text)
         if turn:
             live.experiment(f"experiment {turn[1]}")
@@ -328,7 +351,7 @@ def swarm_cmd(
         fail(str(e), code=EXIT["refused"])
     try:
         rows = guarded(run_swarm, root=repo_root(), backend=backend, budget=budget, settings=settings, plan=plan,
-                       on_event=lambda text: print(text, flush=True))
+                       on_event=lambda line: print(plain(line), flush=True))
     except SwarmError as e:
         fail(str(e), code=EXIT["error"])
     counts = {s: sum(r.status == s for r in rows) for s in ("keep", "discard", "crash", "invalid", "lost")}
@@ -387,7 +410,7 @@ def results_cmd(
     import json
 
     from .ledger import LedgerError, read_ledger
-    from .report import ReportError, plot_progress, print_results, results_summary, series_of
+    from .report import ReportError, finite, plot_progress, print_results, results_summary, series_of
 
     try:
         rows = read_ledger(path)
@@ -402,11 +425,11 @@ def results_cmd(
         except (ReportError, OSError) as e:
             fail(str(e))
     if as_json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(finite(summary), indent=2, allow_nan=False))  # a NaN val_bpb is null: JSON has no NaN
     else:
         print_results(summary, Console())
         if plot is not None:
-            print(f"chart: {plot}")
+            print(plain(f"chart: {plot}"))
 
 
 ledger_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The ledger, results.tsv.")
@@ -436,8 +459,8 @@ def bench_report_cmd(
         result = bench_report(sources, out, repo)
     except (ReportError, LedgerError, OSError) as e:
         fail(str(e))
-    print(f"{result['report']} ({len(result['rows'])} rows, {len(result['series'])} series, "
-          f"{len(result['matrix'])} kept changes), {result['png']}")
+    print(plain(f"{result['report']} ({len(result['rows'])} rows, {len(result['series'])} series, "
+                f"{len(result['matrix'])} kept changes), {result['png']}"))
 
 
 @app.command("transfer")
@@ -462,7 +485,7 @@ def transfer_cmd(
 
     def on_result(item):
         live.close()
-        print(f"{item.origin}: {item.outcome}: {item.message}", flush=True)
+        print(plain(f"{item.origin}: {item.outcome}: {item.message}"), flush=True)
         live.experiment("transfer")
 
     try:
@@ -471,16 +494,16 @@ def transfer_cmd(
     finally:
         live.close()
     if not results:
-        print(f"nothing to transfer: {from_branch} has no kept changes after its baseline")
+        print(plain(f"nothing to transfer: {from_branch} has no kept changes after its baseline"))
         return
-    table = Table(title=f"transfer from {from_branch}", title_justify="left")
+    table = Table(title=plain_text(f"transfer from {from_branch}"), title_justify="left")
     for col in ("origin", "change", "outcome", "val_bpb", "commit here"):
         table.add_column(col)
     for item in results:
         ran = item.row is not None and item.outcome in ("keep", "discard", "crash")
-        table.add_row(item.origin, item.description, item.outcome,
+        table.add_row(plain_text(item.origin), plain_text(item.description), plain_text(item.outcome),
                       f"{item.row.val_bpb:.6f}" if ran and item.outcome != "crash" else "-",
-                      item.row.commit if ran else "-")
+                      plain_text(item.row.commit) if ran else "-")
     Console().print(table)
 
 
@@ -523,5 +546,5 @@ def main():
         console.print("interrupted (SIGINT)")
         sys.exit(130)
     except Interrupted as e:  # SIGTERM, SIGHUP: the same clean-up as Ctrl-C on the way out
-        console.print(str(e))
+        console.print(str(e), markup=False)
         sys.exit(128 + e.signum)

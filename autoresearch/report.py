@@ -12,11 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .ledger import NOTES_REF, SCORED, LedgerError, format_row, in_time_order, notes_rows, read_ledger, row_time
+from .plain import markup, md_cell
+from .plain import text as plain_text
 
 PLATEAU_K = 10
 TRANSFER = re.compile(r"^transfer ([0-9a-f]{4,40}): (.*)$")
 LABEL_CHARS = 48  # kept-point labels on the chart are shortened to this
 MIN_INTERVALS = 3  # experiments/hour and overhead need this many gaps between rows of a series
+MAX_PANELS = 12  # series drawn on the progress chart (a panel each); the report says which were left out
 
 
 class ReportError(Exception):
@@ -111,7 +114,19 @@ def comparability_notes(series):
 
 
 def _r(value, digits=6):
-    return None if value is None else round(float(value), digits)
+    """A figure rounded for JSON; None where there is none, or where it is NaN or infinite (JSON has neither)."""
+    return None if value is None or not math.isfinite(float(value)) else round(float(value), digits)
+
+
+def finite(value):
+    """value with every NaN or infinite float as None, for JSON (a ledger row's val_bpb may be NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def throughput(row):
@@ -183,18 +198,20 @@ def print_results(summary, console):
     from rich.table import Table
 
     for g in summary["groups"]:
-        console.print(f"[bold]{g['hardware']}[/bold]  {g['backend']} · profile {g['eval_profile']} · "
-                      f"budget {g['budget']:g}s · {g['branch']}", highlight=False, soft_wrap=True)
+        console.print(f"[bold]{markup(g['hardware'])}[/bold]  {markup(g['backend'])} · profile "
+                      f"{markup(g['eval_profile'])} · budget {g['budget']:g}s · {markup(g['branch'])}",
+                      highlight=False, soft_wrap=True)
         grid = Table(show_header=False, box=None, padding=(0, 2))
         grid.add_column(style="bold")
         grid.add_column()
         base, best, imp, c = g["baseline"], g["best"], g["improvement"], g["counts"]
         if g["config"] not in (None, "-"):
-            grid.add_row("config", g["config"])
-        grid.add_row("baseline", f"{base['val_bpb']:.6f} ({base['commit']})" if base else "-")
-        grid.add_row("best", f"{best['val_bpb']:.6f} ({best['commit']}: {best['description']})" if best else "-")
+            grid.add_row("config", plain_text(g["config"]))
+        grid.add_row("baseline", plain_text(f"{_fmt(base['val_bpb'])} ({base['commit']})") if base else "-")
+        grid.add_row("best", plain_text(f"{best['val_bpb']:.6f} ({best['commit']}: {best['description']})")
+                     if best else "-")
         if imp:
-            grid.add_row("improvement", f"{imp['abs']:.6f} ({_fmt(imp['pct'], '.2f')}%)")
+            grid.add_row("improvement", f"{_fmt(imp['abs'])} ({_fmt(imp['pct'], '.2f')}%)")
         rate = f", keep rate {g['keep_rate'] * 100:.1f}%" if g["keep_rate"] is not None else ""
         grid.add_row("experiments", f"{c['experiments']}: {c['keep']} keep, {c['discard']} discard, "
                      f"{c['crash']} crash{rate}" + (f" (+{c['verify']} verify)" if c["verify"] else ""))
@@ -216,11 +233,12 @@ def print_results(summary, console):
                             ("delta", {"justify": "right"}), ("description", {})):
                 table.add_column(col, **kw)
             for i, k in enumerate(g["kept"], 1):
-                table.add_row(str(i), k["commit"], f"{k['val_bpb']:.6f}", _fmt(k["delta"], "+.6f"), k["description"])
+                table.add_row(str(i), plain_text(k["commit"]), f"{k['val_bpb']:.6f}", _fmt(k["delta"], "+.6f"),
+                              plain_text(k["description"]))
             console.print(table)
         console.print()
     for note in summary["notes"]:
-        console.print(f"note: {note}", highlight=False)
+        console.print(plain_text(f"note: {note}"), highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,9 +250,10 @@ def _short(text, n=LABEL_CHARS):
     return text if len(text) <= n else text[: n - 1].rstrip() + "…"
 
 
-def plot_progress(series, path, title=None):
+def plot_progress(series, path, title=None, limit=MAX_PANELS):
     """Upstream's progress chart, one panel per series: every experiment in order (discards faint, keeps
-    bold, crashes as x on the bottom edge), the running best as a step line, kept points labelled."""
+    bold, crashes as x on the bottom edge), the running best as a step line, kept points labelled. Only the
+    first `limit` series are drawn: a panel each, so hundreds of hardware tags would make a figure of gigabytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,14 +263,16 @@ def plot_progress(series, path, title=None):
     series = [s for s in series if s.experiments]
     if not series:
         raise ReportError("nothing to plot: no experiments")
+    heads, series = labels(series)[:limit], series[:limit]
     fig, axes = plt.subplots(len(series), 1, figsize=(12, 4.6 * len(series)), squeeze=False)
-    for ax, s, head in zip(axes[:, 0], series, labels(series)):
+    for ax, s, head in zip(axes[:, 0], series, heads):
         rows = s.experiments
         xs = list(range(len(rows)))
         ok = [(x, r) for x, r in zip(xs, rows) if r.status in SCORED and math.isfinite(r.val_bpb)]
         kept = [(x, r) for x, r in ok if r.status == "keep"]
         values = [r.val_bpb for _, r in ok]
-        base = s.baseline.val_bpb if s.baseline else (values[0] if values else 1.0)
+        base = (s.baseline.val_bpb if s.baseline and math.isfinite(s.baseline.val_bpb)  # a NaN baseline: no limits
+                else (values[0] if values else 1.0))
         low = min(values) if values else base
         span = max(base - low, 0.02 * base, 1e-3)
         # everything in view but outliers (a diverged run would flatten the rest): those sit on the top edge
@@ -484,15 +505,10 @@ def _cell(cell):
     if cell["status"] == "untested":
         return "untested"
     if cell["status"] == "crashed":
-        return f"crashed ({cell['commit']})"
+        return f"crashed ({md_cell(cell['commit'])})"
     delta = f" {cell['delta']:+.4f}" if cell.get("delta") is not None else ""
     word = "**kept**" if cell["status"] == "kept" else "discarded"
-    return f"{word}{delta} ({cell['commit']})"
-
-
-def _md_escape(text):
-    """Plain text in a markdown table cell: no stray emphasis, code, html or column breaks."""
-    return re.sub(r"([\\*|`<])", r"\\\1", str(text))
+    return f"{word}{delta} ({md_cell(cell['commit'])})"
 
 
 def render_markdown(sources, rows, series, table, matrix, notes, png_name="progress.png"):
@@ -501,12 +517,12 @@ def render_markdown(sources, rows, series, table, matrix, notes, png_name="progr
 
     out = ["# autoresearch bench report", "",
            f"{len(rows)} rows from {len(sources)} source{'s' if len(sources) != 1 else ''}: "
-           + ", ".join(f"`{s}`" for s in sources) + ".", "",
+           + ", ".join(md_cell(s) for s in sources) + ".", "",
            "val_bpb: validation bits per byte, lower is better. Each series is one run branch on one hardware "
            "tag with one eval profile and training budget; keep/discard only ever compared results within "
            "a series.", ""]
     if notes:
-        out += ["> **Note:** " + "\n>\n> **Note:** ".join(notes), ""]
+        out += ["> **Note:** " + "\n>\n> **Note:** ".join(md_cell(n) for n in notes), ""]
     out += ["## Per hardware", "",
             "| hardware | backend | config | profile | budget | baseline | best | improvement | experiments "
             "(keep/discard/crash) | tokens/s (best) | experiments/hour | overhead s/experiment |",
@@ -514,12 +530,12 @@ def render_markdown(sources, rows, series, table, matrix, notes, png_name="progr
     for t in table:
         config = t["config"] if t["config"] not in ("", "-") else "–"
         out.append(
-            f"| {_md_escape(t['label'])} | {t['backend']} | {_md_escape(config)} | {t['eval_profile']} | "
+            f"| {md_cell(t['label'])} | {md_cell(t['backend'])} | {md_cell(config)} | {md_cell(t['eval_profile'])} | "
             f"{t['budget']:g}s | {num(t['baseline'], '.6f')} | {num(t['best'], '.6f')} | "
             f"{num(t['improvement_pct'], '.2f')}% | {t['experiments']} ({t['keep']}/{t['discard']}/{t['crash']}) | "
             f"{num(t['tokens_per_sec'], ',.0f')} | {num(t['experiments_per_hour'], '.1f')} | "
             f"{num(t['overhead_s'], '.1f')} |")
-    out += ["", "Run branches: " + "; ".join(f"{_md_escape(t['label'])} = `{t['branch']}`" for t in table) + ".",
+    out += ["", "Run branches: " + "; ".join(f"{md_cell(t['label'])} = {md_cell(t['branch'])}" for t in table) + ".",
             "", "Experiments exclude the baseline and verify re-runs. tokens/s is the best run's training tokens "
             "over its training seconds (– where the ledger records no tokens). "
             "Experiments/hour and overhead come from the wall time between consecutive rows (medians, so pauses "
@@ -532,25 +548,29 @@ def render_markdown(sources, rows, series, table, matrix, notes, png_name="progr
             "described `transfer <origin commit>: ...`.", ""]
     names = [t["label"] for t in table]
     if matrix:
-        out += ["| change | commit | " + " | ".join(_md_escape(n) for n in names) + " |",
+        out += ["| change | commit | " + " | ".join(md_cell(n) for n in names) + " |",
                 "|---|---|" + "---|" * len(names)]
         for c in matrix:
-            out.append(f"| {_md_escape(c['description'])} | {c['commit']} | "
+            out.append(f"| {md_cell(c['description'])} | {md_cell(c['commit'])} | "
                        + " | ".join(_cell(c["cells"][n]) for n in names) + " |")
     else:
         out.append("No kept changes yet.")
+    drawn = [t["label"] for t, s in zip(table, series) if s.experiments][:MAX_PANELS]
     out += ["", "## Progress", "", f"![progress]({png_name})", "",
             "Every experiment in order (0 = baseline): discards faint grey, keeps bold green and labelled, "
             "crashes as red x on the bottom edge, the running best as a step line; one panel per series.", ""]
+    if len(drawn) < len(table):
+        out += [f"The chart shows the first {len(drawn)} of the {len(table)} series ({MAX_PANELS} panels at most): "
+                + ", ".join(md_cell(n) for n in drawn) + ".", ""]
     for label, s in zip(names, series):
         kept = s.kept
         if not kept:
             continue
-        out += [f"### Kept on {_md_escape(label)}", ""]
+        out += [f"### Kept on {md_cell(label)}", ""]
         prev = s.baseline
         for r in kept:
             delta = f"{r.val_bpb - prev.val_bpb:+.6f}" if prev else "–"
-            out.append(f"1. `{r.commit}` {r.val_bpb:.6f} ({delta}) {_md_escape(r.description)}")
+            out.append(f"1. {md_cell(r.commit)} {r.val_bpb:.6f} ({delta}) {md_cell(r.description)}")
             prev = r
         out.append("")
     return "\n".join(out).rstrip() + "\n"
