@@ -154,6 +154,10 @@ def prepare_cmd(
         except prepare.PrepareError as e:
             bar.stop()
             fail(str(e))
+        except KeyboardInterrupt:  # typer would exit 130 without a word: say why, as SIGTERM's line does
+            bar.stop()
+            console.print("interrupted (SIGINT)")
+            raise typer.Exit(130) from None
         for task in tasks.values():
             bar.update(task, completed=bar.tasks[task].total)
     p = meta["profile"]
