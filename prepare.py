@@ -74,6 +74,7 @@ TOKENIZER_MAX_CHARS = 1_000_000_000  # upstream's tokenizer training limits
 TOKENIZER_DOC_CAP = 10_000
 IMPORT_SHARD_CHARS = 100_000_000  # imported text is cut into shards of about this size
 TXT_DOC_CHARS = 2_000  # plain text: blank-line paragraphs grouped into documents of this size
+TXT_READ_BLOCK = 1 << 20  # plain text is read this many bytes at a time
 ROW_GROUP_DOCS = 1024
 SOURCE_SUFFIXES = (".parquet", ".txt", ".jsonl")
 
@@ -511,11 +512,11 @@ def _txt_documents(path):
         yield current
 
 
-def _paragraphs(path, block=1 << 20):
+def _paragraphs(path):
     """The file's bytes split on b"\\n\\n", exactly as bytes.split would split the whole file."""
     pending = b""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(block), b""):
+        for chunk in iter(lambda: f.read(TXT_READ_BLOCK), b""):
             *whole, pending = (pending + chunk).split(b"\n\n")
             yield from whole
     yield pending

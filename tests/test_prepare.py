@@ -224,3 +224,43 @@ def test_write_parquet_helper_for_bad_input(tmp_path):
     pq.write_table(pa.table({"body": ["a", "b"]}), bad)
     with pytest.raises(prepare.PrepareError, match="no `text` column.*body"):
         prepare.read_documents(bad)
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("latin1.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n', "latin1.jsonl:2: not UTF-8 text (invalid continuation"),
+    ("surrogate.jsonl", b'{"text": "fine"}\n{"text": "bad \\ud800 here"}\n', "surrogate.jsonl:2: `text` holds a lone surrogate"),
+    ("number.jsonl", b'{"text": 12}\n', "number.jsonl:1: `text` is int, not a string"),
+    ("ints.parquet", pa.table({"text": [1, 2, 3]}), "ints.parquet: the `text` column holds int64, not strings"),
+    ("bytes.parquet", pa.table({"text": [b"a", b"b"]}), "bytes.parquet: the `text` column holds binary, not strings"),
+    ("lists.parquet", pa.table({"text": [["a"], ["b"]]}), "lists.parquet: the `text` column holds list<"),
+])
+def test_bad_text_in_a_source_is_one_line(tmp_path, monkeypatch, name, data, message):
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / name
+    src.write_bytes(data) if isinstance(data, bytes) else pq.write_table(data, src)
+    with pytest.raises(prepare.PrepareError) as err:
+        prepare.prepare(profile="cpu", sources=[MIXED_EN / "shard_00000.parquet", src])
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "cache" / "profile.json").exists() and not list((tmp_path / "cache").glob(".staging-*"))
+
+
+def test_too_small_a_vocabulary_is_refused_before_ready(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "tiny.txt"
+    src.write_text("\n\n".join(f"the cat {i % 7} sat" for i in range(3000)))
+    with pytest.raises(prepare.PrepareError, match=r"its tokenizer learned \d+ of the 4,096 tokens the profile needs"):
+        prepare.prepare(profile="cpu", sources=[src])
+    assert not (tmp_path / "cache" / "profile.json").exists()
+
+
+def test_txt_import_streams_and_splits_as_the_whole_file(tmp_path, monkeypatch):
+    # blocks far smaller than the file: a paragraph break across two blocks, and "\n\n\n", split as str.split does
+    monkeypatch.setattr(prepare, "TXT_READ_BLOCK", 7)
+    text = SHAKESPEARE.read_text()[:60_000].replace("\n\n", "\n\n\n", 3)
+    src = tmp_path / "s.txt"
+    src.write_text(text)
+    docs = prepare.read_documents(src)
+    assert "\n\n".join(docs) == "\n\n".join(p for p in text.split("\n\n") if p.strip())
+    src.write_bytes(text.encode()[:5000] + b"\xff" + text.encode()[5000:])
+    with pytest.raises(prepare.PrepareError, match="s.txt: not UTF-8 text .* at byte 5000"):
+        prepare.read_documents(src)
