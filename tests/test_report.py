@@ -1,6 +1,8 @@
 """`autoresearch results` and `autoresearch bench report` on fixture ledgers with exact expected numbers."""
 
+import dataclasses
 import json
+import re
 from datetime import datetime, timedelta, timezone
 
 import git
@@ -11,7 +13,7 @@ from conftest import one_commit_repo
 from autoresearch.cli import app
 from autoresearch.experiment import record
 from autoresearch.ledger import COLUMNS, Row, format_row
-from autoresearch.report import findings_matrix, hardware_table, results_summary, series_of
+from autoresearch.report import MAX_PANELS, findings_matrix, hardware_table, results_summary, series_of
 
 MLX = "mlx-cpu-x86_64-2c-24gb"
 MPS = "mps-cpu-x86_64-2c-24gb"
@@ -276,3 +278,79 @@ def test_bench_report_from_run_branches_notes(tmp_path, monkeypatch):
     assert f"| DEPTH 4 -> 6 | {a2} | **kept** -0.0500 ({a2}) | discarded +0.0100" in md
     assert f"| WARMUP_RATIO 0.0 -> 0.1 | {a5} | **kept** -0.0500 ({a5}) | **kept** -0.1000" in md
     assert (out / "progress.png").stat().st_size > 10_000
+
+
+HOSTILE = ("lr up [/red] [link=http://evil.example]click[/link] \x1b]0;pwned\x07\x1b[2K\rall good "
+           "\x1b]8;;http://evil.example\x1b\\harmless\x1b]8;;\x1b\\ \u202eright-to-left")
+
+
+def test_outside_strings_print_as_plain_text(tmp_path):
+    rows = fixture_rows()[:3] + [row(MLX, 8, "a000008", "keep", 1.3, HOSTILE)]
+    led = write_ledger(tmp_path / "results.tsv", rows)
+    result = CliRunner().invoke(app, ["results", "--ledger", str(led)], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    shown = result.stdout
+    assert "\x1b" not in shown and "\x07" not in shown and "\u202e" not in shown
+    assert "lr up [/red] [link=http://evil.example]click[/link]" in shown and "all good" in shown
+    # a path, a source that holds markup: one plain error line, not a MarkupError
+    for args in (["results", "--ledger", str(tmp_path / "absent[/red].tsv")],
+                 ["bench", "report", "nope[/red]\x1b[2J", "--out", str(tmp_path / "o")]):
+        result = invoke(*args)
+        assert result.exit_code == 1, result.output
+        line, = result.stderr.strip().splitlines()
+        assert line.startswith("error: ") and "[/red]" in line and "\x1b" not in line
+
+
+def test_report_md_escapes_every_cell(tmp_path):
+    from markdown_it import MarkdownIt
+
+    evil = "<img src=x onerror=alert(1)> <b>bold</b> ![i](http://evil.example/x.png) [l](http://evil.example) a|b"
+    rows = [dataclasses.replace(r, backend="ml|x <b>x</b>", branch="autoresearch/a|<img src=x>", commit=r.commit + "|`")
+            for r in fixture_rows()[:3]]
+    rows.append(dataclasses.replace(rows[1], commit="a000009", val_bpb=1.3, description=evil, train_hash="h9"))
+    out = tmp_path / "report"
+    result = invoke("bench", "report", str(write_ledger(tmp_path / "results.tsv", rows)), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    html = MarkdownIt("commonmark").enable("table").render((out / "report.md").read_text())
+    assert "<img src=\"x" not in html and "evil.example/x.png\"" not in html and "<b>" not in html and "<a " not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    for table in html.split("<table>")[1:]:
+        body = table.split("</table>")[0]
+        assert "<code>" not in body
+        widths = {r.count("<td") for r in body.split("<tr>")[1:] if "<td" in r}
+        heads = len(re.findall(r"<th[ >]", body.split("</thead>")[0]))
+        assert widths <= {heads}, (widths, heads)  # a `|` in a cell stays in its cell
+
+
+def test_nan_val_bpb_is_null_in_json_and_drawn(tmp_path):
+    rows = fixture_rows()[:3]
+    rows[0] = dataclasses.replace(rows[0], val_bpb=float("nan"))
+    led = write_ledger(tmp_path / "results.tsv", rows)
+    result = invoke("results", "--ledger", str(led), "--json")
+    assert result.exit_code == 0, result.output
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    group, = json.loads(result.stdout, parse_constant=refuse)["groups"]
+    assert group["baseline"]["val_bpb"] is None and group["improvement"] == {"abs": None, "pct": None}
+    result = invoke("bench", "report", str(led), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "progress.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_many_hardware_tags_draw_a_bounded_chart(tmp_path):
+    rows = []
+    for t in range(40):
+        hw = f"mlx-cpu-box{t:03d}-2c-24gb"
+        BRANCH[hw], BACKEND[hw], PROFILE[hw] = f"autoresearch/a-{hw}", "mlx", "cpu"
+        rows += [row(hw, 0, f"{t:03d}0001", "keep", 1.5, "baseline"), row(hw, 1, f"{t:03d}0002", "keep", 1.4, "x")]
+    out = tmp_path / "report"
+    result = invoke("bench", "report", str(write_ledger(tmp_path / "results.tsv", rows)), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    png = (out / "progress.png").read_bytes()
+    height = int.from_bytes(png[20:24], "big")
+    assert height < (MAX_PANELS + 1) * 4.6 * 110  # a panel for each drawn series, not for all 40
+    md = (out / "report.md").read_text()
+    assert f"The chart shows the first {MAX_PANELS} of the 40 series" in md
+    assert md.count("| mlx-cpu-box") >= 40  # the tables still hold every series
