@@ -861,6 +861,7 @@ def evaluate_bpb(loss_fn, batch_size, rows=None):
 # ---------------------------------------------------------------------------
 
 VIEW_NAME = "trainer-view"
+SCORED_FILES = ("token_bytes.npy", "tokenizer.pkl")  # copied into the view, never hard-linked
 
 
 def checkpoint_dir():
@@ -907,7 +908,7 @@ def _link_or_copy(src, dest):
 def trainer_view():
     """
     The cache as training sees it: every file but the validation shard, its tokens and val_rows.npy, hard-linked
-    (copied where links fail) into <cache>/trainer-view, whose profile.json carries a `trainer_view` marker (the
+    (copied where links fail; the tokenizer and its byte counts always copied) into <cache>/trainer-view, whose profile.json carries a `trainer_view` marker (the
     hash of the cache's own profile.json, which every prepare rewrites: a changed cache rebuilds the view).
     Run train.py with AUTORESEARCH_CACHE set to the returned path. Only the loader is kept out: the view sits
     inside the cache, so a train.py that walks up the directory tree can still find the validation files.
@@ -934,7 +935,8 @@ def trainer_view():
             (staging / sub).mkdir(parents=True)
             for src in sorted((root / sub).glob("*")):
                 if src.is_file() and src.name not in hidden and not src.name.endswith((".tmp", ".part")):
-                    _link_or_copy(src, staging / sub / src.name)
+                    # what the harness scores with is copied: a write through the view never reaches it
+                    (shutil.copy2 if src.name in SCORED_FILES else _link_or_copy)(src, staging / sub / src.name)
         meta = json.loads(meta_path.read_text())
         (staging / "profile.json").write_text(json.dumps(dict(meta, trainer_view=stamp), indent=2) + "\n")
         if view.exists():
@@ -997,10 +999,13 @@ def check_cache():
     val_rows = root / "tokens" / "val_rows.npy"
     if not problems and _sha256(val_rows) != meta.get("val_rows_sha256"):
         problems.append("tokens/val_rows.npy does not hold the rows prepare wrote (its hash differs)")
+    token_bytes = root / "tokenizer" / "token_bytes.npy"
+    if not problems and meta.get("token_bytes_sha256") not in (None, _sha256(token_bytes)):
+        problems.append("tokenizer/token_bytes.npy does not hold the byte counts prepare wrote (its hash differs)")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise PrepareError(f"the cache {root} is damaged: {problems[0]}{more}; repair it: {repair_command(meta)}")
-    return f"cache ok: {len(recorded)} files at their recorded sizes, val_rows.npy hash matches"
+    return f"cache ok: {len(recorded)} files at their recorded sizes, val_rows.npy and token_bytes.npy hashes match"
 
 
 # ---------------------------------------------------------------------------
@@ -1100,6 +1105,7 @@ def prepare(profile="cpu", dataset=None, sources=None, num_shards=10, workers=8,
             "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "files": _file_sizes(staging),  # check_cache compares these before every run
             "val_rows_sha256": _sha256(staging / "tokens" / "val_rows.npy"),
+            "token_bytes_sha256": _sha256(staging / "tokenizer" / "token_bytes.npy"),
         }
         # commit: replace what a previous prepare left, then write profile.json last
         _meta_path().unlink(missing_ok=True)

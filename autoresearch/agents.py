@@ -1,15 +1,22 @@
 """Agents that edit train.py between experiments: any command line (an LLM CLI), or the built-in random search."""
 
 import math
+import os
 import random
 import shlex
+import shutil
+import stat
 import subprocess
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
-from . import train_file
+from . import sandbox, train_file
 from .hparams import read_constants, set_constants
 
 DESCRIPTION_FILE = "description"  # in .autoresearch/: the agent's one-line summary of its change
+MAX_TRAIN_BYTES = 1 << 20  # a train.py is tens of kilobytes; more is data smuggled in as code
+MAX_DESCRIPTION_BYTES, MAX_DESCRIPTION_CHARS = 1 << 16, 300
 
 # name: (kind, low, high) — sane ranges around upstream's recipe; "log" values move multiplicatively
 SEARCH_SPACE = {
@@ -85,7 +92,10 @@ class RandomAgent:
 
 
 class CommandAgent:
-    """Any agent CLI, started fresh per experiment. The prompt goes on stdin, or replaces {prompt}."""
+    """Any agent CLI, started fresh per experiment, in a scratch clone of the checkout: the harness takes back only
+    backends/<backend>/train.py and the description. In the sandbox it keeps its network and HOME (credentials),
+    and never sees the real checkout, the cache or the harness's state. The prompt goes on stdin, or replaces
+    {prompt}."""
 
     def __init__(self, command):
         self.command = command
@@ -96,24 +106,81 @@ class CommandAgent:
         stdin = prompt
         if any("{prompt}" in a for a in args):
             args, stdin = [a.replace("{prompt}", prompt) for a in args], None
-        log = Path(root) / ".autoresearch" / "agent.log"
-        with open(log, "w") as out:
-            try:
-                proc = subprocess.run(args, cwd=root, input=stdin, stdout=out, stderr=subprocess.STDOUT,
-                                      text=True, timeout=timeout)
-            except subprocess.TimeoutExpired:
-                raise AgentFailed(f"agent timed out after {timeout:.0f}s") from None
-            except OSError as e:
-                raise AgentFailed(f"agent could not start: {e}") from None
-        if proc.returncode != 0:
-            raise AgentFailed(f"agent exited with {proc.returncode} (output in .autoresearch/agent.log)")
-        note = Path(root) / ".autoresearch" / DESCRIPTION_FILE
-        if note.exists():
-            text = " ".join(note.read_text().split())
-            note.unlink()
-            if text:
-                return text
-        return None  # the loop describes the change from the diff of the hyperparameters
+        with scratch_clone(root) as work:
+            box = sandbox.active()
+            argv, inside = box.wrap(args, work, agent_policy(root, work))
+            env = dict(os.environ, PWD=str(work), **inside)
+            with open(Path(root) / ".autoresearch" / "agent.log", "w") as out:
+                try:
+                    proc = subprocess.run(argv, cwd=work, env=env, input=stdin, stdout=out, stderr=subprocess.STDOUT,
+                                          text=True, timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    raise AgentFailed(f"agent timed out after {timeout:.0f}s") from None
+                except OSError as e:
+                    raise AgentFailed(f"agent could not start: {e}") from None
+            if proc.returncode != 0:
+                raise AgentFailed(f"agent exited with {proc.returncode} (output in .autoresearch/agent.log)")
+            take_back(work, root, backend)
+            return read_description(work)
+
+
+def agent_policy(root, work):
+    """The agent's turn: its scratch clone writable, the network and its own HOME; the real checkout, the cache and
+    the harness's state out of sight."""
+    import prepare
+
+    tmp = Path(work).parent / "tmp"
+    tmp.mkdir(exist_ok=True)
+    return sandbox.Policy(write=(str(Path(work).parent),), hide=(str(Path(root).resolve()), str(prepare.cache_dir())),
+                          network=True, private_home=False, whole_system=True, env={"TMPDIR": str(tmp)})
+
+
+@contextmanager
+def scratch_clone(root):
+    """A clone of the checkout's HEAD (its own objects, no hard links into the real .git) with a copy of the
+    ledger, removed afterwards."""
+    parent = Path(tempfile.mkdtemp(prefix="autoresearch-agent-"))
+    work = parent / Path(root).resolve().name
+    try:
+        subprocess.run(["git", "-c", "core.hooksPath=/dev/null", "clone", "--quiet", "--no-hardlinks", str(root),
+                        str(work)], check=True, capture_output=True)
+        (work / ".autoresearch").mkdir()
+        ledger = Path(root) / "results.tsv"
+        if ledger.is_file():
+            shutil.copyfile(ledger, work / "results.tsv")
+        yield work
+    except subprocess.CalledProcessError as e:
+        raise AgentFailed(f"could not make the agent's scratch clone: {e.stderr.decode(errors='replace').strip()}")
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def _regular_bytes(path, limit):
+    """The bytes of a regular file of at most limit bytes (never through a link), or None where there is none."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+        raise AgentFailed(f"{path.name} in the agent's copy is not a regular file of at most {limit:,} bytes")
+    return path.read_bytes()
+
+
+def take_back(work, root, backend):
+    """The agent's train.py into the real checkout: a regular file's bytes, nothing else of what it did."""
+    edited = _regular_bytes(train_file(backend, Path(work)), MAX_TRAIN_BYTES)
+    if edited is None:
+        raise AgentFailed(f"the agent deleted backends/{backend}/train.py")
+    target = train_file(backend, Path(root))
+    if edited != target.read_bytes():
+        target.write_bytes(edited)
+
+
+def read_description(work):
+    """The agent's one-line description, as text whatever its bytes, or None."""
+    data = _regular_bytes(Path(work) / ".autoresearch" / DESCRIPTION_FILE, MAX_DESCRIPTION_BYTES)
+    text = " ".join(data.decode("utf-8", "replace").split()) if data else ""
+    return text[:MAX_DESCRIPTION_CHARS] or None  # None: the loop describes the change from the hyperparameters
 
 
 def make_agent(spec, seed=0):

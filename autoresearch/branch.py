@@ -11,8 +11,9 @@ from pathlib import Path
 
 import git
 
+from . import BACKENDS, sandbox
+from .clock import Clock
 from .gate import load_noise
-from . import BACKENDS
 from .hardware import available_backends, hardware_tag
 from .ledger import LEDGER_NAME, best_kept, git_identity, read_ledger, restore_missing
 from .runner import stop_leftover
@@ -158,9 +159,17 @@ class RunBranch:
     def ledger(self):
         return self.root / LEDGER_NAME
 
+    @property
+    def sandbox(self):
+        return sandbox.active().kind
+
     def key(self):
-        """Results compare only within one run branch, hardware, eval profile and budget."""
-        return (self.name, self.hardware, self.profile, self.budget)
+        """Results compare only within one run branch, hardware, eval profile, budget and sandbox."""
+        return (self.name, self.hardware, self.profile, self.budget, self.sandbox)
+
+    def clock(self):
+        """How long its candidates may run, fixed by its baseline's startup and step times."""
+        return Clock.for_baseline(self.budget, self.baseline())
 
     def rows(self):
         return read_ledger(self.ledger)
@@ -170,7 +179,7 @@ class RunBranch:
 
     def noise(self):
         """The run-to-run spread measured by setup for this hardware, profile and budget, or None."""
-        noise = load_noise(self.root, *self.key()[1:])
+        noise = load_noise(self.root, *self.key()[1:4])
         return noise["spread"] if noise else None
 
     def baseline(self):
@@ -226,10 +235,14 @@ class RunBranch:
         """The command measures what the baseline measured: this hardware, eval profile and budget. A result of
         another series has nothing to compare with, and would be kept unjudged."""
         base = self.baseline()
-        if base is not None and base.key()[1:] != self.key()[1:]:
+        if base is not None and base.key()[1:4] != self.key()[1:4]:
             raise Refused(f"{self.name}'s baseline was measured on {base.hardware}, profile {base.eval_profile}, budget "
                           f"{base.budget:g}s; this run would be {self.hardware}, {self.profile}, {self.budget:g}s: use "
                           f"--budget {base.budget:g}, or set up another run branch for that series")
+        if base is not None and base.key()[4] != self.sandbox:
+            raise Refused(f"{self.name}'s baseline ran under sandbox {base.key()[4]}; this run would run under "
+                          f"{self.sandbox}, and results of different sandboxes are never compared: use "
+                          f"--sandbox {'off' if base.key()[4] == 'none' else 'auto'}, or set up another run branch")
 
     def check_pin(self, commit="HEAD"):
         """The fixed half of commit is the one setup pinned on the baseline row; else Refused."""

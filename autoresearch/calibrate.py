@@ -134,7 +134,10 @@ def measure(backend, source, depth, device_batch, budget, seq_len, scratch, time
     make the ladder slower), run from a scratch copy of train.py's source. Returns (rung, error tail)."""
     sizes = {"DEPTH": depth, "DEVICE_BATCH_SIZE": device_batch, "TOTAL_BATCH_SIZE": device_batch * seq_len}
     train_file(backend, scratch).write_text(set_constants(source, sizes))
-    env = dict(os.environ, AUTORESEARCH_CALIBRATE_STEPS=str(CALIBRATE_STEPS))
+    import prepare
+
+    env = dict(os.environ, AUTORESEARCH_CALIBRATE_STEPS=str(CALIBRATE_STEPS),
+               AUTORESEARCH_CACHE=str(prepare.trainer_view()))
     start = time.time()
     result = run_training(backend, budget=budget, root=scratch, env=env, timeout=timeout)
     s = result.summary

@@ -36,7 +36,9 @@ import numpy as np
 
 import prepare
 
+from . import sandbox
 from .hardware import cpu_cores, preload_blas
+from .runner import write_pid_file
 
 # How far a loss may move between two evaluations of the same prefix (nats). Honest models give identical
 # numbers (every row is computed alone, masked attention adds exact zeros); the slack covers kernels that are
@@ -45,6 +47,7 @@ TOLERANCE = {"float32": 1e-4}
 LOW_PRECISION_TOLERANCE = 2e-2
 EVALUATOR_PID_FILE = "evaluator.pid"  # in .autoresearch/, beside the trainer's
 PROBE_ROWS = 4  # rows the probes score again, where the model is not compiled for one batch shape
+BUILD_SECONDS = 60  # from the checkpoint to a built model: loading weights takes seconds, never a minute
 
 
 @dataclass(frozen=True)
@@ -60,15 +63,29 @@ class EvaluatorFailed(Exception):
     """The child died, timed out or broke the protocol; the message says which."""
 
 
-def start_evaluator(backend, root, env=None, state=None):
+# The child runs isolated (-I: no environment variables, user site or working directory on its path; -B: no bytecode
+# written), with exactly the harness's own prepare.py and package on its path.
+CHILD_MAIN = "import json, sys; sys.path[:0] = json.loads(sys.argv[1]); from autoresearch.evaluate import serve; serve(sys.argv[2])"
+
+
+def harness_path():
+    """The folders this process imported prepare and the autoresearch package from."""
+    return [str(Path(prepare.__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+
+
+def start_evaluator(backend, root, checkpoint, env=None, state=None):
     """The evaluator's process, started ahead: its interpreter, framework and train.py imports run while it waits
     for the checkpoint's path (evaluate(..., child=)). On a GPU the harness starts it while training runs, so the
-    fresh process costs no more than evaluating in-process did."""
+    fresh process costs no more than evaluating in-process did. It runs in the sandbox: the checkout and the
+    checkpoint read-only, no cache at all, no network, Python isolated from the environment and from bytecode."""
     child_env = dict(os.environ if env is None else env, AUTORESEARCH_CACHE=str(prepare.trainer_view()),
                      PYTHONUNBUFFERED="1")
     blas = preload_blas(child_env, one_thread=True) if backend == "mlx" else None  # mlx_loss_fn: a stream per core
     notes = [blas] if blas else []
-    argv = [sys.executable, "-m", "autoresearch.evaluate", backend]
+    policy = sandbox.Policy(read=(str(root), str(checkpoint)), hide=(str(prepare.cache_dir()),), network=False)
+    argv, inside = sandbox.active().wrap([sys.executable, "-I", "-B", "-c", CHILD_MAIN, json.dumps(harness_path()),
+                                          backend], root, policy)
+    child_env.update(inside)
     return Child(argv, root, child_env, Path(state) / EVALUATOR_PID_FILE if state else None, notes)
 
 
@@ -95,9 +112,9 @@ def evaluate(backend, root, checkpoint, timeout=None, on_line=None, env=None, st
             return result("crash", None, f"train.py saved no checkpoint in {checkpoint}")
         rows = np.ascontiguousarray(prepare.get_val_rows(), dtype=np.int32)
         vocab = len(prepare.get_token_bytes())
-        child = child or start_evaluator(backend, root, env, state)
+        child = child or start_evaluator(backend, root, checkpoint, env, state)
         child.listen(note)
-        child.start(Path(checkpoint).resolve(), timeout)
+        child.start({"checkpoint": str(Path(checkpoint).resolve()), "vocab_size": vocab}, timeout)
         return result(*score(child, rows, vocab, note))
     except EvaluatorFailed as e:
         return result("crash", None, str(e))
@@ -185,12 +202,13 @@ class Child:
 
     def __init__(self, argv, cwd, env, pid_file=None, notes=()):
         self.timeout, self.timed_out, self.tail, self.timer, self.started = None, False, "", None, False
+        self.build_timer = None
         self.lines, self.on_line, self.lock = list(notes), None, threading.Lock()
         self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, start_new_session=True)
         self.pid_file = pid_file
         if pid_file:
-            pid_file.write_text(f"{self.proc.pid} {' '.join(argv)}\n")
+            write_pid_file(pid_file, self.proc.pid, argv)
         self.pump = threading.Thread(target=self._pump, daemon=True)
         self.pump.start()
 
@@ -210,20 +228,23 @@ class Child:
                 if self.on_line:
                     self.on_line(line)
 
-    def start(self, checkpoint, timeout):
-        """The checkpoint's path to the child; the time limit runs from here."""
+    def start(self, job, timeout):
+        """The job (the checkpoint's path, the vocabulary size) to the child; the time limit runs from here, and
+        the model must be built within BUILD_SECONDS of it: a build that trains would be time outside the clock."""
         self.timeout, self.started = timeout, True
         if timeout:
             self.timer = threading.Timer(timeout, self._expire)
             self.timer.start()
+        self.build_timer = threading.Timer(BUILD_SECONDS, self._expire, ("build",))
+        self.build_timer.start()
         try:
-            self.proc.stdin.write(f"{checkpoint}\n".encode())
+            self.proc.stdin.write((json.dumps(job) + "\n").encode())
             self.proc.stdin.flush()
         except OSError:
             raise EvaluatorFailed(self.failure()) from None
 
-    def _expire(self):
-        self.timed_out = True
+    def _expire(self, what="all"):
+        self.timed_out = what
         self.kill()
 
     def kill(self):
@@ -236,6 +257,7 @@ class Child:
         """The child's first message, once its model is built: dtype, device, rows_per_chunk, compiled, seconds."""
         try:
             hello = json.loads(self.proc.stdout.readline())
+            self.build_timer.cancel()
             return dict(hello, rows_per_chunk=int(hello["rows_per_chunk"]), dtype=str(hello["dtype"]),
                         compiled=bool(hello["compiled"]))
         except (ValueError, KeyError, TypeError):
@@ -256,14 +278,18 @@ class Child:
             self.kill()
             code = self.proc.wait()
         self.pump.join(timeout=5)
+        if self.timed_out == "build":
+            return (f"the evaluator's build_model took over {BUILD_SECONDS}s (from the checkpoint to a built model) "
+                    "and was stopped: building a model may not train it")
         if self.timed_out:
             return f"the evaluator ran past its {self.timeout:g}s limit and was stopped"
         return f"the evaluator process exited with code {code}" + (f": {self.tail}" if self.tail else "")
 
     def close(self):
         """End the child: stdin closed (after its rows it exits; before its checkpoint it is killed)."""
-        if self.timer:
-            self.timer.cancel()
+        for timer in (self.timer, self.build_timer):
+            if timer:
+                timer.cancel()
         if not self.started:
             self.kill()
         try:
@@ -311,11 +337,10 @@ def load_train(backend, root):
     return module
 
 
-def make_loss_fn(backend, module, model):
+def make_loss_fn(backend, module, model, vocab):
     """loss_fn(rows): (b, T+1) int32 numpy rows -> (b, T) float32 nats, the cross-entropy of model(rows[:, :-1])'s
     logits against rows[:, 1:], computed here, in the backend's precision (its autocast_ctx() for torch).
     loss_fn.compiled: whether the model is compiled for one batch shape (then every call should have b rows)."""
-    vocab = prepare.load_profile().vocab_size
     return (mlx_loss_fn if backend == "mlx" else torch_loss_fn)(module, model, vocab)
 
 
@@ -399,11 +424,11 @@ def serve(backend):
     os.dup2(2, 1)  # what train.py prints goes to the log, never into the protocol
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # and its stdin is empty
     module = load_train(backend, Path.cwd())  # the framework's import: what a child started ahead has done
-    checkpoint = rows_in.readline().decode().strip()
+    job = json.loads(rows_in.readline())
     start = time.time()
-    config, weights = prepare.load_checkpoint(checkpoint)
+    config, weights = prepare.load_checkpoint(job["checkpoint"])
     model = module.build_model(config, weights)
-    loss_fn = make_loss_fn(backend, module, model)
+    loss_fn = make_loss_fn(backend, module, model, int(job["vocab_size"]))
     hello = {"dtype": str(module.compute_dtype).rsplit(".", 1)[-1], "device": module.device_name(),
              "rows_per_chunk": int(module.DEVICE_BATCH_SIZE),  # a forward of the rows a training micro-step fits
              "compiled": loss_fn.compiled, "seconds": round(time.time() - start, 2)}

@@ -16,6 +16,7 @@ import git
 from . import train_file
 from .branch import (BRANCH_PREFIX, STATE_DIR, Lock, Refused, RunBranch, changed_files, open_branch, open_repo,
                      pin_of, refs_snapshot, refuse_dirty, state_dir)
+from .clock import Clock
 from .gate import Gate, decide, save_noise, spread
 from .hardware import hardware_tag
 from .hparams import set_constants
@@ -24,8 +25,6 @@ from .runner import default_timeout, run_training
 
 EXIT = {"ok": 0, "keep": 0, "holds": 0, "error": 1, "refused": 2, "discard": 3, "regressed": 3, "crash": 4, "repeat": 5,
         "invalid": 6}
-OVERRUN_FRACTION = 0.05  # training may pass the budget by 5 % or one step, whichever is longer...
-EXIT_SECONDS = 3.0  # ...plus saving the weights and the interpreter's exit after the last step
 PROTECTED = (LEDGER_NAME, f"{STATE_DIR}/noise.json")  # ignored files a train.py must not touch
 
 
@@ -53,13 +52,27 @@ class Outcome:
     message: str  # the one closing line
 
 
+@dataclass(frozen=True)
+class Timing:
+    """One run by the harness's clock."""
+    training: float  # from the first progress line to the exit
+    startup: float  # from the spawn to the first progress line
+    step: float  # the median time between progress lines
+    sandbox: str  # what confined it
+
+    @classmethod
+    def of(cls, result):
+        training, startup = result.measured_training() or (0.0, 0.0)
+        return cls(training, startup, result.step_interval(), result.sandbox)
+
+
 @dataclass
 class Measurement:
     """One seed of one program, as the harness measured it."""
     status: str  # ok, crash or invalid
     val_bpb: float
     summary: dict
-    harness_seconds: float
+    timing: Timing
     reason: str  # why not ok
 
 
@@ -154,21 +167,6 @@ class Watch:
         return found
 
 
-def _overrun(result, budget):
-    """Why a finished run is not scored for its time, or None. The harness's clock: from the first progress line
-    (the end of step 0, which train.py excludes as warm-up) to the process's exit."""
-    measured = result.measured_training()
-    if measured is None:
-        return None, "no progress lines (`step N ...`): the harness cannot time the training"
-    seconds, _ = measured
-    allowed = budget + max(OVERRUN_FRACTION * budget, result.step_interval()) + EXIT_SECONDS
-    if seconds > allowed:
-        claimed = (result.summary or {}).get("training_seconds", float("nan"))
-        return seconds, (f"trained {seconds:.1f}s by the harness's clock (train.py says {claimed:g}s), over the "
-                         f"{budget:g}s budget + {allowed - budget:.1f}s margin")
-    return seconds, None
-
-
 def train_and_evaluate(root, backend, budget, seed=None, timeout=None, on_line=None, check=None):
     """Train root's train.py once on the trainer's view of the cache, then score its checkpoint in the harness's
     evaluator, unless check(result) returns (status, reason) first. Returns (result, evaluation or None, stop)."""
@@ -177,10 +175,14 @@ def train_and_evaluate(root, backend, budget, seed=None, timeout=None, on_line=N
     from .evaluate import evaluate, start_evaluator
     from .hardware import available_backends
 
-    checkpoint = Path(tempfile.mkdtemp(prefix="autoresearch-checkpoint-"))
+    # in the cache, which no agent's turn sees (a swarm trains while other workers' agents work)
+    runs = prepare.cache_dir() / "runs"
+    runs.mkdir(exist_ok=True)
+    checkpoint = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=runs))
     # On a GPU the evaluator's process starts now and imports while training runs; on a CPU it would take cores
     # from training, so it starts after.
-    ahead = start_evaluator(backend, root, state=state_dir(root)) if available_backends().get(backend) == "gpu" else None
+    on_gpu = available_backends().get(backend) == "gpu"
+    ahead = start_evaluator(backend, root, checkpoint, state=state_dir(root)) if on_gpu else None
     try:
         env = dict(os.environ, AUTORESEARCH_CACHE=str(prepare.trainer_view()), AUTORESEARCH_CHECKPOINT=str(checkpoint))
         result = run_training(backend, budget=budget, seed=seed, root=root, on_line=on_line, timeout=timeout, env=env,
@@ -204,18 +206,14 @@ def measure(branch, seed, settings, on_line=None):
     """Train HEAD's train.py once, check what it touched and how long it trained, evaluate it in a fresh process."""
     root = branch.root
     watch = Watch(branch)
-    timed = []
+    clock = branch.clock()
 
     def check(result):
         broken = watch.violations()
         if broken:
             return "invalid", "train.py changed the repository: " + "; ".join(broken)
-        if result.ok:
-            seconds, late = _overrun(result, branch.budget)
-            timed.append(seconds or 0.0)
-            if late:
-                return "invalid", late
-        return None
+        late = clock.judge(result) if result.ok else None
+        return ("invalid", late) if late else None
 
     with open(state_dir(root) / "run.log", "a") as log:
         def line(text):
@@ -226,14 +224,14 @@ def measure(branch, seed, settings, on_line=None):
 
         line(f"=== {branch.backend} seed {seed} budget {branch.budget:g}s ===")
         result, ev, stop = train_and_evaluate(root, branch.backend, branch.budget, seed, settings.timeout, line, check)
-    seconds = timed[0] if timed else 0.0
+    timing = Timing.of(result)
     if stop:
         (state_dir(root) / "last_crash.log").write_text(result.tail() + "\n")
-        return Measurement(stop[0], 0.0, result.summary or {}, seconds, stop[1])
+        return Measurement(stop[0], 0.0, result.summary or {}, timing, stop[1])
     if ev.status != "ok":
         (state_dir(root) / "last_crash.log").write_text(ev.log[-20000:] + "\n")
-        return Measurement(ev.status, 0.0, result.summary, seconds, f"evaluation: {ev.reason}")
-    return Measurement("ok", ev.val_bpb, result.summary, seconds, "")
+        return Measurement(ev.status, 0.0, result.summary, timing, f"evaluation: {ev.reason}")
+    return Measurement("ok", ev.val_bpb, result.summary, timing, "")
 
 
 def manual_run(root, backend, budget, on_line=None):
@@ -244,8 +242,9 @@ def manual_run(root, backend, budget, on_line=None):
         return stop[0], f"training {stop[0]}: {stop[1]}"
     if ev.status != "ok":
         return ev.status, f"evaluation {ev.status}: {ev.reason}"
-    seconds, late = _overrun(result, budget)
-    timing = (f"harness-timed training {seconds:.1f}s" if seconds is not None else "untimed") + (
+    late = Clock.for_baseline(budget, None).judge(result)
+    measured = result.measured_training()
+    timing = (f"harness-timed training {measured[0]:.1f}s" if measured else "untimed") + (
         f"; not scorable: {late}" if late else "")
     return ("invalid" if late else "ok"), f"val_bpb:          {ev.val_bpb:.6f}  ({timing}; evaluated by the harness)"
 
@@ -269,7 +268,9 @@ def make_row(branch, runs, status, commit, description, settings, source):
         tokens=int(round(s.get("total_tokens_M", 0.0) * 1e6)), config=branch.config() or "-",
         gate=settings.gate.label(), train_hash=train_hash(source), branch=branch.name,
         samples=",".join(f"{v:.6f}" for v in good) if scored else "-",
-        harness_seconds=round(runs[-1].harness_seconds, 1), pin=pin_of(branch.repo, commit),
+        harness_seconds=round(runs[-1].timing.training, 1), pin=pin_of(branch.repo, commit),
+        sandbox=runs[-1].timing.sandbox, startup_seconds=round(max(m.timing.startup for m in runs), 2),
+        step_seconds=round(max(m.timing.step for m in runs), 3),
     )
 
 
@@ -313,14 +314,14 @@ def train_and_record(branch, description, base, commit, settings, on_line=None, 
         status = "keep"
         message = f"RESULT keep val_bpb={statistics.fmean(samples):.6f} (baseline"
         if baseline_runs and len(samples) > 1:
-            save_noise(branch.root, *branch.key()[1:], samples, short)
+            save_noise(branch.root, *branch.key()[1:4], samples, short)
             message += f", noise floor: spread {spread(samples):.6f} over {len(samples)} seeds"
         message += ")"
     else:
         status = "keep" if decision.keep else "discard"
         message = f"RESULT {status} val_bpb={statistics.fmean(samples):.6f} [{settings.gate.label()}: {decision.reason}]"
     if status == "keep":
-        message += f" (harness-timed training {last.harness_seconds:.1f}s)"
+        message += f" (harness-timed training {last.timing.training:.1f}s)"
     elif not baseline_runs:
         branch.repo.head.reset(base, index=True, working_tree=True)
         message += f"; reverted to {base.hexsha[:7]}"

@@ -46,13 +46,21 @@ class Row:
     harness_seconds: float = 0.0  # training seconds the harness measured itself, 0 when unknown
     pin: str = "-"  # hash of the fixed half of the repository the row ran against, "-" when unknown
     worker: str = "-"  # the swarm worker that ran it (w0, w1, ...), "-" outside a swarm
+    sandbox: str = "-"  # what confined its processes: bwrap, sandbox-exec or none ("-": before sandboxes)
+    startup_seconds: float = 0.0  # from the trainer's spawn to its first progress line, by the harness's clock
+    step_seconds: float = 0.0  # the median time between its progress lines, by the harness's clock
 
     def values(self):
         return [float(v) for v in self.samples.split(",")] if self.samples not in ("", "-") else []
 
     def key(self):
-        """Results compare only within one run branch, hardware, eval profile and budget."""
-        return (self.branch, self.hardware, self.eval_profile, self.budget)
+        """Results compare only within one run branch, hardware, eval profile, budget and sandbox."""
+        return (self.branch, self.hardware, self.eval_profile, self.budget, sandbox_kind(self.sandbox))
+
+
+def sandbox_kind(recorded):
+    """A row's sandbox as compared: rows from before sandboxes ran unconfined."""
+    return "none" if recorded in ("", "-") else recorded
 
 
 COLUMNS = [f.name for f in fields(Row)]

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import repo_root, train_file
+from . import repo_root, sandbox, train_file
 from .hardware import preload_blas
 from .summary import STEP_LINE, parse_summary
 
@@ -51,12 +51,12 @@ class ProcessResult:
 
 def stop_leftover(state):
     """Kill the process groups a killed harness left running (trainer, evaluator: their *.pid files); returns
-    their pids."""
+    their pids. A pid file kills only the process it names: the same pid, start time and command line."""
     stopped = []
     for path in sorted(Path(state).glob("*.pid")):
-        pid, _, command = path.read_text().strip().partition(" ")
+        pid, started, command = (path.read_text().strip().split(" ", 2) + ["", ""])[:3]
         path.unlink(missing_ok=True)
-        if not pid.isdigit() or int(pid) == os.getpid() or not _runs(int(pid), command):
+        if not pid.isdigit() or int(pid) == os.getpid() or not _runs(int(pid), started, command):
             continue
         try:
             os.killpg(int(pid), signal.SIGKILL)  # the child leads its own group (start_new_session)
@@ -66,15 +66,31 @@ def stop_leftover(state):
     return stopped
 
 
-def _runs(pid, command):
-    """Whether pid still runs the recorded command (a reused pid belongs to someone else). Where /proc is
-    missing (macOS), whether it runs at all."""
+def start_time(pid):
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), or "-" where unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "-"
+
+
+def write_pid_file(path, pid, argv):
+    """"pid start-time command": enough for a later harness to know the process is still the one it started."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(f"{pid} {start_time(pid)} {' '.join(map(str, argv))}\n")
+    tmp.replace(path)
+
+
+def _runs(pid, started, command):
+    """Whether pid is still the recorded process (a reused pid belongs to someone else). Where /proc is missing
+    (macOS), whether it runs at all."""
     cmdline = Path(f"/proc/{pid}/cmdline")
     if cmdline.parent.parent.exists() and Path("/proc/self").exists():
         try:
-            return cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace").strip() == command
+            now = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             return False
+        return now == command and start_time(pid) == started
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):
@@ -91,7 +107,7 @@ def run_process(argv, cwd, env, timeout, on_line=None, state=None, stdin_data=No
                             start_new_session=True)
     pid_file = Path(state) / PID_FILE if state else None
     if pid_file:
-        pid_file.write_text(f"{proc.pid} {' '.join(map(str, argv))}\n")
+        write_pid_file(pid_file, proc.pid, argv)
     lines = []
 
     def pump():
@@ -143,6 +159,7 @@ class RunResult:
     elapsed: float
     timed_out: bool
     lines: list = field(default_factory=list)
+    sandbox: str = "none"  # what confined the run: bwrap, sandbox-exec or none
 
     @property
     def ok(self):
@@ -187,16 +204,31 @@ def default_timeout(budget):
 
 
 def run_training(backend, budget=None, seed=None, timeout=None, root=None, on_line=None, env=None, state=None):
-    """Run backends/<backend>/train.py to completion or timeout. on_line(str) sees each output line."""
+    """Run backends/<backend>/train.py to completion or timeout, in the sandbox (sandbox.active()): it sees the
+    checkout read-only, the cache only as env's AUTORESEARCH_CACHE (the trainer's view) and may write only to
+    env's AUTORESEARCH_CHECKPOINT. on_line(str) sees each output line."""
     root = Path(root or repo_root())
     env, notes = train_env(backend, budget, seed, base=env)
+    box = sandbox.active()
+    argv, inside = box.wrap([sys.executable, "-B", str(train_file(backend, root))], root, trainer_policy(root, env))
+    env.update(inside)
     for note in notes:
         if on_line:
             on_line(note)
     if timeout is None:
         timeout = default_timeout(budget)
-    result = run_process([sys.executable, str(train_file(backend, root))], root, env, timeout, on_line, state)
+    result = run_process(argv, root, env, timeout, on_line, state)
     lines = [(0.0, n) for n in notes] + result.lines
     log = "\n".join(t for _, t in lines)
     summary = None if result.timed_out else parse_summary(log)
-    return RunResult(result.returncode, summary, log, result.elapsed, result.timed_out, lines)
+    return RunResult(result.returncode, summary, log, result.elapsed, result.timed_out, lines, box.kind)
+
+
+def trainer_policy(root, env):
+    """What a trainer may see: the checkout and its view of the cache, read-only; its checkpoint folder, writable;
+    nothing of the real cache (where the view sits) or of anything else on the machine."""
+    import prepare
+
+    view, checkpoint = env.get("AUTORESEARCH_CACHE"), env.get("AUTORESEARCH_CHECKPOINT")
+    return sandbox.Policy(read=tuple(p for p in (str(root), view) if p), write=(checkpoint,) if checkpoint else (),
+                          hide=(str(prepare.cache_dir()),), network=False)

@@ -24,7 +24,7 @@ import git
 from . import train_file
 from .agents import make_agent
 from .branch import BRANCH_PREFIX, Lock, Refused, open_branch, open_repo, refuse_dirty, state_dir
-from .experiment import (CacheBroken, Measurement, Settings, check_budget, check_cache, experiment, make_row,
+from .experiment import (CacheBroken, Measurement, Settings, Timing, check_budget, check_cache, experiment, make_row,
                          record)
 from .experiment import setup as setup_run_branch
 from .gate import decide, load_noise, noise_path, save_noise
@@ -227,7 +227,7 @@ class Worker:
                                    spec.settings.timeout, noise_runs=spec.plan.noise_runs, gate=spec.settings.gate,
                                    calibrate=spec.plan.calibrate, say=lambda text: None)
         repo, row = open_repo(self.root), outcome.row
-        return outcome, load_noise(self.root, *row.key()[1:]), snapshot(repo, repo.active_branch.name)
+        return outcome, load_noise(self.root, *row.key()[1:4]), snapshot(repo, repo.active_branch.name)
 
     def turn(self, shot, claims, number):
         """Turn `number` of the loop on the swarm's best: agent edit, experiment, gate. Its row is the driver's
@@ -345,7 +345,8 @@ def absorb(branch, report, settings):
 def lost_row(branch, settings, worker, description, source, reason):
     """The row of an experiment whose worker died before it was measured: nothing measured, the idea not judged."""
     head = branch.repo.head.commit
-    row = make_row(branch, [Measurement("lost", 0.0, {}, 0.0, reason)], "lost", head.hexsha[:7],
+    unmeasured = Timing(0.0, 0.0, 0.0, branch.sandbox)
+    row = make_row(branch, [Measurement("lost", 0.0, {}, unmeasured, reason)], "lost", head.hexsha[:7],
                    f"{description} [lost: {reason}]", settings, source)
     return replace(row, worker=worker)
 
@@ -357,7 +358,7 @@ def import_setup(root, outcome, noise, shot, say):
     fetch_bundle(repo, shot.bundle, *shot.refspecs(f"refs/heads/{shot.branch}"))
     append_row(root / LEDGER_NAME, outcome.row)
     if noise:
-        save_noise(root, *outcome.row.key()[1:], noise["samples"], noise["commit"])
+        save_noise(root, *outcome.row.key()[1:4], noise["samples"], noise["commit"])
     repo.git.checkout(shot.branch)
     say(f"setup on w0: {outcome.message}")
     say(f"run branch {shot.branch} set up on the workers' hardware and checked out here")

@@ -73,7 +73,7 @@ def exchange(use_cache, tmp_path):
 
 def harness_losses(name, module, model):
     """The evaluator's loss_fn (x, y) -> nats over this model: its cross-entropy of the model's logits."""
-    loss_fn = make_loss_fn(name, module, model)
+    loss_fn = make_loss_fn(name, module, model, prepare.load_profile().vocab_size)
     return lambda x, y: loss_fn(np.concatenate([x, y[:, -1:]], axis=1))
 
 

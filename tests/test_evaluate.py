@@ -132,10 +132,10 @@ def test_harness_value_is_the_in_process_value(backend, trained, use_cache):
 def test_an_evaluator_started_ahead_gives_the_same_value(trained, use_cache):
     """On a GPU the harness starts the evaluator while training runs: the number must not depend on it."""
     root, checkpoint, expected = trained["mps"]
-    ahead = start_evaluator("mps", root)
+    ahead = start_evaluator("mps", root, checkpoint)
     result = evaluate("mps", root, checkpoint, timeout=300, child=ahead)
     assert result.status == "ok" and abs(result.val_bpb - expected) < 1e-4, result.log
-    unused = start_evaluator("mps", root)
+    unused = start_evaluator("mps", root, checkpoint)
     unused.close()  # never given a checkpoint (training failed): killed, not left waiting
     assert unused.proc.returncode is not None
 

@@ -20,7 +20,8 @@ BRANCH = f"autoresearch/a-{HW}"
 OTHER = f"autoresearch/b-{HW}"
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 HEADER = "\t".join(COLUMNS) + "\n"
-OLD = COLUMNS[:-3]  # the columns before harness_seconds, pin and worker
+OLD = COLUMNS[:COLUMNS.index("harness_seconds")]  # the first version's columns
+ADDED_DEFAULTS = "\t0\t-\t-\t-\t0\t0"  # harness_seconds, pin, worker, sandbox, startup_seconds, step_seconds
 
 
 def make_row(i, branch=BRANCH, status="keep", **extra):
@@ -263,14 +264,14 @@ def test_old_ledger_is_read_and_migrated_on_append(tmp_path):
     defaulted = [make_row(i, harness_seconds=0.0, pin="-") for i in range(2)]
     assert read_ledger(path) == defaulted  # the columns it lacks take their defaults
     append_row(path, rows[2])
-    assert path.read_text() == (HEADER + old_line(rows[0]).rstrip("\n") + "\t0\t-\t-\n"
-                                + old_line(rows[1]).rstrip("\n") + "\t0\t-\t-\n" + format_row(rows[2]))
+    assert path.read_text() == (HEADER + old_line(rows[0]).rstrip("\n") + ADDED_DEFAULTS + "\n"
+                                + old_line(rows[1]).rstrip("\n") + ADDED_DEFAULTS + "\n" + format_row(rows[2]))
     assert read_ledger(path) == defaulted + [rows[2]]
     assert side_files(path) == []  # the rewrite left no temporary file
     # versions in between (harness_seconds, no pin; pin, no worker) read too; a row of its own width only
     path.write_text("\t".join(COLUMNS[:-1]) + "\n" + old_line(rows[0], COLUMNS[:-1]))
     assert read_ledger(path) == [rows[0]]
-    middle = COLUMNS[:-2]
+    middle = COLUMNS[:COLUMNS.index("pin")]
     path.write_text("\t".join(middle) + "\n" + old_line(rows[0], middle))
     assert read_ledger(path) == [make_row(0, pin="-")]
     path.write_text("\t".join(middle) + "\n" + format_row(rows[0]))
@@ -291,7 +292,7 @@ def test_note_lines_of_any_version_parse():
     row = make_row(0, status="invalid")
     assert parse_row(old_line(row), 1, "note") == make_row(0, status="invalid", harness_seconds=0.0, pin="-")
     assert parse_row(format_row(row), 1, "note") == row
-    for wrong in (COLUMNS[:-4], COLUMNS + ["extra"]):
+    for wrong in (OLD[:-1], COLUMNS + ["extra"]):
         line = "\t".join(["x"] * len(wrong))
         with pytest.raises(LedgerError, match=f"note:1: expected {len(COLUMNS)} tab-separated columns"):
             parse_row(line, 1, "note")
@@ -357,4 +358,4 @@ def test_old_format_notes_restore_with_defaults(repo):
     repo.git.notes("--ref", NOTES_REF, "append", "-m", old_line(row).rstrip("\n"), commit.hexsha)
     path = Path(repo.working_tree_dir) / LEDGER_NAME
     assert restore_missing(repo, path, BRANCH) == 1
-    assert path.read_text() == HEADER + old_line(row).rstrip("\n") + "\t0\t-\t-\n"
+    assert path.read_text() == HEADER + old_line(row).rstrip("\n") + ADDED_DEFAULTS + "\n"

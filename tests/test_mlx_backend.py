@@ -51,7 +51,7 @@ def reference_losses(w, config, x, y):
 
 def harness_losses(train, model):
     """The evaluator's loss_fn (x, y) -> nats: its cross-entropy of the model's logits."""
-    loss_fn = make_loss_fn("mlx", train, model)
+    loss_fn = make_loss_fn("mlx", train, model, prepare.load_profile().vocab_size)
     return lambda x, y: loss_fn(np.concatenate([x, y[:, -1:]], axis=1))
 
 

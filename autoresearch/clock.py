@@ -1,0 +1,42 @@
+"""The harness's clock: how long a training run may take, from the trainer's spawn to its exit."""
+
+from dataclasses import dataclass
+
+OVERRUN_FRACTION = 0.05  # training may pass the budget by 5 % or one step, whichever is longer...
+EXIT_SECONDS = 3.0  # ...plus saving the weights and the interpreter's exit after the last step
+DEFAULT_STARTUP_SECONDS = 120.0  # before the branch has a baseline to measure startup by: a cold GPU compile
+STARTUP_SLACK_SECONDS = 10.0  # on top of twice the baseline's startup
+
+
+@dataclass(frozen=True)
+class Clock:
+    """How long a training run may take by the harness's clock, from the trainer's spawn to its exit: the budget,
+    a startup allowance (imports, model build, step 0's compile) and the last step's overrun, both fixed before
+    the run from the branch's baseline, never from the candidate's own output."""
+    budget: float
+    startup: float  # seconds allowed before training starts
+    step: float | None  # the last step's allowance; None: the run's own step interval (the baseline's runs)
+
+    @classmethod
+    def for_baseline(cls, budget, baseline):
+        """The clock a run branch's candidates get: twice the baseline's startup plus slack (a loaded machine, a
+        slower compile) and twice its step. Before a baseline (setup, a manual run): generous defaults."""
+        if baseline is None or baseline.startup_seconds <= 0:
+            return cls(budget, DEFAULT_STARTUP_SECONDS, None)
+        return cls(budget, 2 * baseline.startup_seconds + STARTUP_SLACK_SECONDS, 2 * baseline.step_seconds)
+
+    def allowed(self, result):
+        step = self.step if self.step is not None else result.step_interval()
+        return self.budget + self.startup + max(OVERRUN_FRACTION * self.budget, step) + EXIT_SECONDS
+
+    def judge(self, result):
+        """Why a finished run is not scored for its time, or None."""
+        if result.measured_training() is None:
+            return "no progress lines (`step N ...`): the harness cannot time the training"
+        allowed = self.allowed(result)
+        if result.elapsed > allowed:
+            claimed = (result.summary or {}).get("training_seconds", float("nan"))
+            return (f"ran {result.elapsed:.1f}s from spawn to exit by the harness's clock (train.py says it trained "
+                    f"{claimed:g}s), over the {self.budget:g}s budget + {allowed - self.budget:.1f}s allowed for "
+                    f"startup ({self.startup:.1f}s), the last step and exiting")
+        return None
