@@ -16,12 +16,14 @@ builds its DOM with textContent only (a Content-Security-Policy refuses any scri
 """
 
 import errno
+import hashlib
 import ipaddress
 import json
 import math
 import re
 import secrets
 import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -33,12 +35,14 @@ from . import report, train_file
 from .branch import BRANCH_PREFIX, STATE_DIR
 from .gate import spread
 from .ledger import LEDGER_NAME, SCORED, LedgerError, read_ledger
+from .plain import plain
 from .progress import HEADER
 from .runner import PID_FILE
 from .summary import parse_step
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+SOCKET_TIMEOUT = 10  # seconds a connection may wait for a request, or for the client to take the reply
 PAGE = Path(__file__).with_name("dashboard_page.html")
 LOG_TAIL = 64 * 1024  # bytes of run.log read for the last progress line
 COMMIT = re.compile(r"^[0-9a-f]{4,40}$")
@@ -50,17 +54,6 @@ class DashboardError(Exception):
 
 # ---------------------------------------------------------------------------------------------
 # What the page shows
-
-
-def _finite(value):
-    """JSON has no NaN or infinity (a crash's val_bpb may be one): those become null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _row(r, index):
@@ -167,16 +160,22 @@ class Dashboard:
         with self.lock:
             mark = self.fingerprint()
             if self.seen is None or self.seen[0] != mark:
-                self.seen = (mark, self.load())
+                data = self.load()
+                data["version"] = hashlib.sha256(repr(mark).encode()).hexdigest()[:16]
+                self.seen = (mark, data)
             return self.seen[1]
 
-    def state(self):
-        """GET /api/state: the data (or the error reading it) and the experiment in flight."""
+    def state(self, since=None):
+        """GET /api/state: the data (or the error reading it) and the experiment in flight. A page that already has
+        this version of the data (since) gets only the experiment in flight: a 100,000-row ledger is tens of MB,
+        and the page asks every 2 s."""
         try:
             data = {k: v for k, v in self.data().items() if k != "kept"}  # kept: the diff endpoint's lookup
             error = None
         except (report.ReportError, LedgerError, OSError, git.GitCommandError) as e:
             data, error = {}, str(e)
+        if since is not None and data.get("version") == since:
+            data = {"version": since, "unchanged": True}
         with self.lock:
             live = in_flight(self.root)
             if live and self.repo is not None:  # the harness commits the experiment before it trains it
@@ -219,6 +218,7 @@ def _is_loopback(host):
 
 class Handler(BaseHTTPRequestHandler):
     server_version = "autoresearch-dashboard"
+    timeout = SOCKET_TIMEOUT  # an idle or half-sent connection frees its thread after this many seconds
 
     def do_GET(self):
         if not self.addressed_here():
@@ -231,7 +231,7 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/plotly.min.js":
             return self.send(200, self.server.plotly_js, "text/javascript")
         if url.path == "/api/state":
-            return self.send_json(200, board.state())
+            return self.send_json(200, board.state(parse_qs(url.query).get("since", [None])[0]))
         if url.path == "/api/diff":
             try:
                 return self.send_json(*board.diff(parse_qs(url.query).get("commit", [""])[0]))
@@ -273,10 +273,14 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def send_json(self, code, value):
-        self.send(code, json.dumps(_finite(value), allow_nan=False).encode(), "application/json")
+        self.send(code, json.dumps(report.finite(value), allow_nan=False).encode(), "application/json")
 
     def log_request(self, code="-", size="-"):  # the page polls every 2 s: no line per request; errors still print
         pass
+
+    def log_error(self, format, *args):
+        if not format.startswith("Request timed out"):  # an idle connection closed by the timeout: nothing wrong
+            super().log_error(format, *args)
 
 
 class Server(ThreadingHTTPServer):
@@ -287,6 +291,11 @@ class Server(ThreadingHTTPServer):
         self.board, self.plotly_js, self.loopback = board, plotly_js, _is_loopback(host)
         self.page = PAGE.read_bytes()
         super().__init__((host, port), Handler)
+
+    def handle_error(self, request, client_address):
+        """A browser that closed its tab, or hung up mid-reply, is no error of the dashboard's: no traceback."""
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
 
 
 def _plotly_js():
@@ -326,7 +335,7 @@ def serve(sources=None, host=DEFAULT_HOST, port=DEFAULT_PORT, say=print):
         raise DashboardError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     bound = server.server_address[1]
     shown = f"[{host}]" if ":" in host else host
-    say(f"dashboard: http://{shown}:{bound}/ (read-only; watching {root}; Ctrl-C to stop)", flush=True)
+    say(plain(f"dashboard: http://{shown}:{bound}/ (read-only; watching {root}; Ctrl-C to stop)"), flush=True)
     if not server.loopback:
         say(f"warning: listening on {host}: anyone who can reach this machine can read the dashboard", flush=True)
     try:

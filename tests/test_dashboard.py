@@ -175,3 +175,33 @@ def test_page_follows_a_real_loop(project, dashboard, cpu_cache):
             assert not errors, errors
         finally:
             browser.close()
+
+
+def test_polls_send_what_changed_and_connections_end_quietly(project):
+    proc, url = start_dashboard(project, "--port", "0")
+    try:
+        state = get(url + "api/state")
+        assert state["series"] and state["version"]
+        with urllib.request.urlopen(url + f"api/state?since={state['version']}", timeout=10) as response:
+            body = response.read()
+        again = json.loads(body)
+        assert again["unchanged"] is True and "series" not in again and again["live"] is None and len(body) < 500
+        host, port = url.split("//")[1].strip("/").rsplit(":", 1)
+        # a tab closed mid-reply: the connection reset before the reply is read
+        for _ in range(3):
+            s = socket.create_connection((host, int(port)))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            s.sendall(b"GET /plotly.min.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            s.close()
+        # an idle connection and a half-sent request: the server hangs up on both, freeing their threads
+        idle, half = socket.create_connection((host, int(port))), socket.create_connection((host, int(port)))
+        half.sendall(b"GET /api/state HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        for s in (idle, half):
+            s.settimeout(120)
+            assert s.recv(1) == b""
+            s.close()
+        assert get(url + "api/state")["version"] == state["version"]
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert "Traceback" not in err and "Error" not in err, err
