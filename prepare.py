@@ -469,7 +469,8 @@ def _jsonl_documents(path):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise PrepareError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+                raise PrepareError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)"
+                                   ) from None
             if not line.strip():
                 continue
             try:
