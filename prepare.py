@@ -909,7 +909,8 @@ def _link_or_copy(src, dest):
 def trainer_view():
     """
     The cache as training sees it: every file but the validation shard, its tokens and val_rows.npy, hard-linked
-    (copied where links fail; the tokenizer and its byte counts always copied) into <cache>/trainer-view, whose profile.json carries a `trainer_view` marker (the
+    (copied where links fail; the tokenizer and its byte counts always copied) into <cache>/trainer-view, whose
+    profile.json carries a `trainer_view` marker (the
     hash of the cache's own profile.json, which every prepare rewrites: a changed cache rebuilds the view).
     Run train.py with AUTORESEARCH_CACHE set to the returned path. Only the loader is kept out: the view sits
     inside the cache, so a train.py that walks up the directory tree can still find the validation files.

@@ -1,6 +1,10 @@
 """autoresearch: the shared harness that drives the backends' train.py files."""
 
+import sys
 from pathlib import Path
+
+# The referee writes no bytecode beside the sources: a cache there is something a run could plant or go stale.
+sys.dont_write_bytecode = True
 
 BACKENDS = ("cuda", "mps", "mlx")
 

@@ -11,7 +11,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import sandbox, train_file
+from . import record, sandbox, train_file
 from .hparams import read_constants, set_constants
 
 DESCRIPTION_FILE = "description"  # in .autoresearch/: the agent's one-line summary of its change
@@ -131,8 +131,9 @@ def agent_policy(root, work):
 
     tmp = Path(work).parent / "tmp"
     tmp.mkdir(exist_ok=True)
-    return sandbox.Policy(write=(str(Path(work).parent),), hide=(str(Path(root).resolve()), str(prepare.cache_dir())),
-                          network=True, private_home=False, whole_system=True, env={"TMPDIR": str(tmp)})
+    hidden = (str(Path(root).resolve()), str(prepare.cache_dir()), str(record.state_home()))
+    return sandbox.Policy(write=(str(Path(work).parent),), hide=hidden, network=True, private_home=False,
+                          whole_system=True, env={"TMPDIR": str(tmp)})
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import git
 
-from . import BACKENDS, sandbox
+from . import BACKENDS, record, sandbox
 from .clock import Clock
 from .gate import load_noise
 from .hardware import available_backends, hardware_tag
@@ -30,10 +30,24 @@ class Refused(Exception):
     """The command was not run; nothing changed. The message says why and what to do."""
 
 
+# Every git command the harness runs: no hooks, no fsmonitor, no attributes file of the user's, no pager. What a
+# train.py or an agent wrote into the repository's configuration never runs as the referee.
+GIT_OPTIONS = ["core.hooksPath=/dev/null", "core.fsmonitor=false", "core.attributesFile=/dev/null",
+               "core.pager=cat", "diff.external=", "core.untrackedCache=false"]
+
+
+def harness_repo(root):
+    """git.Repo(root) with the harness's git options on every command it runs."""
+    repo = git.Repo(root)
+    repo.git.set_persistent_git_options(c=GIT_OPTIONS)
+    return repo
+
+
 def open_repo(root):
-    """The checkout's repository, with the ledger (and its .torn, .bak, .tmp) and state folder excluded from git whatever .gitignore says."""
+    """The checkout's repository, with the ledger (and its .torn, .bak, .tmp) and state folder excluded from git
+    whatever .gitignore says."""
     try:
-        repo = git.Repo(root)
+        repo = harness_repo(root)
     except (git.InvalidGitRepositoryError, git.NoSuchPathError):
         raise Refused(f"{root} is not a git repository") from None
     exclude = Path(repo.git_dir) / "info" / "exclude"
@@ -50,7 +64,7 @@ def branch_backend(root):
     """The backend of the run branch checked out at root (its name ends in that backend's hardware tag here), or
     None: `auto` on a run branch means the backend it was set up with."""
     try:
-        repo = git.Repo(root)
+        repo = harness_repo(root)
         name = "" if repo.head.is_detached else repo.active_branch.name
     except (git.InvalidGitRepositoryError, git.NoSuchPathError):
         return None
@@ -82,6 +96,42 @@ def pin_of(repo, commit):
     listing = repo.git.ls_tree("-r", "--full-tree", commit)
     fixed = [line for line in listing.splitlines() if line.split("\t", 1)[1] not in TRAIN_FILES]
     return hashlib.sha256("\n".join(fixed).encode()).hexdigest()[:16]
+
+
+def _blob_id(data):
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def disk_changes(repo, commit="HEAD", skip=TRAIN_FILES):
+    """Tracked files of commit whose bytes on disk differ from it, read by this process whatever git's index flags
+    (--assume-unchanged, --skip-worktree) say."""
+    root, changed = Path(repo.working_tree_dir), []
+    for line in repo.git.ls_tree("-r", "--full-tree", commit).splitlines():
+        meta, name = line.split("\t", 1)
+        mode, _, sha = meta.split()
+        if name in skip:
+            continue
+        path = root / name
+        try:
+            data = os.readlink(path).encode() if mode == "120000" else path.read_bytes()
+        except OSError:
+            changed.append(name)
+            continue
+        if path.is_symlink() != (mode == "120000") or _blob_id(data) != sha:
+            changed.append(name)
+    return changed
+
+
+def git_control_files(repo):
+    """{path: bytes} of what makes git run programs or hide changes: its config, hooks, info/ (attributes,
+    exclude) and the index's flags."""
+    git_dir = Path(repo.git_dir)
+    files = {"config": (git_dir / "config").read_bytes() if (git_dir / "config").exists() else None}
+    for sub in ("hooks", "info"):
+        for path in sorted((git_dir / sub).rglob("*")) if (git_dir / sub).is_dir() else ():
+            if path.is_file() or path.is_symlink():
+                files[str(path.relative_to(git_dir))] = path.read_bytes() if path.is_file() else b"link"
+    return files
 
 
 def fixed_changes(repo, old, new):
@@ -200,7 +250,8 @@ class RunBranch:
 
     def restore_ledger(self):
         """Rows of this branch that its git notes hold but results.tsv lost come back before any comparison."""
-        restored = restore_missing(self.repo, self.ledger, self.name)
+        restored = restore_missing(self.repo, self.ledger, self.name, self.say)
+        record.save(self.root)
         if restored:
             self.say(f"ledger: restored {restored} row(s) of {self.name} from refs/notes/autoresearch")
 
@@ -220,12 +271,20 @@ class RunBranch:
         head = self.repo.head.commit
         if head == kept:
             return
-        if not self.repo.is_ancestor(head, kept):
+        # HEAD only ever goes back along the branch's own history, to a commit whose fixed half is the pinned one:
+        # a row from another machine's notes cannot move this checkout onto commits of theirs
+        pinned = record.pin(self.root, self.name)
+        behind = self.repo.is_ancestor(head, kept)  # a keep recorded before the branch moved to it (a killed driver)
+        if not (behind or self.repo.is_ancestor(kept, head)) or (pinned and pin_of(self.repo, kept.hexsha) != pinned):
+            raise Refused(f"the last keep {last.commit} by the ledger is not on {self.name}'s history at "
+                          f"{head.hexsha[:7]} (or not its pinned fixed half): HEAD is left where it is; if that row "
+                          f"is yours, check the commit out yourself")
+        if behind:
+            where = "an ancestor of it"
+        else:
             ref = STRAY_REFS + head.hexsha[:7]
             self.repo.git.update_ref(ref, head.hexsha)
             where = f"kept as {ref}"
-        else:
-            where = "an ancestor of it"
         dirty = bool(changed_files(self.repo))
         self.repo.head.reset(kept, index=True, working_tree=not dirty)
         self.say(f"recovery: HEAD was {head.hexsha[:7]} ({where}), not the last keep {last.commit}: "
@@ -244,14 +303,28 @@ class RunBranch:
                           f"{self.sandbox}, and results of different sandboxes are never compared: use "
                           f"--sandbox {'off' if base.key()[4] == 'none' else 'auto'}, or set up another run branch")
 
+    def check_record(self):
+        """The ledger and the noise floor are as the harness last wrote them; else put back, and Refused."""
+        try:
+            record.check(self.root)
+        except record.Tampered as e:
+            raise Refused(str(e)) from None
+
     def check_pin(self, commit="HEAD"):
-        """The fixed half of commit is the one setup pinned on the baseline row; else Refused."""
+        """The fixed half of commit is the one setup pinned: the harness's own record of it (the baseline row's
+        where the record has none: a fresh clone); else Refused."""
         base = self.baseline()
-        if base is None or base.pin in ("", "-"):
+        pinned = record.pin(self.root, self.name) or (base.pin if base is not None else "-")
+        if pinned in ("", "-"):
             return  # a branch set up before pins existed: nothing to compare with
-        if pin_of(self.repo, commit) != base.pin:
+        on_disk = disk_changes(self.repo, commit)
+        if on_disk:
+            raise Refused(f"the fixed half of the repository on disk is not as committed ({', '.join(on_disk[:5])}):"
+                          " restore it with `git checkout -- FILE` (and `git update-index --no-skip-worktree "
+                          "--no-assume-unchanged FILE` where a flag hides it)")
+        if pin_of(self.repo, commit) != pinned:
             try:
-                files = ", ".join(fixed_changes(self.repo, base.commit, commit)) or "unknown files"
+                files = ", ".join(fixed_changes(self.repo, base.commit, commit)) if base else "unknown files"
             except git.GitCommandError:
                 files = "unknown files"
             raise Refused(f"the fixed half of the repository changed since setup ({files}); only "
@@ -289,6 +362,7 @@ class _Opened:
         try:
             branch = RunBranch(repo, backend, float(budget), prepare.load_profile().name,
                                say or (lambda text: print(text, file=sys.stderr, flush=True)), tag=hardware)
+            branch.check_record()
             branch.restore_ledger()
             branch.recover()
             branch.check_series()

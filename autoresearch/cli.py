@@ -514,6 +514,7 @@ def transfer_cmd(
 @ledger_app.command("rebuild")
 def ledger_rebuild_cmd():
     """Recreate results.tsv from the rows every commit carries in refs/notes/autoresearch."""
+    from . import record
     from .branch import Lock, open_repo
     from .ledger import LEDGER_NAME, rebuild_ledger
 
@@ -521,6 +522,7 @@ def ledger_rebuild_cmd():
     with Lock(root, "ledger rebuild"):
         repo = guarded(open_repo, root=root)
         n = guarded(rebuild_ledger, repo=repo, path=root / LEDGER_NAME)
+        record.save(root)  # the user asked for the notes' rows: the harness's copy follows
     print(f"{LEDGER_NAME}: {n} rows rebuilt from refs/notes/autoresearch")
 
 

@@ -10,9 +10,9 @@ STARTUP_SLACK_SECONDS = 10.0  # on top of twice the baseline's startup
 
 @dataclass(frozen=True)
 class Clock:
-    """How long a training run may take by the harness's clock, from the trainer's spawn to its exit: the budget,
-    a startup allowance (imports, model build, step 0's compile) and the last step's overrun, both fixed before
-    the run from the branch's baseline, never from the candidate's own output."""
+    """How long a training run may take by the harness's clock, from the trainer's spawn to its exit: a startup
+    allowance (imports, model build, step 0's compile), the budget and the last step's overrun, the allowances
+    fixed before the run from the branch's baseline, never from the candidate's own output."""
     budget: float
     startup: float  # seconds allowed before training starts
     step: float | None  # the last step's allowance; None: the run's own step interval (the baseline's runs)
@@ -25,18 +25,21 @@ class Clock:
             return cls(budget, DEFAULT_STARTUP_SECONDS, None)
         return cls(budget, 2 * baseline.startup_seconds + STARTUP_SLACK_SECONDS, 2 * baseline.step_seconds)
 
-    def allowed(self, result):
-        step = self.step if self.step is not None else result.step_interval()
-        return self.budget + self.startup + max(OVERRUN_FRACTION * self.budget, step) + EXIT_SECONDS
-
     def judge(self, result):
-        """Why a finished run is not scored for its time, or None."""
-        if result.measured_training() is None:
+        """Why a finished run is not scored for its time, or None. Two spans: from the spawn to the first progress
+        line (the end of step 0: imports, build, compile) within the startup allowance, so no training hides before
+        it; from there to the exit within the budget and the last step, so none hides after it."""
+        measured = result.measured_training()
+        if measured is None:
             return "no progress lines (`step N ...`): the harness cannot time the training"
-        allowed = self.allowed(result)
-        if result.elapsed > allowed:
+        seconds, startup = measured
+        if startup > self.startup:
+            return (f"took {startup:.1f}s from spawn to its first progress line by the harness's clock, over the "
+                    f"{self.startup:.1f}s startup allowance")
+        step = self.step if self.step is not None else result.step_interval()
+        allowed = self.budget + max(OVERRUN_FRACTION * self.budget, step) + EXIT_SECONDS
+        if seconds > allowed:
             claimed = (result.summary or {}).get("training_seconds", float("nan"))
-            return (f"ran {result.elapsed:.1f}s from spawn to exit by the harness's clock (train.py says it trained "
-                    f"{claimed:g}s), over the {self.budget:g}s budget + {allowed - self.budget:.1f}s allowed for "
-                    f"startup ({self.startup:.1f}s), the last step and exiting")
+            return (f"trained {seconds:.1f}s by the harness's clock (train.py says {claimed:g}s), over the "
+                    f"{self.budget:g}s budget + {allowed - self.budget:.1f}s margin")
         return None

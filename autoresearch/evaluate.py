@@ -36,9 +36,9 @@ import numpy as np
 
 import prepare
 
-from . import sandbox
+from . import record, sandbox
 from .hardware import cpu_cores, preload_blas
-from .runner import write_pid_file
+from .runner import remove_pid_file, write_pid_file
 
 # How far a loss may move between two evaluations of the same prefix (nats). Honest models give identical
 # numbers (every row is computed alone, masked attention adds exact zeros); the slack covers kernels that are
@@ -82,7 +82,8 @@ def start_evaluator(backend, root, checkpoint, env=None, state=None):
                      PYTHONUNBUFFERED="1")
     blas = preload_blas(child_env, one_thread=True) if backend == "mlx" else None  # mlx_loss_fn: a stream per core
     notes = [blas] if blas else []
-    policy = sandbox.Policy(read=(str(root), str(checkpoint)), hide=(str(prepare.cache_dir()),), network=False)
+    policy = sandbox.Policy(read=(str(root), str(checkpoint)), hide=(str(prepare.cache_dir()), str(record.state_home())),
+                            network=False)
     argv, inside = sandbox.active().wrap([sys.executable, "-I", "-B", "-c", CHILD_MAIN, json.dumps(harness_path()),
                                           backend], root, policy)
     child_env.update(inside)
@@ -303,7 +304,7 @@ class Child:
             self.proc.wait()
         self.pump.join(timeout=5)
         if self.pid_file:
-            self.pid_file.unlink(missing_ok=True)
+            remove_pid_file(self.pid_file)
 
 
 def send_array(stream, array):

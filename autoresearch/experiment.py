@@ -6,6 +6,7 @@ import hashlib
 import math
 import os
 import shutil
+import site
 import statistics
 import tempfile
 from dataclasses import dataclass
@@ -14,8 +15,9 @@ from pathlib import Path
 import git
 
 from . import train_file
-from .branch import (BRANCH_PREFIX, STATE_DIR, Lock, Refused, RunBranch, changed_files, open_branch, open_repo,
-                     pin_of, refs_snapshot, refuse_dirty, state_dir)
+from .branch import (BRANCH_PREFIX, STATE_DIR, Lock, Refused, RunBranch, changed_files, disk_changes,
+                     git_control_files, open_branch, open_repo, pin_of, refs_snapshot, refuse_dirty, state_dir)
+from . import record as harness_record
 from .clock import Clock
 from .gate import Gate, decide, save_noise, spread
 from .hardware import hardware_tag
@@ -115,8 +117,10 @@ def check_cache():
 def record(repo, row, commit):
     """Append the row to results.tsv, and to the commit's git note (refs/notes/autoresearch), so a run
     branch carries its own ledger to other machines: `git push origin refs/notes/autoresearch`."""
-    append_row(Path(repo.working_tree_dir) / LEDGER_NAME, row)
+    root = Path(repo.working_tree_dir)
+    append_row(root / LEDGER_NAME, row)
     write_note(repo, row, commit)
+    harness_record.save(root)
 
 
 # ---------------------------------------------------------------------------
@@ -125,7 +129,9 @@ def record(repo, row, commit):
 
 
 class Watch:
-    """What a training run must leave alone: HEAD, the refs, the working tree and the harness's own files."""
+    """What a training run must leave alone: HEAD, the refs, the working tree, git's control files, the files git
+    ignores (bytecode beside the sources), the interpreter's startup hooks and the harness's own files. In the
+    sandbox a run cannot reach any of these; without one, this is what catches it."""
 
     def __init__(self, branch):
         self.branch = branch
@@ -134,20 +140,27 @@ class Watch:
         self.refs = refs_snapshot(repo)
         self.untracked = set(repo.untracked_files)
         self.files = {p: (root / p).read_bytes() if (root / p).exists() else None for p in PROTECTED}
+        self.control = git_control_files(repo)
+        self.hooks = startup_hooks()
+        self.ignored = checkout_files(root)
 
     def violations(self):
-        """What the run changed, each undone here; [] for an honest run."""
-        repo, root, found = self.branch.repo, self.branch.root, []
+        """What the run changed, each undone here; [] for an honest run. Git's control files first, in Python:
+        no git command runs before a planted hook, filter or config entry is gone."""
+        repo, root = self.branch.repo, self.branch.root
+        found = self._restore_control(Path(repo.git_dir))
         for p, before in self.files.items():
             now_bytes = (root / p).read_bytes() if (root / p).exists() else None
             if now_bytes != before:
                 found.append(f"{p} {'deleted' if now_bytes is None else 'changed'}")
-                if before is None:
-                    (root / p).unlink()
-                else:
-                    tmp = root / f"{p}.restore"
-                    tmp.write_bytes(before)
-                    tmp.replace(root / p)
+                _put_back(root / p, before)
+        found += self._restore_hooks()
+        planted = sorted(set(checkout_files(root).items()) - set(self.ignored.items()))
+        if planted:
+            found.append(f"files written beside the sources: {', '.join(p for p, _ in planted[:5])}")
+            for p, _ in planted:
+                if p not in self.ignored:
+                    (root / p).unlink(missing_ok=True)
         if refs_snapshot(repo) != self.refs:
             found.append("git refs changed (a commit, a tag or the notes)")
             for line in self.refs.splitlines():
@@ -156,7 +169,11 @@ class Watch:
                     repo.git.update_ref(name, sha)  # the ledger's second copy
         if repo.head.commit != self.head:
             found.append(f"HEAD moved to {repo.head.commit.hexsha[:7]}")
-        touched = [f for f in changed_files(repo) if f not in self.untracked]
+        flags = [line[2:] for line in repo.git.ls_files("-v").splitlines() if line[:1].islower() or line[:1] == "S"]
+        if flags:
+            found.append(f"git index flags set (assume-unchanged, skip-worktree): {', '.join(flags[:5])}")
+            repo.git.update_index("--no-assume-unchanged", "--no-skip-worktree", "--", *flags)
+        touched = sorted(set(changed_files(repo)) - self.untracked | set(disk_changes(repo, skip=())))
         if touched:
             found.append(f"files written: {', '.join(touched[:5])}" + (" ..." if len(touched) > 5 else ""))
             for f in touched:
@@ -165,6 +182,56 @@ class Watch:
         if found:
             repo.head.reset(self.head, index=True, working_tree=True)
         return found
+
+    def _restore_control(self, git_dir):
+        now = git_control_files(self.branch.repo)
+        changed = sorted(p for p in set(now) | set(self.control) if now.get(p) != self.control.get(p))
+        for p in changed:
+            _put_back(git_dir / p, self.control.get(p))
+        return [f".git/{p} written" for p in changed]
+
+    def _restore_hooks(self):
+        now = startup_hooks()
+        changed = sorted(p for p in set(now) | set(self.hooks) if now.get(p) != self.hooks.get(p))
+        for p in changed:
+            _put_back(Path(p), self.hooks.get(p))
+        return [f"interpreter startup file {p} written" for p in changed]
+
+
+def _put_back(path, data):
+    """path as it was: data, or absent where data is None."""
+    if data is None:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(path.name + ".restore")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def startup_hooks():
+    """{path: bytes} of what Python runs at every start from this interpreter's site folders: *.pth files and
+    sitecustomize/usercustomize modules."""
+    found = {}
+    for folder in {*site.getsitepackages(), site.getusersitepackages()}:
+        for path in sorted(Path(folder).glob("*.pth")) + [Path(folder) / f"{m}customize.py" for m in ("site", "user")]:
+            if path.is_file():
+                found[str(path)] = path.read_bytes()
+    return found
+
+
+def checkout_files(root):
+    """{path: (size, mtime)} of every file in the checkout, those git ignores too (bytecode beside the sources, a
+    planted module): the ledger, the harness's state folder, .git and virtual environments aside."""
+    root, found = Path(root), {}
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        dirs[:] = [d for d in dirs if d not in (".git", STATE_DIR) and not (here / d / "pyvenv.cfg").exists()]
+        for name in files:
+            rel = str((here / name).relative_to(root))
+            if not rel.startswith(LEDGER_NAME):
+                info = (here / name).lstat()
+                found[rel] = (info.st_size, info.st_mtime_ns)
+    return found
 
 
 def train_and_evaluate(root, backend, budget, seed=None, timeout=None, on_line=None, check=None):
@@ -315,6 +382,7 @@ def train_and_record(branch, description, base, commit, settings, on_line=None, 
         message = f"RESULT keep val_bpb={statistics.fmean(samples):.6f} (baseline"
         if baseline_runs and len(samples) > 1:
             save_noise(branch.root, *branch.key()[1:4], samples, short)
+            harness_record.save(branch.root)
             message += f", noise floor: spread {spread(samples):.6f} over {len(samples)} seeds"
         message += ")"
     else:
@@ -370,7 +438,9 @@ def setup(root, tag, backend, budget=None, seed=42, timeout=None, on_line=None, 
             if calibrate:
                 branch.calibrated = apply_calibration(branch, force_calibration, on_line)
             head = repo.head.commit
-            return train_and_record(branch, "baseline", head, head, settings, on_line, baseline_runs=noise_runs)
+            outcome = train_and_record(branch, "baseline", head, head, settings, on_line, baseline_runs=noise_runs)
+            harness_record.pin(root, name, outcome.row.pin)  # the fixed half later commands are checked against
+            return outcome
         except BaseException:  # calibration failed, a signal, a full disk: no half-made run branch stays
             if not any(r.branch == name for r in branch.rows()):
                 repo.head.reset(index=True, working_tree=True)
@@ -392,7 +462,7 @@ def apply_calibration(branch, force, on_line):
     path.write_text(set_constants(path.read_text(), result.choice))
     if changed_files(branch.repo):
         branch.repo.index.add([str(path.relative_to(root))])
-        branch.repo.index.commit(f"calibrate {result.hardware}: {result.config()}")
+        branch.repo.index.commit(f"calibrate {result.hardware}: {result.config()}", skip_hooks=True)
     return result.config()
 
 
@@ -423,6 +493,7 @@ def experiment(branch, description, settings, on_line=None, claim=None):
     ledger is not run again: the answer comes from the ledger and the edit is undone. claim(train_hash), in a
     swarm: None once the program is this worker's to run, else where the same program ran or runs."""
     target = check_candidate(branch.repo, branch.backend)
+    branch.check_record()  # an agent's turn ran since the last decision: the ledger and noise floor as we left them
     description = " ".join(description.split()) or "(no description)"
     repeat = find_repeat(branch)
     if repeat:
@@ -436,7 +507,7 @@ def experiment(branch, description, settings, on_line=None, claim=None):
         return Outcome("repeat", None, None, f"RESULT repeat: the same program {elsewhere}; not run again, edit undone")
     base = branch.repo.head.commit
     branch.repo.index.add([target])
-    commit = branch.repo.index.commit(description)
+    commit = branch.repo.index.commit(description, skip_hooks=True)
     return train_and_record(branch, description, base, commit, settings, on_line)
 
 

@@ -5,6 +5,7 @@ import errno
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import suppress
 from dataclasses import MISSING, dataclass, fields
@@ -106,6 +107,7 @@ def parse_row(line, lineno, path, width=None):
 # ---------------------------------------------------------------------------------------------
 # The file: read, repaired, appended to and rewritten whole or not at all
 
+MAX_NOTE_BYTES = 1 << 16  # one commit's rows: an experiment's, a few verify rows
 TORN_SUFFIX = ".torn"  # results.tsv.torn: torn rows cut off the ledger, kept for a human to look at
 
 
@@ -345,10 +347,13 @@ def _git_reason(e):
     return f"git exit status {e.status}"
 
 
-def notes_rows(repo):
-    """Every row stored in refs/notes/autoresearch, as (row, full commit sha) in no particular order."""
+def notes_rows(repo, warn=None):
+    """Every row stored in refs/notes/autoresearch, as (row, full commit sha) in no particular order. A row is
+    believed only on its own commit's note; a note that is too large, not UTF-8 or not rows (merged from another
+    machine, written by hand) is skipped, and warn(line) names its commit."""
     import git
 
+    warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
     try:
         listing = repo.git.notes("--ref", NOTES_REF, "list")
     except git.GitCommandError:
@@ -358,10 +363,20 @@ def notes_rows(repo):
         if not line.strip():
             continue
         blob, commit = line.split()
-        text = repo.odb.stream(bytes.fromhex(blob)).read().decode("utf-8")
-        for lineno, entry in enumerate(text.splitlines(), 1):
-            if entry.strip():
-                found.append((parse_row(entry, lineno, f"refs/notes/{NOTES_REF}:{commit[:7]}"), commit))
+        try:
+            stream = repo.odb.stream(bytes.fromhex(blob))
+            if stream.size > MAX_NOTE_BYTES:
+                raise LedgerError(f"{stream.size:,} bytes, over the {MAX_NOTE_BYTES:,} a commit's rows take")
+            text = stream.read().decode("utf-8")
+            rows = [parse_row(entry, n, "note") for n, entry in enumerate(text.splitlines(), 1) if entry.strip()]
+        except (LedgerError, UnicodeDecodeError, ValueError) as e:
+            warn(f"ledger: the note on commit {commit[:7]} in refs/notes/{NOTES_REF} is skipped: "
+                 f"{' '.join(str(e).split())[:200]}")
+            continue
+        foreign = [r for r in rows if not r.commit or not commit.startswith(r.commit)]
+        if foreign:
+            warn(f"ledger: {len(foreign)} row(s) in the note on commit {commit[:7]} claim another commit: skipped")
+        found += [(r, commit) for r in rows if r not in foreign]
     return found
 
 
@@ -400,13 +415,14 @@ def rebuild_ledger(repo, path):
     return len(rows)
 
 
-def restore_missing(repo, path, branch):
+def restore_missing(repo, path, branch, warn=None):
     """Put back the rows of run branch `branch` that its git notes hold and the ledger lacks (results.tsv
     deleted or shortened): the ledger rewritten whole in time order, rows only in it kept. Returns how many
     rows came back; with none missing the file is not touched. Rows match on _identity."""
     path = Path(path)
     branch = branch.removeprefix("refs/heads/")
-    noted = [r for r, _ in notes_rows(repo) if r.branch == branch]
+    history = set(repo.git.rev_list(branch).split())  # rows of commits off the branch's history are not its own
+    noted = [r for r, commit in notes_rows(repo, warn) if r.branch == branch and commit in history]
     if not noted:
         return 0
     f = _load(path)

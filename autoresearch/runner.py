@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import repo_root, sandbox, train_file
+from . import record, repo_root, sandbox, train_file
 from .hardware import preload_blas
 from .summary import STEP_LINE, parse_summary
 
@@ -54,9 +54,11 @@ def stop_leftover(state):
     their pids. A pid file kills only the process it names: the same pid, start time and command line."""
     stopped = []
     for path in sorted(Path(state).glob("*.pid")):
-        pid, started, command = (path.read_text().strip().split(" ", 2) + ["", ""])[:3]
-        path.unlink(missing_ok=True)
-        if not pid.isdigit() or int(pid) == os.getpid() or not _runs(int(pid), started, command):
+        text, copy = path.read_text(), record.pid_copy(state, path.name)
+        trusted = copy.exists() and copy.read_text() == text  # a pid file the harness did not write kills nothing
+        remove_pid_file(path)
+        pid, started, command = (text.strip().split(" ", 2) + ["", ""])[:3]
+        if not trusted or not pid.isdigit() or int(pid) == os.getpid() or not _runs(int(pid), started, command):
             continue
         try:
             os.killpg(int(pid), signal.SIGKILL)  # the child leads its own group (start_new_session)
@@ -76,9 +78,16 @@ def start_time(pid):
 
 def write_pid_file(path, pid, argv):
     """"pid start-time command": enough for a later harness to know the process is still the one it started."""
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(f"{pid} {start_time(pid)} {' '.join(map(str, argv))}\n")
-    tmp.replace(path)
+    line = f"{pid} {start_time(pid)} {' '.join(map(str, argv))}\n"
+    for target in (record.pid_copy(Path(path).parent, Path(path).name), Path(path)):
+        tmp = Path(f"{target}.tmp")
+        tmp.write_text(line)
+        tmp.replace(target)
+
+
+def remove_pid_file(path):
+    Path(path).unlink(missing_ok=True)
+    record.pid_copy(Path(path).parent, Path(path).name).unlink(missing_ok=True)
 
 
 def _runs(pid, started, command):
@@ -136,7 +145,7 @@ def run_process(argv, cwd, env, timeout, on_line=None, state=None, stdin_data=No
     finally:  # timeout, Ctrl-C, Interrupted: no child outlives the harness
         _kill_group(proc)
         if pid_file:
-            pid_file.unlink(missing_ok=True)
+            remove_pid_file(pid_file)
     reader.join(timeout=5)
     if timed_out:
         lines.append((time.time() - start, f"TIMEOUT: killed after {timeout:.0f}s"))
@@ -177,9 +186,10 @@ class RunResult:
         return self.elapsed - steps[0], steps[0]
 
     def step_interval(self):
-        """Median seconds between progress lines (0 with fewer than three)."""
+        """Median seconds between progress lines after the first two (the first gap can hold a second compile);
+        with only two lines, the one gap: a run of one long step overruns the budget by that step."""
         steps = [t for t, text in self.lines if STEP_LINE.match(text)]
-        gaps = sorted(b - a for a, b in zip(steps[1:], steps[2:]))  # the first gap is step 0's compile
+        gaps = sorted(b - a for a, b in zip(steps[1:], steps[2:])) or [b - a for a, b in zip(steps, steps[1:])]
         return gaps[len(gaps) // 2] if gaps else 0.0
 
 
@@ -231,4 +241,4 @@ def trainer_policy(root, env):
 
     view, checkpoint = env.get("AUTORESEARCH_CACHE"), env.get("AUTORESEARCH_CHECKPOINT")
     return sandbox.Policy(read=tuple(p for p in (str(root), view) if p), write=(checkpoint,) if checkpoint else (),
-                          hide=(str(prepare.cache_dir()),), network=False)
+                          hide=(str(prepare.cache_dir()), str(record.state_home())), network=False)

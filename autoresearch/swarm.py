@@ -216,6 +216,7 @@ class Worker:
         tmp = noise_path(self.root).with_suffix(".swarm.tmp")
         tmp.write_bytes(shot.noise)
         tmp.replace(noise_path(self.root))
+        harness_record.save(self.root)
         return repo
 
     def setup(self, shot, tag):
@@ -359,6 +360,8 @@ def import_setup(root, outcome, noise, shot, say):
     append_row(root / LEDGER_NAME, outcome.row)
     if noise:
         save_noise(root, *outcome.row.key()[1:4], noise["samples"], noise["commit"])
+    harness_record.save(root)
+    harness_record.pin(root, shot.branch, outcome.row.pin)
     repo.git.checkout(shot.branch)
     say(f"setup on w0: {outcome.message}")
     say(f"run branch {shot.branch} set up on the workers' hardware and checked out here")

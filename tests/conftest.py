@@ -83,14 +83,25 @@ def cli(root, *args, env=None, timeout=600):
 BUDGET = 3  # seconds of training in end-to-end tests
 
 
-@pytest.fixture(scope="session")
-def branch_template(tmp_path_factory, cpu_cache):
-    """A checkout with its mlx run branch set up (baseline at BUDGET s, one seed): copied afresh by repo_dir."""
+def set_up_template(tmp_path_factory, cpu_cache, sandbox="auto"):
+    """A checkout with its mlx run branch set up (baseline at BUDGET s, one seed) under the sandbox mode."""
     root = make_repo(tmp_path_factory.mktemp("template") / "project", backends=("mlx",))
-    proc = cli(root, "--backend", "mlx", "setup", "--tag", "f", "--budget", BUDGET, "--noise-runs", 1,
-               "--no-calibrate", env={"AUTORESEARCH_CACHE": str(cpu_cache)})
+    proc = cli(root, "--backend", "mlx", "--sandbox", sandbox, "setup", "--tag", "f", "--budget", BUDGET,
+               "--noise-runs", 1, "--no-calibrate", env={"AUTORESEARCH_CACHE": str(cpu_cache)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return root
+
+
+@pytest.fixture(scope="session")
+def branch_template(tmp_path_factory, cpu_cache):
+    """The run branch every end-to-end test copies (repo_dir), under the sandbox this machine has."""
+    return set_up_template(tmp_path_factory, cpu_cache)
+
+
+@pytest.fixture(scope="session")
+def unsandboxed_template(tmp_path_factory, cpu_cache):
+    """The same, set up with --sandbox off: what the in-process checks catch where no sandbox exists."""
+    return set_up_template(tmp_path_factory, cpu_cache, "off")
 
 
 def copy_checkout(template, tmp_path):

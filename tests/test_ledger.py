@@ -48,9 +48,11 @@ def repo(tmp_path):
 
 
 def record(repo, rows):
-    """Commit each row's change and record the row as the harness does: ledger first, then the note."""
+    """Commit each row's change on its run branch and record the row as the harness does: ledger first, then the
+    note."""
     root = Path(repo.working_tree_dir)
     for r in rows:
+        repo.git.checkout("-q", "-B", r.branch)
         (root / "train.py").write_text(f"x = {r.description!r}\n")
         repo.index.add(["train.py"])
         commit = repo.index.commit(r.description)
@@ -243,8 +245,8 @@ def test_note_on_a_full_disk_is_one_line(tmpfs):
     assert "No space left on device" in message
     assert notes_of(repo) == ""
     (tmpfs / "filler").unlink()
-    write_note(repo, make_row(0), commit)
-    assert [r for r, _ in notes_rows(repo)] == [make_row(0)]
+    write_note(repo, make_row(0, commit=commit.hexsha[:7]), commit)
+    assert [r for r, _ in notes_rows(repo)] == [make_row(0, commit=commit.hexsha[:7])]
     repo.close()  # its git cat-file children run inside the tmpfs
 
 
@@ -351,6 +353,7 @@ def test_shortened_ledger_is_restored_rows_only_in_it_kept(repo):
 def test_old_format_notes_restore_with_defaults(repo):
     """Notes written by an earlier version (fewer columns) come back under this version's header."""
     row = make_row(0)
+    repo.git.checkout("-q", "-b", BRANCH)
     (Path(repo.working_tree_dir) / "train.py").write_text("x = 1\n")
     repo.index.add(["train.py"])
     commit = repo.index.commit("change 0")

@@ -1,11 +1,18 @@
 """The harness is the referee: each cheat an agent can write into train.py, run through `autoresearch run` on a
-real run branch with real training. None is kept; each gets its status and reason; an honest edit still keeps."""
+real run branch with real training, with --sandbox off: what the in-process checks catch where no OS sandbox
+exists (tests/test_sandbox.py runs the attacks the sandbox stops). None is kept; each gets its status and reason;
+an honest edit still keeps."""
 
 import git
 import pytest
 
-from conftest import BUDGET, cli, edit
+from conftest import BUDGET, cli, copy_checkout, edit
 from autoresearch.ledger import read_ledger
+
+
+@pytest.fixture
+def repo_dir(unsandboxed_template, tmp_path, use_cache):
+    return copy_checkout(unsandboxed_template, tmp_path)
 
 FAKE_SUMMARY = '''
     print("---")
@@ -25,7 +32,8 @@ def cheat(root, old, new):
 
 
 def run(root, message, *args):
-    proc = cli(root, "--backend", "mlx", "run", "-m", message, "--budget", BUDGET, "--gate", "greedy", *args)
+    proc = cli(root, "--backend", "mlx", "--sandbox", "off", "run", "-m", message, "--budget", BUDGET, "--gate",
+               "greedy", *args)
     return proc, proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
 
 
@@ -130,7 +138,7 @@ def test_an_invalid_run_is_not_blacklisted_and_an_honest_edit_keeps(repo_dir):
 def test_another_budget_cannot_start_an_unjudged_series(repo_dir):
     # a first result at a new budget has nothing to compare with: it would be kept as a "baseline"
     edit(repo_dir)
-    proc = cli(repo_dir, "--backend", "mlx", "run", "-m", "new budget", "--budget", BUDGET + 1)
+    proc = cli(repo_dir, "--backend", "mlx", "--sandbox", "off", "run", "-m", "new budget", "--budget", BUDGET + 1)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"budget {BUDGET:g}s" in errors[0], proc.stderr
