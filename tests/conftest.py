@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import git
@@ -25,6 +26,8 @@ TINY = {"DEPTH": 2, "ASPECT_RATIO": 32, "HEAD_DIM": 32, "DEVICE_BATCH_SIZE": 8, 
 def pytest_sessionstart(session):
     if not MIXED_EN.is_dir() or not SHAKESPEARE.is_file():
         raise pytest.UsageError(f"test data missing: expected ../shared/data (looked in {SHARED_DATA})")
+    # the harness's record of each test checkout, in a folder of this session's, not the user's ~/.local/state
+    os.environ.setdefault("AUTORESEARCH_STATE", tempfile.mkdtemp(prefix="autoresearch-state-"))
 
 
 @pytest.fixture(scope="session")
