@@ -46,10 +46,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import repo_root, train_file
+from . import kernels, repo_root, sandbox, train_file
 from .hardware import hardware_tag, memory_gb
 from .hparams import read_constants, set_constants
-from .runner import run_training
+from .runner import COMPILE_CACHE_ENV, run_training
 
 REF_TOKENS_PER_PARAM = 20  # at REF_COMPUTE FLOPs: upstream's H100 default
 REF_COMPUTE = 7.5e16
@@ -138,11 +138,20 @@ def measure(backend, source, depth, device_batch, budget, seq_len, scratch, time
 
     env = dict(os.environ, AUTORESEARCH_CALIBRATE_STEPS=str(CALIBRATE_STEPS),
                AUTORESEARCH_CACHE=str(prepare.trainer_view()))
+    key = f"calibration {hardware_tag(backend)}"
+    compiled = kernels.checkout(key) if sandbox.active().confined else None
+    if compiled:
+        env[COMPILE_CACHE_ENV] = str(compiled)
     start = time.time()
-    result = run_training(backend, budget=budget, root=scratch, env=env, timeout=timeout)
-    s = result.summary
-    if result.returncode != 0 or s is None or not s.get("tokens_per_sec"):
-        return None, result.tail(5)
+    try:
+        result = run_training(backend, budget=budget, root=scratch, env=env, timeout=timeout)
+        s = result.summary
+        if result.returncode != 0 or s is None or not s.get("tokens_per_sec"):
+            return None, result.tail(5)
+        if compiled:
+            kernels.promote(key, compiled)  # the next rung's shared kernels
+    finally:
+        kernels.discard(compiled)
     constants = read_constants(source)
     model_dim = math.ceil(depth * constants["ASPECT_RATIO"] / constants["HEAD_DIM"]) * constants["HEAD_DIM"]
     return Rung(depth, model_dim, float(s["tokens_per_sec"]), float(s["peak_vram_mb"]), float(s["num_params_M"]),

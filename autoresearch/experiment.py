@@ -17,13 +17,14 @@ import git
 from . import train_file
 from .branch import (BRANCH_PREFIX, STATE_DIR, Lock, Refused, RunBranch, changed_files, disk_changes,
                      git_control_files, open_branch, open_repo, pin_of, refs_snapshot, refuse_dirty, state_dir)
+from . import kernels, sandbox
 from . import record as harness_record
 from .clock import Clock
 from .gate import Gate, decide, save_noise, spread
 from .hardware import hardware_tag
 from .hparams import set_constants
 from .ledger import LEDGER_NAME, NOTES_REF, SCORED, UNJUDGED, LedgerError, Row, append_row, now, write_note
-from .runner import default_timeout, run_training
+from .runner import COMPILE_CACHE_ENV, default_timeout, run_training
 
 EXIT = {"ok": 0, "keep": 0, "holds": 0, "error": 1, "refused": 2, "discard": 3, "regressed": 3, "crash": 4, "repeat": 5,
         "invalid": 6}
@@ -76,6 +77,7 @@ class Measurement:
     summary: dict
     timing: Timing
     reason: str  # why not ok
+    compiled: Path | None = None  # the run's copy of the compile cache: the branch's if the program is kept
 
 
 def train_hash(source):
@@ -234,9 +236,10 @@ def checkout_files(root):
     return found
 
 
-def train_and_evaluate(root, backend, budget, seed=None, timeout=None, on_line=None, check=None):
+def train_and_evaluate(root, backend, budget, seed=None, timeout=None, on_line=None, check=None, compiled=None):
     """Train root's train.py once on the trainer's view of the cache, then score its checkpoint in the harness's
-    evaluator, unless check(result) returns (status, reason) first. Returns (result, evaluation or None, stop)."""
+    evaluator, unless check(result) returns (status, reason) first. compiled: the run's copy of its compile cache
+    (kernels.checkout), or None. Returns (result, evaluation or None, stop)."""
     import prepare
 
     from .evaluate import evaluate, start_evaluator
@@ -252,6 +255,8 @@ def train_and_evaluate(root, backend, budget, seed=None, timeout=None, on_line=N
     ahead = start_evaluator(backend, root, checkpoint, state=state_dir(root)) if on_gpu else None
     try:
         env = dict(os.environ, AUTORESEARCH_CACHE=str(prepare.trainer_view()), AUTORESEARCH_CHECKPOINT=str(checkpoint))
+        if compiled:
+            env[COMPILE_CACHE_ENV] = str(compiled)
         result = run_training(backend, budget=budget, seed=seed, root=root, on_line=on_line, timeout=timeout, env=env,
                               state=state_dir(root))
         stop = check(result) if check else None
@@ -290,21 +295,33 @@ def measure(branch, seed, settings, on_line=None):
                 on_line(text)
 
         line(f"=== {branch.backend} seed {seed} budget {branch.budget:g}s ===")
-        result, ev, stop = train_and_evaluate(root, branch.backend, branch.budget, seed, settings.timeout, line, check)
+        compiled = kernels.checkout(branch.name) if sandbox.active().confined else None
+        try:
+            result, ev, stop = train_and_evaluate(root, branch.backend, branch.budget, seed, settings.timeout, line,
+                                                  check, compiled)
+        except BaseException:
+            kernels.discard(compiled)
+            raise
     timing = Timing.of(result)
     if stop:
         (state_dir(root) / "last_crash.log").write_text(result.tail() + "\n")
-        return Measurement(stop[0], 0.0, result.summary or {}, timing, stop[1])
+        return Measurement(stop[0], 0.0, result.summary or {}, timing, stop[1], compiled)
     if ev.status != "ok":
         (state_dir(root) / "last_crash.log").write_text(ev.log[-20000:] + "\n")
-        return Measurement(ev.status, 0.0, result.summary, timing, f"evaluation: {ev.reason}")
-    return Measurement("ok", ev.val_bpb, result.summary, timing, "")
+        return Measurement(ev.status, 0.0, result.summary, timing, f"evaluation: {ev.reason}", compiled)
+    return Measurement("ok", ev.val_bpb, result.summary, timing, "", compiled)
 
 
 def manual_run(root, backend, budget, on_line=None):
     """`autoresearch --backend B`: one training run and the harness's evaluation, no branch, no row.
     Returns (status, closing line)."""
-    result, ev, stop = train_and_evaluate(root, backend, budget, on_line=on_line)
+    compiled = kernels.checkout("manual runs") if sandbox.active().confined else None
+    try:
+        result, ev, stop = train_and_evaluate(root, backend, budget, on_line=on_line, compiled=compiled)
+        if compiled and not stop and ev.status == "ok":
+            kernels.promote("manual runs", compiled)  # the user's own runs, one after another
+    finally:
+        kernels.discard(compiled)
     if stop:
         return stop[0], f"training {stop[0]}: {stop[1]}"
     if ev.status != "ok":
@@ -369,6 +386,34 @@ def train_and_record(branch, description, base, commit, settings, on_line=None, 
         if not baseline_runs:
             branch.say(branch.interrupted(commit, base))
         raise
+    try:
+        trial = Trial(branch, description, base, commit, settings, baseline_runs, source, best)
+        outcome = _decide(trial, runs, decision)
+        if outcome.status == "keep" and runs[-1].compiled:
+            kernels.promote(branch.name, runs[-1].compiled)  # a kept program's kernels are the next runs'
+        return outcome
+    finally:
+        for m in runs:
+            kernels.discard(m.compiled)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """What train_and_record measured a program for."""
+    branch: RunBranch
+    description: str
+    base: object  # the commit to go back to where not kept
+    commit: object  # the experiment's commit
+    settings: Settings
+    baseline_runs: int
+    source: str  # train.py as committed
+    best: Row | None
+
+
+def _decide(trial, runs, decision):
+    """train_and_record's second half: the status, the branch reset where not kept, the row."""
+    branch, description, base, commit = trial.branch, trial.description, trial.base, trial.commit
+    settings, baseline_runs, source, best = trial.settings, trial.baseline_runs, trial.source, trial.best
     short = commit.hexsha[:7]
     samples = [m.val_bpb for m in runs if m.status == "ok"]
     last = runs[-1]
@@ -536,11 +581,15 @@ def verify(root, backend, runs=3, budget=None, seed=1000, timeout=None, on_line=
         if not branch.repo.head.commit.hexsha.startswith(best.commit):
             raise Refused(f"HEAD is not the best kept commit {best.commit}: check it out first")
         measurements = []
-        for i in range(runs):
-            measurements.append(measure(branch, seed + i, settings, on_line))
-            if measurements[-1].status != "ok":  # says nothing about the recorded value: no row
-                last = measurements[-1]
-                return Outcome(last.status, None, best, f"VERIFY {last.status}: {last.reason}")
+        try:
+            for i in range(runs):
+                measurements.append(measure(branch, seed + i, settings, on_line))
+                if measurements[-1].status != "ok":  # says nothing about the recorded value: no row
+                    last = measurements[-1]
+                    return Outcome(last.status, None, best, f"VERIFY {last.status}: {last.reason}")
+        finally:
+            for m in measurements:
+                kernels.discard(m.compiled)
         samples = [m.val_bpb for m in measurements]
         sigma = branch.noise()
         regression = statistics.fmean(samples) - best.val_bpb

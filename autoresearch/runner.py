@@ -10,12 +10,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import record, repo_root, sandbox, train_file
+from . import kernels, record, repo_root, sandbox, train_file
 from .hardware import preload_blas
 from .summary import STEP_LINE, parse_summary
 
 MIN_GRACE_SECONDS = 120  # startup, compilation and evaluation on top of the training budget
 TAIL_LINES = 60
+COMPILE_CACHE_ENV = "AUTORESEARCH_COMPILE_CACHE"  # the run's copy of its compile cache (kernels.checkout)
 PID_FILE = "trainer.pid"  # in .autoresearch/: "pid command" while train.py runs (evaluate.py keeps its own)
 
 
@@ -240,5 +241,7 @@ def trainer_policy(root, env):
     import prepare
 
     view, checkpoint = env.get("AUTORESEARCH_CACHE"), env.get("AUTORESEARCH_CHECKPOINT")
+    compiled = env.get(COMPILE_CACHE_ENV)
     return sandbox.Policy(read=tuple(p for p in (str(root), view) if p), write=(checkpoint,) if checkpoint else (),
-                          hide=(str(prepare.cache_dir()), str(record.state_home())), network=False)
+                          hide=(str(prepare.cache_dir()), str(record.state_home())), network=False,
+                          binds=kernels.binds(compiled) if compiled else (), env=kernels.TORCH_ENV if compiled else {})

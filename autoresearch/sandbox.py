@@ -40,6 +40,7 @@ class Policy:
     network: bool = False
     private_home: bool = True  # HOME is an empty directory in the private /tmp; False: the user's own, writable
     whole_system: bool = False  # everything else read-only too, as an agent's tools expect (else only the system)
+    binds: tuple = ()  # (folder here, path inside) pairs, writable: a run's copy of its compile cache
     env: dict = field(default_factory=dict)  # set inside
 
 
@@ -111,6 +112,8 @@ def bwrap_argv(argv, cwd, policy):
     for path, how in sorted(set(mounts), key=lambda m: (_depth(m[0]), order[m[1]])):
         if path != "/":
             args += [how, path] if how == "--tmpfs" else [how, path, path]
+    for src, dest in policy.binds:
+        args += ["--bind", src, dest]
     for pattern in GPU_DEVICES:
         for dev in sorted(Path("/").glob(pattern.lstrip("/"))):
             args += ["--dev-bind", str(dev), str(dev)]

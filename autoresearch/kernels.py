@@ -1,0 +1,62 @@
+"""Compile caches across sandboxed runs: MLX's CPU kernels (compiled C++ under /tmp/mlx), inductor's and triton's.
+
+A sandboxed trainer's /tmp is empty at every start, so without this every run would compile every kernel again
+(MLX on a CPU: 40-70 s for step 0 instead of 1 s). A cache a run can write is also a way to plant code in a later
+run, so each run gets a copy of its run branch's cache, and only a kept run's copy becomes the branch's: what a
+later run loads was left by a commit on the branch's own history, never by a discarded, crashed or invalid one."""
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+INSIDE_MLX = "/tmp/mlx"  # where MLX keeps its CPU kernels (the temporary directory's mlx/)
+INSIDE_TORCH = "/tmp/compile-cache"
+TORCH_ENV = {"TORCHINDUCTOR_CACHE_DIR": f"{INSIDE_TORCH}/inductor", "TRITON_CACHE_DIR": f"{INSIDE_TORCH}/triton"}
+
+
+def _home(key):
+    import prepare
+
+    return prepare.cache_dir() / "compile" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def checkout(key):
+    """A fresh, private copy of the cache of key (a run branch's name) for one run; remove it with discard()."""
+    import prepare
+
+    runs = prepare.cache_dir() / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix="compile-", dir=runs))
+    home = _home(key)
+    for sub in ("mlx", "torch"):
+        if (home / sub).is_dir():
+            shutil.copytree(home / sub, run_dir / sub, symlinks=True)
+        else:
+            (run_dir / sub).mkdir()
+    return run_dir
+
+
+def promote(key, run_dir):
+    """A kept run's cache becomes key's: copied whole (the run's folder is discarded after), then swapped in."""
+    home = _home(key)
+    home.parent.mkdir(parents=True, exist_ok=True)
+    staging = home.with_name(f"{home.name}.new-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(run_dir, staging, symlinks=True)
+    old = home.with_name(f"{home.name}.old-{os.getpid()}")
+    if home.exists():
+        os.replace(home, old)
+    os.replace(staging, home)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def discard(run_dir):
+    if run_dir:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def binds(run_dir):
+    """(folder here, path inside) pairs a trainer gets writable."""
+    return ((str(Path(run_dir) / "mlx"), INSIDE_MLX), (str(Path(run_dir) / "torch"), INSIDE_TORCH))
