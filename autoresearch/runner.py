@@ -1,12 +1,14 @@
 """Run a child process of the harness (train.py, the evaluator): its own process group, a hard timeout,
 a pid file so a later harness can stop it, every line timestamped on arrival."""
 
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from . import kernels, record, repo_root, sandbox, train_file
 from .hardware import preload_blas
 from .summary import STEP_LINE, parse_summary
 
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 MIN_GRACE_SECONDS = 120  # startup, compilation and evaluation on top of the training budget
 TAIL_LINES = 60
 COMPILE_CACHE_ENV = "AUTORESEARCH_COMPILE_CACHE"  # the run's copy of its compile cache (kernels.checkout)
@@ -108,10 +111,51 @@ def _runs(pid, started, command):
     return True
 
 
+def become_subreaper():
+    """Orphans of what this process starts come back to it (Linux's PR_SET_CHILD_SUBREAPER) instead of to init, so
+    a double-forked daemon of a run without a sandbox can still be found and ended after it. Whether it worked."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def _children():
+    """The pids whose parent is this process, from /proc."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                found.add(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def end_orphans(before):
+    """Kill (and reap) the processes that became this process's children since `before` was taken: a run's
+    daemons, come back to the subreaper. Returns how many."""
+    ended = 0
+    for _ in range(5):  # killing one can hand its own children to us
+        orphans = _children() - before
+        if not orphans:
+            break
+        for pid in orphans:
+            with suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+            with suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            ended += 1
+    return ended
+
+
 def run_process(argv, cwd, env, timeout, on_line=None, state=None, stdin_data=None):
-    """Run argv to completion or timeout; the whole group is killed on timeout, on Ctrl-C and on Interrupted.
-    stdin_data, if given, is written to the child's stdin (bytes) after it starts, then stdin is closed."""
+    """Run argv to completion or timeout; the whole group is killed on timeout, on Ctrl-C and on Interrupted, and
+    unsandboxed, every process it left behind that came back to this subreaper. stdin_data, if given, is written
+    to the child's stdin (bytes) after it starts, then stdin is closed."""
     start = time.time()
+    reaping = not sandbox.active().confined and become_subreaper()  # a sandbox's pid namespace does this itself
+    before = _children() if reaping else set()
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
                             start_new_session=True)
@@ -145,6 +189,8 @@ def run_process(argv, cwd, env, timeout, on_line=None, state=None, stdin_data=No
         timed_out = True
     finally:  # timeout, Ctrl-C, Interrupted: no child outlives the harness
         _kill_group(proc)
+        if reaping and end_orphans(before):
+            lines.append((time.time() - start, "harness: ended processes the run left behind"))
         if pid_file:
             remove_pid_file(pid_file)
     reader.join(timeout=5)
