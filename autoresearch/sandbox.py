@@ -93,8 +93,10 @@ def _inside_env(policy, home, tmp):
 
 def bwrap_argv(argv, cwd, policy):
     """bubblewrap's command line: an empty root with the policy's binds, parents before children."""
+    # No capabilities inside, even for root (bwrap keeps them for a privileged caller): else the process could
+    # unmount what hides the cache and the checkout, or remount a read-only bind writable.
     args = ["bwrap", "--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--new-session",
-            "--unshare-user-try"]
+            "--unshare-user-try", "--cap-drop", "ALL"]
     args += ["--ro-bind", "/", "/"] if policy.whole_system else []
     args += ["--proc", "/proc", "--dev", "/dev"] + ([] if policy.whole_system else ["--tmpfs", "/tmp"])
     if not policy.network:
@@ -146,8 +148,8 @@ def _bwrap_works():
     path = shutil.which("bwrap")
     if not path:
         return None, "bubblewrap is not installed"
-    probe = [path, "--die-with-parent", "--unshare-pid", "--unshare-net", "--ro-bind", "/", "/", "--proc", "/proc",
-             "--dev", "/dev", "true"]
+    probe = [path, "--die-with-parent", "--unshare-pid", "--unshare-net", "--cap-drop", "ALL", "--ro-bind", "/", "/",
+             "--proc", "/proc", "--dev", "/dev", "true"]
     try:
         done = subprocess.run(probe, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError) as e:
