@@ -126,7 +126,8 @@ def snapshot(root):
     state = Path(root) / ".autoresearch"
     return {
         "HEAD": git_out(root, "rev-parse", "HEAD"),
-        "refs": git_out(root, "for-each-ref", "--format=%(refname) %(objectname)"),
+        "refs": git_out(root, "for-each-ref", "--format=%(refname) %(objectname)", "refs/heads", "refs/tags",
+                        "refs/autoresearch"),
         "notes": git_out(root, "notes", "--ref", "autoresearch", "list"),
         "results.tsv": (Path(root) / "results.tsv").read_bytes(),
         "noise.json": (state / "noise.json").read_bytes() if (state / "noise.json").exists() else None,
@@ -135,7 +136,7 @@ def snapshot(root):
         "hooks": tree_digest(gitdir / "hooks"),
         "info": tree_digest(gitdir / "info"),
         "flags": [line for line in git_out(root, "ls-files", "-v").splitlines() if not line.startswith("H ")],
-        "status": git_out(root, "status", "--porcelain", "--untracked-files=all", "--ignored"),
+        "status": git_out(root, "status", "--porcelain", "--untracked-files=all"),
     }
 
 
@@ -640,11 +641,10 @@ class Listener:
         self.unix.bind("\0" + self.name)
         self.unix.listen()
         self.port = self.tcp.getsockname()[1]
-        self.connections = []
+        self.connections, self.open = [], True
         for s in (self.tcp, self.unix):
             s.settimeout(0.5)
             threading.Thread(target=self._accept, args=(s,), daemon=True).start()
-        self.open = True
 
     def _accept(self, s):
         while self.open:
