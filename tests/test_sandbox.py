@@ -351,7 +351,8 @@ def test_writes_to_the_checkout_the_venv_and_the_cache_fail_and_the_next_commit_
         writes = {k[len("write "):]: v for k, v in found.items() if k.startswith("write ")}
         assert len(writes) == 16, found
         assert not [k for k, v in writes.items() if v == "ok"], writes
-        assert all("Read-only file system" in v for k, v in writes.items() if k != "skip-worktree"), writes
+        assert all("Read-only file system" in v or v.startswith("FileNotFoundError") for k, v in writes.items()
+                   if k != "skip-worktree"), writes
         assert_not_kept(repo_dir, proc, closing, baseline[0])
         assert_unchanged(baseline[1], snapshot(repo_dir), allow=("results.tsv", "notes"))
         assert not pth.exists() and not (repo_dir / "__pycache__").exists()
@@ -382,7 +383,8 @@ root = Path.cwd()
 forge = ("sleep @DELAY@; cd " + str(root) + "; : @MARK@; "
          "tail -n 1 results.tsv | sed 's/\\\\t[0-9.]*\\\\t/\\\\t0.000001\\\\t/' >> results.tsv; "
          "git -c user.name=x -c user.email=x@x notes --ref autoresearch append -m forged HEAD; "
-         "git update-ref refs/heads/@BRANCH@ $(git -c user.name=x -c user.email=x@x commit-tree 'HEAD^{tree}' -m forged); "
+         "git update-ref refs/heads/@BRANCH@ "
+         "$(git -c user.name=x -c user.email=x@x commit-tree 'HEAD^{tree}' -m forged); "
          "touch forged-by-daemon")
 # 1. setsid, then a background subshell: double-forked, its own session, re-parented away from the trainer
 subprocess.run(["setsid", "sh", "-c", "( " + forge + " ) >/dev/null 2>&1 </dev/null &"])
@@ -565,16 +567,17 @@ def test_nothing_a_run_leaves_reaches_the_next_one(repo_dir, use_cache, baseline
     at_start_of(repo_dir, "main", fill(LOAD_ATTACK, TOKEN=token))
     proc, closing = run(repo_dir, "load what the last run left")
     found = probes(run_log(repo_dir))
-    assert closing.startswith("RESULT crash") and "FAIL: probed" in (repo_dir / ".autoresearch/last_crash.log").read_text()
+    assert closing.startswith("RESULT crash") and "FAIL: probed" in run_log(repo_dir)
     assert not [k for k in found if k.startswith("found ")], found
     # the harness's own logs, readable in the checkout: the evaluator's output of the last run (its weights, the
     # validation rows it was sent) must not be among them
     weights = {k: v for k, v in found.items() if k.startswith("log weights") and secret in v}
-    assert not weights, f"the first run's weights reached the second through the harness's log: {weights}"
     val_rows = np.load(use_cache / "tokens" / "val_rows.npy")
-    leaked = {k: v for k, v in found.items() if k.startswith("log validation tokens")}
-    real = {k: contains_run(val_rows, np.array(v.split(), dtype=val_rows.dtype)) for k, v in leaked.items()}
-    assert not leaked, f"validation tokens reached the next trainer (real validation rows: {real})"
+    leaked = {k: contains_run(val_rows, np.array(v.split(), dtype=val_rows.dtype))
+              for k, v in found.items() if k.startswith("log validation tokens")}
+    assert not weights and not leaked, (f"through the harness's log, the first run's weights reached the second: "
+                                        f"{weights}; validation tokens too (found in the real validation rows: "
+                                        f"{leaked})")
 
 # ---------------------------------------------------------------------------
 # Validation data by any path; other processes; the network
@@ -750,21 +753,24 @@ attempt() { name=$1; shift; if ( "$@" ) >/dev/null 2>&1; then probe "$name" ok; 
 '''
 
 AGENT_ATTACK = AGENT_PREAMBLE + '''
-sed -i 's/^MATRIX_LR = .*/MATRIX_LR = 0.05  # the agent/' backends/mlx/train.py
-echo "agent: MATRIX_LR 0.05" > .autoresearch/description
-attempt "ledger" sh -c "printf 'forged\\t0.000001\\t0.0\\tkeep\\tby the agent\\n' >> $REAL/results.tsv"
-attempt "noise floor" sh -c "mkdir -p $REAL/.autoresearch && echo '{\\"forged\\": {\\"samples\\": [0.0], \\"spread\\": -5, \
-\\"commit\\": \\"x\\"}}' > $REAL/.autoresearch/noise.json"
-attempt "hook" sh -c "printf '#!/bin/sh\\ntouch $HOOK_RAN\\n' > $REAL/.git/hooks/post-commit && chmod +x $REAL/.git/hooks/post-commit"
 attempt "see checkout" test -e $REAL/results.tsv
 attempt "see cache" test -e $CACHE/tokens/val_rows.npy
+sed -i 's/^MATRIX_LR = .*/MATRIX_LR = 0.05  # the agent/' backends/mlx/train.py
+echo "agent: MATRIX_LR 0.05" > .autoresearch/description
+# by absolute path (where the real checkout is hidden, these land on the empty folder that covers it)
+attempt "ledger" sh -c "printf 'forged\\t0.000001\\t0.0\\tkeep\\tby the agent\\n' >> $REAL/results.tsv"
+attempt "noise floor" sh -c "mkdir -p $REAL/.autoresearch && \\
+echo '{\\"forged\\": {\\"samples\\": [0.0], \\"spread\\": -5, \\"commit\\": \\"x\\"}}' > $REAL/.autoresearch/noise.json"
+attempt "hook" sh -c "mkdir -p $REAL/.git/hooks && \\
+printf '#!/bin/sh\\ntouch $HOOK_RAN\\n' > $REAL/.git/hooks/post-commit"
 # the agent's HOME is its own and writable (credentials): git configuration there that would run code in the
 # harness's git commands, were they to obey it
-attempt "home gitconfig" sh -c "mkdir -p $HOME/hooks && printf '[core]\\n\\thooksPath = %s\\n\\tfsmonitor = touch %s\\n' \
-$HOME/hooks $FSMONITOR_RAN >> $HOME/.gitconfig && for h in post-commit post-checkout reference-transaction; do \
-printf '#!/bin/sh\\ntouch $HOOK_RAN\\n' > $HOME/hooks/$h && chmod +x $HOME/hooks/$h; done"
+attempt "home gitconfig" sh -c "mkdir -p $HOME/hooks && \\
+printf '[core]\\n\\thooksPath = %s\\n\\tfsmonitor = touch %s\\n' \\
+$HOME/hooks $FSMONITOR_RAN >> $HOME/.gitconfig && for h in post-commit post-checkout reference-transaction; do \\
+printf '#!/bin/sh\\ntouch $HOOK_RAN\\n' > $HOME/hooks/\\$h && chmod +x $HOME/hooks/\\$h; done"
 setsid sh -c "sleep $DELAY; : $MARK; printf 'late\\n' >> $REAL/results.tsv" >/dev/null 2>&1 </dev/null &
-nohup sh -c "trap '' HUP TERM INT QUIT; sleep $DELAY; : $MARK; printf 'late\\n' >> $REAL/results.tsv" \
+nohup sh -c "trap '' HUP TERM INT QUIT; sleep $DELAY; : $MARK; printf 'late\\n' >> $REAL/results.tsv" \\
 >/dev/null 2>&1 </dev/null &
 probe "background" started
 exit 0
@@ -803,15 +809,15 @@ def test_an_agent_turn_changes_nothing_of_the_real_checkout(repo_dir, use_cache,
         assert proc.returncode == 0 and "loop ended: 1 experiments" in proc.stdout, proc.stdout + proc.stderr
         found = agent_probes(repo_dir)
         assert found["background"] == "started" and found["home gitconfig"] == "ok", found
-        attacks = ("ledger", "noise floor", "hook", "see checkout", "see cache")
-        assert {k: found[k] for k in attacks} == dict.fromkeys(attacks, "refused"), found
+        assert found["see checkout"] == found["see cache"] == "refused", found
         assert not left, f"the agent's background processes outlived its turn: {left}"
         time.sleep(3)
         rows = read_ledger(repo_dir / "results.tsv")
         assert [r.status for r in rows][0] == "keep" and len(rows) == 2, rows
         assert rows[1].status in ("keep", "discard") and rows[1].description == "agent: MATRIX_LR 0.05", rows[1]
         assert rows[1].sandbox == "bwrap" and rows[1].val_bpb > 1.0
-        assert "forged" not in (repo_dir / "results.tsv").read_text() and "late" not in (repo_dir / "results.tsv").read_text()
+        ledger = (repo_dir / "results.tsv").read_text()
+        assert "forged" not in ledger and "late" not in ledger
         assert not hook_ran.exists() and not fsmonitor_ran.exists(), "the agent's git configuration ran in the harness"
         allowed = ("results.tsv", "notes") + (("HEAD", "refs") if rows[1].status == "keep" else ())
         assert_unchanged(baseline[1], snapshot(repo_dir), allow=allowed)
@@ -849,7 +855,7 @@ def test_an_agent_that_links_train_py_to_the_validation_rows_is_refused(repo_dir
 AGENT_ESCAPE = AGENT_PREAMBLE + '''
 probe "CapEff" "$(grep CapEff /proc/self/status | cut -f2)"
 attempt "unmount the cache's cover" umount $CACHE
-if test -r $CACHE/tokens/val_rows.npy; then probe "validation rows" "$(wc -c < $CACHE/tokens/val_rows.npy) bytes readable"
+if test -r $CACHE/tokens/val_rows.npy; then probe "validation rows" "$(wc -c < $CACHE/tokens/val_rows.npy) bytes"
 else probe "validation rows" hidden; fi
 attempt "unmount the checkout's cover" umount $REAL
 attempt "remount / writable" mount -o remount,bind,rw /
