@@ -8,7 +8,8 @@ The standard library's ThreadingHTTPServer serves it: four read-only GET endpoin
 
     GET /                the page (autoresearch/dashboard_page.html)
     GET /plotly.min.js   plotly's JavaScript, from the plotly package (no CDN: works offline)
-    GET /api/state       everything the page shows, as JSON; the page polls it every 2 s
+    GET /api/state       everything the page shows, as JSON; the page polls it every 2 s with the version it holds
+                         (since=), and gets `unchanged`, or only what changed where rows were appended
     GET /api/diff?commit=SHA   a kept commit's diff of its backend's train.py
 
 Safe by default: it listens on 127.0.0.1, answers every other method with 405, changes nothing, and the page
@@ -46,6 +47,7 @@ SOCKET_TIMEOUT = 10  # seconds a connection may wait for a request, or for the c
 PAGE = Path(__file__).with_name("dashboard_page.html")
 LOG_TAIL = 64 * 1024  # bytes of run.log read for the last progress line
 COMMIT = re.compile(r"^[0-9a-f]{4,40}$")
+HISTORY = 64  # versions a page may hold and still get only what changed since; an older one reloads whole
 
 
 class DashboardError(Exception):
@@ -67,6 +69,7 @@ def _row(r, index):
 def series_data(s, label, root):
     """One series for the page: report.summarize's figures, every row, the running best and the noise spread."""
     summary = report.summarize(s, root=root)
+    summary_kept = summary.pop("kept")  # sent once, below with the baseline: not twice per version
     rows, index = [], 0  # the chart's x: the experiment's number, verify rows (re-runs) have none
     for r in s.rows:
         rows.append(_row(r, None if r.status == "verify" else index))
@@ -83,7 +86,7 @@ def series_data(s, label, root):
         sigma = (summary["noise"] or {}).get("spread")
     base = s.baseline
     kept = ([{"commit": base.commit, "description": base.description, "val_bpb": base.val_bpb, "delta": None}]
-            if base else []) + summary["kept"]
+            if base else []) + summary_kept
     return {"key": "|".join(map(str, (s.hardware, s.eval_profile, s.budget, s.branch))), "label": label,
             "summary": summary, "rows": rows, "running_best": running, "noise_spread": sigma, "kept": kept}
 
@@ -108,6 +111,70 @@ def in_flight(root):
     return {"pid": int(pid) if pid.isdigit() else None, "run": header, "progress": progress}
 
 
+def _digest(value):
+    return hashlib.sha256(repr(value).encode()).hexdigest()[:16]
+
+
+def _extends(new, old):
+    """Whether new is old with rows appended (what `loop` does): each series of old is in new, its rows and running
+    best beginning with old's. A ledger rewritten, shortened or re-sorted (ledger rebuild, notes from elsewhere with
+    earlier times) is not."""
+    now = {s["key"]: s for s in new["series"]}
+    for s in old["series"]:
+        t = now.get(s["key"])
+        if t is None or t["rows"][: len(s["rows"])] != s["rows"] or \
+                t["running_best"][: len(s["running_best"])] != s["running_best"]:
+            return False
+    return True
+
+
+def _head(data):
+    """Everything of data but the rows, the running bests and the version: what a poll sends whole."""
+    out = {k: v for k, v in data.items() if k not in ("series", "version")}
+    out["series"] = [{k: v for k, v in s.items() if k not in ("rows", "running_best")} for s in data["series"]]
+    return out
+
+
+FIGURES = ("label", "summary", "noise_spread")  # a series' fields besides its rows, running best and kept commits
+
+
+def _shape(data):
+    """What a page holding data has: per series its row and running-best counts, its kept commits' digest and its
+    figures' digest; the findings matrix's digest. Enough to send it only what it lacks of a later version."""
+    return {"series": {s["key"]: (len(s["rows"]), len(s["running_best"]), _digest(s["kept"]),
+                                  _digest([s[k] for k in FIGURES])) for s in data["series"]},
+            "matrix": _digest(data["matrix"])}
+
+
+def delta(data, had):
+    """What a page holding a version of shape `had` lacks of data, which extends it: each series' new rows and
+    running best (from the counts the page has); its figures, its kept commits and the findings matrix only where
+    they changed. A series new since then comes whole."""
+    series = []
+    for s in data["series"]:
+        held = had["series"].get(s["key"])
+        if held is None:
+            series.append(s)
+            continue
+        rows, best, kept, figures = held
+        part = {"key": s["key"], "rows_from": rows, "rows": s["rows"][rows:], "running_best_from": best,
+                "running_best": s["running_best"][best:]}
+        if _digest([s[k] for k in FIGURES]) != figures:
+            part.update({k: s[k] for k in FIGURES})
+        if _digest(s["kept"]) != kept:
+            part["kept"] = s["kept"]
+        series.append(part)
+    out = {k: v for k, v in data.items() if k not in ("series", "matrix", "kept")}
+    out.update(delta=True, series=series)
+    if _digest(data["matrix"]) != had["matrix"]:
+        out["matrix"] = data["matrix"]
+    return out
+
+
+def _json(value):
+    return json.dumps(report.finite(value), allow_nan=False).encode()
+
+
 class Dashboard:
     """The sources, read again whenever one changes; the repository being watched."""
 
@@ -117,6 +184,10 @@ class Dashboard:
         self.root = Path(root)
         self.lock = threading.Lock()  # one request at a time reads git: GitPython's object database is not thread-safe
         self.seen = None  # (fingerprint, data) of the last load
+        self.session = secrets.token_hex(4)  # a page's version from an earlier server never matches: it reloads
+        self.generation = 0
+        self.history = {}  # version -> _shape, of the versions the current data extends (and its own), oldest first
+        self.bodies = {}  # (since or None, version) -> the encoded data part of an answer: encoded once, not per poll
 
     def default_sources(self):
         """This checkout's results.tsv and its run branches that have rows in the git notes."""
@@ -155,27 +226,56 @@ class Dashboard:
                 "matrix": report.findings_matrix(series), "notes": report.comparability_notes(series),
                 "kept": {k["commit"]: d["summary"]["backend"] for d in shown for k in d["kept"]}}
 
+    def versioned(self, data):
+        """data with its version. The last one's where nothing shown changed (a fingerprint moves for more: a
+        branch's ref, a ledger rewritten the same), so pages are not redrawn for nothing; else a new one,
+        remembered with those it extends (rows appended), or alone where it is no append."""
+        old = self.seen[1] if self.seen else None
+        extends = old is not None and _extends(data, old)
+        if extends and _head(data) == _head(old) and _shape(data) == _shape(old):
+            data["version"] = old["version"]
+            return data
+        self.generation += 1
+        data["version"] = f"{self.session}-{self.generation}"
+        if not extends:
+            self.history.clear()
+        self.history[data["version"]] = _shape(data)
+        while len(self.history) > HISTORY:
+            del self.history[next(iter(self.history))]
+        self.bodies.clear()
+        return data
+
     def data(self):
         """The page's data, loaded again only when a source changed. ReportError or LedgerError: a bad source."""
         with self.lock:
             mark = self.fingerprint()
             if self.seen is None or self.seen[0] != mark:
-                data = self.load()
-                data["version"] = hashlib.sha256(repr(mark).encode()).hexdigest()[:16]
-                self.seen = (mark, data)
+                self.seen = (mark, self.versioned(self.load()))
             return self.seen[1]
 
+    def part(self, since):
+        """The encoded data part of GET /api/state for a page holding version `since`: nothing new (unchanged),
+        what it lacks (delta) where the data extends its version, else all of it (a page that has nothing yet, or
+        a ledger rewritten: it reloads whole)."""
+        data = self.data()
+        version = data["version"]
+        if since == version:
+            return _json({"version": version, "unchanged": True})
+        with self.lock:
+            base = since if since in self.history else None
+            body = self.bodies.get((base, version))
+            if body is None:
+                shown = delta(data, self.history[base]) if base else {k: v for k, v in data.items() if k != "kept"}
+                body = self.bodies[(base, version)] = _json(shown)  # kept: the diff endpoint's lookup
+            return body
+
     def state(self, since=None):
-        """GET /api/state: the data (or the error reading it) and the experiment in flight. A page that already has
-        this version of the data (since) gets only the experiment in flight: a 100,000-row ledger is tens of MB,
-        and the page asks every 2 s."""
+        """GET /api/state, encoded: the data (or what of it is new to the page, or the error reading it) and the
+        experiment in flight, which changes every poll and so is never cached."""
         try:
-            data = {k: v for k, v in self.data().items() if k != "kept"}  # kept: the diff endpoint's lookup
-            error = None
+            part, error = self.part(since), None
         except (report.ReportError, LedgerError, OSError, git.GitCommandError) as e:
-            data, error = {}, str(e)
-        if since is not None and data.get("version") == since:
-            data = {"version": since, "unchanged": True}
+            part, error = b"{}", str(e)
         with self.lock:
             live = in_flight(self.root)
             if live and self.repo is not None:  # the harness commits the experiment before it trains it
@@ -184,7 +284,8 @@ class Dashboard:
                     live.update(commit=head.hexsha[:7], subject=head.summary)
                 except ValueError:  # no commit yet
                     pass
-        return {**data, "error": error, "live": live, "repository": str(self.root)}
+        tail = _json({"error": error, "live": live, "repository": str(self.root)})
+        return tail if part == b"{}" else part[:-1] + b", " + tail[1:]
 
     def diff(self, commit):
         """GET /api/diff: (status, body) for one kept commit's diff of its backend's train.py."""
@@ -231,7 +332,7 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/plotly.min.js":
             return self.send(200, self.server.plotly_js, "text/javascript")
         if url.path == "/api/state":
-            return self.send_json(200, board.state(parse_qs(url.query).get("since", [None])[0]))
+            return self.send(200, board.state(parse_qs(url.query).get("since", [None])[0]), "application/json")
         if url.path == "/api/diff":
             try:
                 return self.send_json(*board.diff(parse_qs(url.query).get("commit", [""])[0]))
