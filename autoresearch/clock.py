@@ -6,6 +6,7 @@ OVERRUN_FRACTION = 0.05  # training may pass the budget by 5 % or one step, whic
 EXIT_SECONDS = 3.0  # ...plus saving the weights and the interpreter's exit after the last step
 DEFAULT_STARTUP_SECONDS = 120.0  # before the branch has a baseline to measure startup by: a cold GPU compile
 STARTUP_SLACK_SECONDS = 10.0  # on top of twice the baseline's startup
+SCORING_SLACK_SECONDS = 10.0  # on top of three times the baseline's evaluation
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,7 @@ class Clock:
     budget: float
     startup: float  # seconds allowed before training starts
     step: float | None  # the last step's allowance; None: the run's own step interval (the baseline's runs)
+    evaluation: float | None = None  # seconds scoring may take once the model is built; None: no baseline yet
 
     @classmethod
     def for_baseline(cls, budget, baseline):
@@ -23,7 +25,8 @@ class Clock:
         slower compile) and twice its step. Before a baseline (setup, a manual run): generous defaults."""
         if baseline is None or baseline.startup_seconds <= 0:
             return cls(budget, DEFAULT_STARTUP_SECONDS, None)
-        return cls(budget, 2 * baseline.startup_seconds + STARTUP_SLACK_SECONDS, 2 * baseline.step_seconds)
+        evaluation = 3 * baseline.eval_seconds + SCORING_SLACK_SECONDS if baseline.eval_seconds > 0 else None
+        return cls(budget, 2 * baseline.startup_seconds + STARTUP_SLACK_SECONDS, 2 * baseline.step_seconds, evaluation)
 
     def judge(self, result):
         """Why a finished run is not scored for its time, or None. Two spans: from the spawn to the first progress

@@ -37,6 +37,7 @@ import numpy as np
 import prepare
 
 from . import record, sandbox
+from .clock import SCORING_SLACK_SECONDS
 from .hardware import cpu_cores, preload_blas
 from .runner import remove_pid_file, write_pid_file
 
@@ -48,6 +49,7 @@ LOW_PRECISION_TOLERANCE = 2e-2
 EVALUATOR_PID_FILE = "evaluator.pid"  # in .autoresearch/, beside the trainer's
 PROBE_ROWS = 4  # rows the probes score again, where the model is not compiled for one batch shape
 BUILD_SECONDS = 60  # from the checkpoint to a built model: loading weights takes seconds, never a minute
+SEALED_LINES = 2000  # of the child's output while it holds rows, kept in the record for a human
 
 
 @dataclass(frozen=True)
@@ -82,19 +84,21 @@ def start_evaluator(backend, root, checkpoint, env=None, state=None):
                      PYTHONUNBUFFERED="1")
     blas = preload_blas(child_env, one_thread=True) if backend == "mlx" else None  # mlx_loss_fn: a stream per core
     notes = [blas] if blas else []
-    policy = sandbox.Policy(read=(str(root), str(checkpoint)), hide=(str(prepare.cache_dir()), str(record.state_home())),
-                            network=False)
+    # the harness's state folder too: its logs hold earlier runs' output
+    hidden = (str(prepare.cache_dir()), str(record.state_home()), str(Path(root) / ".autoresearch"))
+    policy = sandbox.Policy(read=(str(root), str(checkpoint)), hide=hidden, network=False)
     argv, inside = sandbox.active().wrap([sys.executable, "-I", "-B", "-c", CHILD_MAIN, json.dumps(harness_path()),
                                           backend], root, policy)
     child_env.update(inside)
     return Child(argv, root, child_env, Path(state) / EVALUATOR_PID_FILE if state else None, notes)
 
 
-def evaluate(backend, root, checkpoint, timeout=None, on_line=None, env=None, state=None, child=None):
+def evaluate(backend, root, checkpoint, timeout=None, on_line=None, env=None, state=None, child=None, scoring=None):
     """Score the checkpoint of backends/<backend>/train.py in root. env: the child's base environment (default
     os.environ); its AUTORESEARCH_CACHE is replaced by the trainer's view of this process's cache. state: the
     folder for the child's pid file, so a harness started after this one was killed can stop it. child: one
-    start_evaluator() started ahead, else a fresh one."""
+    start_evaluator() started ahead, else a fresh one. scoring: seconds the scoring and probes may take once the
+    model is built (the branch's clock), or None."""
     start = time.time()
     lines = []
 
@@ -114,6 +118,7 @@ def evaluate(backend, root, checkpoint, timeout=None, on_line=None, env=None, st
         rows = np.ascontiguousarray(prepare.get_val_rows(), dtype=np.int32)
         vocab = len(prepare.get_token_bytes())
         child = child or start_evaluator(backend, root, checkpoint, env, state)
+        child.scoring = scoring
         child.listen(note)
         child.start({"checkpoint": str(Path(checkpoint).resolve()), "vocab_size": vocab}, timeout)
         return result(*score(child, rows, vocab, note))
@@ -203,7 +208,8 @@ class Child:
 
     def __init__(self, argv, cwd, env, pid_file=None, notes=()):
         self.timeout, self.timed_out, self.tail, self.timer, self.started = None, False, "", None, False
-        self.build_timer = None
+        self.build_timer, self.scoring, self.scoring_timer = None, None, None
+        self.cwd, self.holds_rows, self.sealed, self.sealed_log = cwd, False, 0, None
         self.lines, self.on_line, self.lock = list(notes), None, threading.Lock()
         self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, start_new_session=True)
@@ -221,10 +227,17 @@ class Child:
             self.on_line = on_line
 
     def _pump(self):
+        """The child's log to on_line, until it holds validation rows: from then on what it prints could carry
+        them (to the agent's prompt, to a later run), so it goes only to the harness's record."""
         for raw in self.proc.stderr:
             line = raw.decode(errors="replace").rstrip("\n")
-            self.tail = line.strip() or self.tail
             with self.lock:
+                if self.holds_rows:
+                    self.sealed += 1
+                    if self.sealed <= SEALED_LINES:
+                        self.sealed_log.write(line[:1000] + "\n")
+                    continue
+                self.tail = line.strip() or self.tail
                 self.lines.append(line)
                 if self.on_line:
                     self.on_line(line)
@@ -259,12 +272,19 @@ class Child:
         try:
             hello = json.loads(self.proc.stdout.readline())
             self.build_timer.cancel()
+            if self.scoring:
+                self.scoring_timer = threading.Timer(self.scoring, self._expire, ("scoring",))
+                self.scoring_timer.start()
             return dict(hello, rows_per_chunk=int(hello["rows_per_chunk"]), dtype=str(hello["dtype"]),
                         compiled=bool(hello["compiled"]))
         except (ValueError, KeyError, TypeError):
             raise EvaluatorFailed(self.failure()) from None
 
     def losses(self, rows):
+        if not self.holds_rows:
+            with self.lock:
+                self.sealed_log = open(record.record_dir(self.cwd) / "evaluator-scoring.log", "w")
+                self.holds_rows = True
         try:
             send_array(self.proc.stdin, rows.astype(np.int32, copy=False))
             return receive_array(self.proc.stdout, np.float32)
@@ -282,13 +302,19 @@ class Child:
         if self.timed_out == "build":
             return (f"the evaluator's build_model took over {BUILD_SECONDS}s (from the checkpoint to a built model) "
                     "and was stopped: building a model may not train it")
+        if self.timed_out == "scoring":
+            return (f"the evaluator took over {self.scoring:.0f}s to score the rows (3 x the baseline's evaluation + "
+                    f"{SCORING_SLACK_SECONDS:g}s) and was stopped: scoring a model may not train it")
         if self.timed_out:
             return f"the evaluator ran past its {self.timeout:g}s limit and was stopped"
+        if self.holds_rows:  # its last words may quote the rows
+            return (f"the evaluator process exited with code {code} while scoring (what it printed then is kept "
+                    f"out of the logs and the prompt: {record.record_dir(self.cwd) / 'evaluator-scoring.log'})")
         return f"the evaluator process exited with code {code}" + (f": {self.tail}" if self.tail else "")
 
     def close(self):
         """End the child: stdin closed (after its rows it exits; before its checkpoint it is killed)."""
-        for timer in (self.timer, self.build_timer):
+        for timer in (self.timer, self.build_timer, self.scoring_timer):
             if timer:
                 timer.cancel()
         if not self.started:
@@ -303,6 +329,8 @@ class Child:
             self.kill()
             self.proc.wait()
         self.pump.join(timeout=5)
+        if self.sealed_log:
+            self.sealed_log.close()
         if self.pid_file:
             remove_pid_file(self.pid_file)
 

@@ -9,7 +9,7 @@ import shutil
 import site
 import statistics
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import git
@@ -62,6 +62,7 @@ class Timing:
     startup: float  # from the spawn to the first progress line
     step: float  # the median time between progress lines
     sandbox: str  # what confined it
+    evaluation: float = 0.0  # the evaluation's seconds, where it ran
 
     @classmethod
     def of(cls, result):
@@ -236,10 +237,18 @@ def checkout_files(root):
     return found
 
 
-def train_and_evaluate(root, backend, budget, seed=None, timeout=None, on_line=None, check=None, compiled=None):
+@dataclass(frozen=True)
+class Guard:
+    """What one run of train_and_evaluate is held to beside its budget."""
+    check: object = None  # check(result) -> (status, reason) or None, after training, before evaluation
+    compiled: Path | None = None  # the run's copy of its compile cache (kernels.checkout)
+    scoring: float | None = None  # seconds the evaluator may score for once its model is built
+
+
+def train_and_evaluate(root, backend, budget, seed=None, timeout=None, on_line=None, guard=Guard()):
     """Train root's train.py once on the trainer's view of the cache, then score its checkpoint in the harness's
-    evaluator, unless check(result) returns (status, reason) first. compiled: the run's copy of its compile cache
-    (kernels.checkout), or None. Returns (result, evaluation or None, stop)."""
+    evaluator, unless guard.check(result) returns (status, reason) first. Returns (result, evaluation or None,
+    stop)."""
     import prepare
 
     from .evaluate import evaluate, start_evaluator
@@ -255,18 +264,18 @@ def train_and_evaluate(root, backend, budget, seed=None, timeout=None, on_line=N
     ahead = start_evaluator(backend, root, checkpoint, state=state_dir(root)) if on_gpu else None
     try:
         env = dict(os.environ, AUTORESEARCH_CACHE=str(prepare.trainer_view()), AUTORESEARCH_CHECKPOINT=str(checkpoint))
-        if compiled:
-            env[COMPILE_CACHE_ENV] = str(compiled)
+        if guard.compiled:
+            env[COMPILE_CACHE_ENV] = str(guard.compiled)
         result = run_training(backend, budget=budget, seed=seed, root=root, on_line=on_line, timeout=timeout, env=env,
                               state=state_dir(root))
-        stop = check(result) if check else None
+        stop = guard.check(result) if guard.check else None
         if stop:
             return result, None, stop
         if not result.ok:
             why = "timeout" if result.timed_out else f"exit {result.returncode}" if result.returncode else "no summary"
             return result, None, ("crash", why)
         ev = evaluate(backend, root, checkpoint, timeout=timeout or default_timeout(budget), on_line=on_line,
-                      state=state_dir(root), child=ahead)
+                      state=state_dir(root), child=ahead, scoring=guard.scoring)
         return result, ev, None
     finally:
         if ahead:
@@ -298,7 +307,7 @@ def measure(branch, seed, settings, on_line=None):
         compiled = kernels.checkout(branch.name) if sandbox.active().confined else None
         try:
             result, ev, stop = train_and_evaluate(root, branch.backend, branch.budget, seed, settings.timeout, line,
-                                                  check, compiled)
+                                                  Guard(check, compiled, clock.evaluation))
         except BaseException:
             kernels.discard(compiled)
             raise
@@ -306,6 +315,7 @@ def measure(branch, seed, settings, on_line=None):
     if stop:
         (state_dir(root) / "last_crash.log").write_text(result.tail() + "\n")
         return Measurement(stop[0], 0.0, result.summary or {}, timing, stop[1], compiled)
+    timing = replace(timing, evaluation=ev.seconds)
     if ev.status != "ok":
         (state_dir(root) / "last_crash.log").write_text(ev.log[-20000:] + "\n")
         return Measurement(ev.status, 0.0, result.summary, timing, f"evaluation: {ev.reason}", compiled)
@@ -317,7 +327,7 @@ def manual_run(root, backend, budget, on_line=None):
     Returns (status, closing line)."""
     compiled = kernels.checkout("manual runs") if sandbox.active().confined else None
     try:
-        result, ev, stop = train_and_evaluate(root, backend, budget, on_line=on_line, compiled=compiled)
+        result, ev, stop = train_and_evaluate(root, backend, budget, on_line=on_line, guard=Guard(compiled=compiled))
         if compiled and not stop and ev.status == "ok":
             kernels.promote("manual runs", compiled)  # the user's own runs, one after another
     finally:
@@ -355,6 +365,7 @@ def make_row(branch, runs, status, commit, description, settings, source):
         harness_seconds=round(runs[-1].timing.training, 1), pin=pin_of(branch.repo, commit),
         sandbox=runs[-1].timing.sandbox, startup_seconds=round(max(m.timing.startup for m in runs), 2),
         step_seconds=round(max(m.timing.step for m in runs), 3),
+        eval_seconds=round(max(m.timing.evaluation for m in runs), 2),
     )
 
 

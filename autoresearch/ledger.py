@@ -50,6 +50,7 @@ class Row:
     sandbox: str = "-"  # what confined its processes: bwrap, sandbox-exec or none ("-": before sandboxes)
     startup_seconds: float = 0.0  # from the trainer's spawn to its first progress line, by the harness's clock
     step_seconds: float = 0.0  # the median time between its progress lines, by the harness's clock
+    eval_seconds: float = 0.0  # the harness's evaluation: model build, scoring, probes
 
     def values(self):
         return [float(v) for v in self.samples.split(",")] if self.samples not in ("", "-") else []

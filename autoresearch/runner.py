@@ -20,6 +20,7 @@ PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 MIN_GRACE_SECONDS = 120  # startup, compilation and evaluation on top of the training budget
 TAIL_LINES = 60
 COMPILE_CACHE_ENV = "AUTORESEARCH_COMPILE_CACHE"  # the run's copy of its compile cache (kernels.checkout)
+UNNAMED_CACHE = "runs of no run branch"
 PID_FILE = "trainer.pid"  # in .autoresearch/: "pid command" while train.py runs (evaluate.py keeps its own)
 
 
@@ -262,11 +263,20 @@ def default_timeout(budget):
 
 def run_training(backend, budget=None, seed=None, timeout=None, root=None, on_line=None, env=None, state=None):
     """Run backends/<backend>/train.py to completion or timeout, in the sandbox (sandbox.active()): it sees the
-    checkout read-only, the cache only as env's AUTORESEARCH_CACHE (the trainer's view) and may write only to
-    env's AUTORESEARCH_CHECKPOINT. on_line(str) sees each output line."""
+    checkout read-only, the cache only as the trainer's view and may write only to env's AUTORESEARCH_CHECKPOINT.
+    on_line(str) sees each output line."""
+    import prepare
+
     root = Path(root or repo_root())
     env, notes = train_env(backend, budget, seed, base=env)
+    env["AUTORESEARCH_CACHE"] = str(prepare.trainer_view())  # training only ever sees the view
+    if env.get("AUTORESEARCH_CHECKPOINT"):
+        Path(env["AUTORESEARCH_CHECKPOINT"]).mkdir(parents=True, exist_ok=True)  # to be bound, it must exist
     box = sandbox.active()
+    # a caller that names no compile cache (a benchmark, a test) shares one, kept after every run that trains
+    own = kernels.checkout(UNNAMED_CACHE) if box.confined and not env.get(COMPILE_CACHE_ENV) else None
+    if own:
+        env[COMPILE_CACHE_ENV] = str(own)
     argv, inside = box.wrap([sys.executable, "-B", str(train_file(backend, root))], root, trainer_policy(root, env))
     env.update(inside)
     for note in notes:
@@ -274,7 +284,12 @@ def run_training(backend, budget=None, seed=None, timeout=None, root=None, on_li
             on_line(note)
     if timeout is None:
         timeout = default_timeout(budget)
-    result = run_process(argv, root, env, timeout, on_line, state)
+    try:
+        result = run_process(argv, root, env, timeout, on_line, state)
+        if own and result.returncode == 0:
+            kernels.promote(UNNAMED_CACHE, own)
+    finally:
+        kernels.discard(own)
     lines = [(0.0, n) for n in notes] + result.lines
     log = "\n".join(t for _, t in lines)
     summary = None if result.timed_out else parse_summary(log)
@@ -289,5 +304,6 @@ def trainer_policy(root, env):
     view, checkpoint = env.get("AUTORESEARCH_CACHE"), env.get("AUTORESEARCH_CHECKPOINT")
     compiled = env.get(COMPILE_CACHE_ENV)
     return sandbox.Policy(read=tuple(p for p in (str(root), view) if p), write=(checkpoint,) if checkpoint else (),
-                          hide=(str(prepare.cache_dir()), str(record.state_home())), network=False,
-                          binds=kernels.binds(compiled) if compiled else (), env=kernels.TORCH_ENV if compiled else {})
+                          hide=(str(prepare.cache_dir()), str(record.state_home()), str(Path(root) / ".autoresearch")),
+                          network=False, binds=kernels.binds(compiled) if compiled else (),
+                          env=kernels.TORCH_ENV if compiled else {})
