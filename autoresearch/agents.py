@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import record, sandbox, train_file
 from .hparams import read_constants, set_constants
+from .runner import become_subreaper, children, end_orphans
 
 DESCRIPTION_FILE = "description"  # in .autoresearch/: the agent's one-line summary of its change
 MAX_TRAIN_BYTES = 1 << 20  # a train.py is tens of kilobytes; more is data smuggled in as code
@@ -110,6 +111,8 @@ class CommandAgent:
             box = sandbox.active()
             argv, inside = box.wrap(args, work, agent_policy(root, work))
             env = dict(os.environ, PWD=str(work), **inside)
+            reaping = not box.confined and become_subreaper()  # unconfined, what it leaves running is ended
+            before = children() if reaping else set()
             with open(Path(root) / ".autoresearch" / "agent.log", "w") as out:
                 try:
                     proc = subprocess.run(argv, cwd=work, env=env, input=stdin, stdout=out, stderr=subprocess.STDOUT,
@@ -118,6 +121,9 @@ class CommandAgent:
                     raise AgentFailed(f"agent timed out after {timeout:.0f}s") from None
                 except OSError as e:
                     raise AgentFailed(f"agent could not start: {e}") from None
+                finally:
+                    if reaping:
+                        end_orphans(before)
             if proc.returncode != 0:
                 raise AgentFailed(f"agent exited with {proc.returncode} (output in .autoresearch/agent.log)")
             take_back(work, root, backend)

@@ -87,7 +87,7 @@ def series_data(s, label, root):
     base = s.baseline
     kept = ([{"commit": base.commit, "description": base.description, "val_bpb": base.val_bpb, "delta": None}]
             if base else []) + summary_kept
-    return {"key": "|".join(map(str, (s.hardware, s.eval_profile, s.budget, s.branch))), "label": label,
+    return {"key": "|".join(map(str, (s.hardware, s.eval_profile, s.budget, s.branch, s.sandbox))), "label": label,
             "summary": summary, "rows": rows, "running_best": running, "noise_spread": sigma, "kept": kept}
 
 

@@ -11,7 +11,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .ledger import NOTES_REF, SCORED, LedgerError, format_row, in_time_order, notes_rows, read_ledger, row_time
+from .ledger import (NOTES_REF, SCORED, LedgerError, format_row, in_time_order, notes_rows, read_ledger, row_time,
+                     sandbox_kind)
 from .plain import markup, md_cell
 from .plain import text as plain_text
 
@@ -36,6 +37,7 @@ class Series:
     eval_profile: str
     budget: float
     branch: str
+    sandbox: str = "none"  # what confined its runs: results of different sandboxes are different series
     rows: list = field(default_factory=list)  # in order, verify rows included
 
     @property
@@ -81,10 +83,10 @@ class Series:
 
 
 def series_of(rows):
-    """Rows grouped by (hardware, eval profile, budget, run branch), in order of first appearance."""
+    """Rows grouped by (hardware, eval profile, budget, run branch, sandbox), in order of first appearance."""
     groups = {}
     for r in rows:
-        key = (r.hardware, r.eval_profile, r.budget, r.branch)
+        key = (r.hardware, r.eval_profile, r.budget, r.branch, sandbox_kind(r.sandbox))
         if key not in groups:
             groups[key] = Series(*key)
         groups[key].rows.append(r)
@@ -106,7 +108,7 @@ def comparability_notes(series):
         same = [s for s in series if s.hardware == hw]
         if len(same) > 1:
             differ = [what for what, attr in (("run branches", "branch"), ("eval profiles", "eval_profile"),
-                                              ("budgets", "budget"))
+                                              ("budgets", "budget"), ("sandboxes", "sandbox"))
                       if len({getattr(s, attr) for s in same}) > 1]
             notes.append(f"{hw} has {len(same)} series (different {' and '.join(differ)}): each has its own "
                          "baseline, and keep/discard compared results within one series only")
@@ -165,7 +167,7 @@ def summarize(s, plateau_k=PLATEAU_K, root=None):
                 noise["improvement_in_spreads"] = _r(improvement["abs"] / stored["spread"], 2)
     return {
         "hardware": s.hardware, "backend": s.backend, "eval_profile": s.eval_profile, "budget": s.budget,
-        "branch": s.branch, "config": s.config,
+        "branch": s.branch, "sandbox": s.sandbox, "config": s.config,
         "baseline": {"commit": base.commit, "val_bpb": _r(base.val_bpb)} if base else None,
         "best": {"commit": best.commit, "val_bpb": _r(best.val_bpb), "description": best.description,
                  "memory_gb": best.memory_gb, "training_seconds": best.training_seconds, "tokens": best.tokens,
@@ -199,7 +201,8 @@ def print_results(summary, console):
 
     for g in summary["groups"]:
         console.print(f"[bold]{markup(g['hardware'])}[/bold]  {markup(g['backend'])} · profile "
-                      f"{markup(g['eval_profile'])} · budget {g['budget']:g}s · {markup(g['branch'])}",
+                      f"{markup(g['eval_profile'])} · budget {g['budget']:g}s · {markup(g['branch'])} · sandbox "
+                      f"{markup(g['sandbox'])}",
                       highlight=False, soft_wrap=True)
         grid = Table(show_header=False, box=None, padding=(0, 2))
         grid.add_column(style="bold")
@@ -317,7 +320,7 @@ def plot_progress(series, path, title=None, limit=MAX_PANELS):
                        transform=edge, label="not scored (crash, invalid, lost)", zorder=4, clip_on=False)
         n_trials = len(s.trials)
         keeps = sum(r.status == "keep" for r in s.trials)
-        sub = f"{s.backend} · {s.eval_profile} profile · budget {s.budget:g}s · {s.branch}"
+        sub = f"{s.backend} · {s.eval_profile} profile · budget {s.budget:g}s · {s.branch} · sandbox {s.sandbox}"
         stats = f"{n_trials} experiment{'s' if n_trials != 1 else ''} after the baseline, {keeps} kept"
         if s.baseline and s.best and s.baseline.val_bpb:
             gain = s.baseline.val_bpb - s.best.val_bpb
@@ -448,7 +451,7 @@ def hardware_table(series):
         per_hour, overhead = pace(s)
         table.append({
             "label": label, "hardware": s.hardware, "backend": s.backend, "config": s.config,
-            "eval_profile": s.eval_profile, "budget": s.budget, "branch": s.branch,
+            "eval_profile": s.eval_profile, "budget": s.budget, "branch": s.branch, "sandbox": s.sandbox,
             "baseline": g["baseline"]["val_bpb"] if g["baseline"] else None,
             "best": g["best"]["val_bpb"] if g["best"] else None,
             "improvement_pct": g["improvement"]["pct"] if g["improvement"] else None,
@@ -524,14 +527,14 @@ def render_markdown(sources, rows, series, table, matrix, notes, png_name="progr
     if notes:
         out += ["> **Note:** " + "\n>\n> **Note:** ".join(md_cell(n) for n in notes), ""]
     out += ["## Per hardware", "",
-            "| hardware | backend | config | profile | budget | baseline | best | improvement | experiments "
+            "| hardware | backend | config | profile | budget | sandbox | baseline | best | improvement | experiments "
             "(keep/discard/crash) | tokens/s (best) | experiments/hour | overhead s/experiment |",
-            "|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+            "|---|---|---|---|---:|---|---:|---:|---:|---|---:|---:|---:|"]
     for t in table:
         config = t["config"] if t["config"] not in ("", "-") else "–"
         out.append(
             f"| {md_cell(t['label'])} | {md_cell(t['backend'])} | {md_cell(config)} | {md_cell(t['eval_profile'])} | "
-            f"{t['budget']:g}s | {num(t['baseline'], '.6f')} | {num(t['best'], '.6f')} | "
+            f"{t['budget']:g}s | {md_cell(t['sandbox'])} | {num(t['baseline'], '.6f')} | {num(t['best'], '.6f')} | "
             f"{num(t['improvement_pct'], '.2f')}% | {t['experiments']} ({t['keep']}/{t['discard']}/{t['crash']}) | "
             f"{num(t['tokens_per_sec'], ',.0f')} | {num(t['experiments_per_hour'], '.1f')} | "
             f"{num(t['overhead_s'], '.1f')} |")

@@ -121,7 +121,7 @@ def become_subreaper():
     return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
-def _children():
+def children():
     """The pids whose parent is this process, from /proc."""
     found = set()
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -138,7 +138,7 @@ def end_orphans(before):
     daemons, come back to the subreaper. Returns how many."""
     ended = 0
     for _ in range(5):  # killing one can hand its own children to us
-        orphans = _children() - before
+        orphans = children() - before
         if not orphans:
             break
         for pid in orphans:
@@ -156,7 +156,7 @@ def run_process(argv, cwd, env, timeout, on_line=None, state=None, stdin_data=No
     to the child's stdin (bytes) after it starts, then stdin is closed."""
     start = time.time()
     reaping = not sandbox.active().confined and become_subreaper()  # a sandbox's pid namespace does this itself
-    before = _children() if reaping else set()
+    before = children() if reaping else set()
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL,
                             start_new_session=True)

@@ -84,6 +84,7 @@ def invoke(*args):
 
 EXPECTED_MLX = {
     "hardware": MLX, "backend": "mlx", "eval_profile": "cpu", "budget": 300.0, "branch": BRANCH[MLX],
+    "sandbox": "none",
     "config": "DEPTH=4,TOTAL_BATCH_SIZE=16384",
     "baseline": {"commit": "a000001", "val_bpb": 1.5},
     "best": {"commit": "a000005", "val_bpb": 1.4, "description": "WARMUP_RATIO 0.0 -> 0.1", "memory_gb": 3.5,
@@ -169,17 +170,17 @@ def test_results_errors(tmp_path):
 
 EXPECTED_TABLE = [
     {"label": MLX, "hardware": MLX, "backend": "mlx", "config": "DEPTH=4,TOTAL_BATCH_SIZE=16384",
-     "eval_profile": "cpu", "budget": 300.0, "branch": BRANCH[MLX], "baseline": 1.5, "best": 1.4,
+     "eval_profile": "cpu", "budget": 300.0, "branch": BRANCH[MLX], "sandbox": "none", "baseline": 1.5, "best": 1.4,
      "improvement_pct": 6.6667, "experiments": 6, "keep": 3, "discard": 2, "crash": 1, "tokens_per_sec": 10500.0,
      # 6 minutes between rows (12 across the verify re-run): median 360 s; overheads 60 (360 for the crash)
      "experiments_per_hour": 10.0, "overhead_s": 60.0},
     {"label": MPS, "hardware": MPS, "backend": "mps", "config": "DEPTH=4,TOTAL_BATCH_SIZE=16384",
-     "eval_profile": "cpu", "budget": 300.0, "branch": BRANCH[MPS], "baseline": 2.0, "best": 1.9,
+     "eval_profile": "cpu", "budget": 300.0, "branch": BRANCH[MPS], "sandbox": "none", "baseline": 2.0, "best": 1.9,
      "improvement_pct": 5.0, "experiments": 5, "keep": 1, "discard": 3, "crash": 1, "tokens_per_sec": 2000.0,
      "experiments_per_hour": 10.0, "overhead_s": 60.0},
     {"label": H100, "hardware": H100, "backend": "cuda", "config": "-", "eval_profile": "gpu", "budget": 300.0,
-     "branch": BRANCH[H100], "baseline": 1.0, "best": 0.98, "improvement_pct": 2.0, "experiments": 2, "keep": 1,
-     "discard": 0, "crash": 1, "tokens_per_sec": None,
+     "branch": BRANCH[H100], "sandbox": "none", "baseline": 1.0, "best": 0.98, "improvement_pct": 2.0,
+     "experiments": 2, "keep": 1, "discard": 0, "crash": 1, "tokens_per_sec": None,
      "experiments_per_hour": None, "overhead_s": None},  # two intervals only: too few for a pace
 ]
 
@@ -219,9 +220,9 @@ def test_bench_report_from_ledgers_dedupes_and_notes(tmp_path):
     assert (out / "progress.png").read_bytes()[:8] == PNG_MAGIC
     assert "17 rows from 2 sources" in md
     assert "**Note:** different eval profiles (cpu, gpu)" in md
-    assert (f"| {MLX} | mlx | DEPTH=4,TOTAL_BATCH_SIZE=16384 | cpu | 300s | 1.500000 | 1.400000 | 6.67% | "
+    assert (f"| {MLX} | mlx | DEPTH=4,TOTAL_BATCH_SIZE=16384 | cpu | 300s | none | 1.500000 | 1.400000 | 6.67% | "
             "6 (3/2/1) | 10,500 | 10.0 | 60.0 |") in md
-    assert f"| {H100} | cuda | – | gpu | 300s | 1.000000 | 0.980000 | 2.00% | 2 (1/0/1) | – | – | – |" in md
+    assert f"| {H100} | cuda | – | gpu | 300s | none | 1.000000 | 0.980000 | 2.00% | 2 (1/0/1) | – | – | – |" in md
     assert f"| change | commit | {MLX} | {MPS} | {H100} |" in md
     assert ("| DEPTH 4 -> 6 | a000002 | **kept** -0.0500 (a000002) | discarded +0.0100 (b000002) | "
             "crashed (c000002) |") in md
@@ -274,7 +275,7 @@ def test_bench_report_from_run_branches_notes(tmp_path, monkeypatch):
     assert H100 not in md and "Note:" not in md
     a2, a5 = (r.commit for r in rows if r.description in ("DEPTH 4 -> 6", "WARMUP_RATIO 0.0 -> 0.1")
               and r.hardware == MLX)
-    assert f"| {MLX} | mlx | DEPTH=4,TOTAL_BATCH_SIZE=16384 | cpu | 300s | 1.500000 | 1.400000 | 6.67% |" in md
+    assert f"| {MLX} | mlx | DEPTH=4,TOTAL_BATCH_SIZE=16384 | cpu | 300s | none | 1.500000 | 1.400000 | 6.67% |" in md
     assert f"| DEPTH 4 -> 6 | {a2} | **kept** -0.0500 ({a2}) | discarded +0.0100" in md
     assert f"| WARMUP_RATIO 0.0 -> 0.1 | {a5} | **kept** -0.0500 ({a5}) | **kept** -0.1000" in md
     assert (out / "progress.png").stat().st_size > 10_000
