@@ -108,7 +108,7 @@ def bwrap_argv(argv, cwd, policy):
     if not policy.private_home and os.environ.get("HOME"):
         mounts.append((os.environ["HOME"], "--bind"))
     # what is hidden needs covering only where it lies inside something bound
-    mounts += [(p, "--tmpfs") for p in policy.hide if any(Path(p).is_relative_to(m) for m, _ in mounts)]
+    mounts += [(p, "--tmpfs") for p in _existing(policy.hide) if any(Path(p).is_relative_to(m) for m, _ in mounts)]
     # Parents first, so a deeper bind lands inside a shallower one; on one path the stricter entry comes last.
     order = {"--bind": 0, "--ro-bind": 1, "--tmpfs": 2}
     for path, how in sorted(set(mounts), key=lambda m: (_depth(m[0]), order[m[1]])):
