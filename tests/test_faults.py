@@ -1,7 +1,8 @@
 """The fault matrix: signals, kills, two harnesses, broken caches, torn and lost ledgers, full disks, bad options.
 Real processes, real signals, real git repositories and real (few-second) training runs. After each fault: HEAD at
 the last keep, no trainer left running, the ledger well-formed and equal to the notes, user files intact, one
-clear line."""
+clear line. They run with --sandbox off: what recovery must do where no sandbox ends a run's processes with its
+harness (tests/test_sandbox.py checks that one does)."""
 
 import os
 import shutil
@@ -15,8 +16,19 @@ import git
 import numpy as np
 import pytest
 
-from conftest import BUDGET, cli, edit
+from conftest import BUDGET, cli, copy_checkout, edit
 from autoresearch.ledger import format_row, notes_rows, read_ledger
+
+
+@pytest.fixture(autouse=True)
+def unsandboxed(monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_SANDBOX", "off")  # every command the tests start, through the environment
+
+
+@pytest.fixture
+def repo_dir(unsandboxed_template, tmp_path, use_cache):
+    return copy_checkout(unsandboxed_template, tmp_path)
+
 
 def spawn(root, *args):
     return subprocess.Popen([sys.executable, "-m", "autoresearch", *map(str, args)], cwd=root, text=True,
@@ -187,9 +199,24 @@ def test_train_py_that_deletes_the_ledger_is_caught_and_the_ledger_restored(repo
 
 
 def test_ledger_deleted_between_commands_is_restored_before_comparing(repo_dir):
+    ledger = (repo_dir / "results.tsv").read_bytes()
     (repo_dir / "results.tsv").unlink()
     edit(repo_dir)
+    # the harness's record puts it back and stops: something outside the harness ran in this checkout
     proc = cli(repo_dir, "--backend", "mlx", "run", "-m", "lr", "--budget", BUDGET, "--gate", "greedy")
+    assert proc.returncode == 2 and "results.tsv changed outside the harness" in proc.stderr, proc.stderr
+    assert (repo_dir / "results.tsv").read_bytes() == ledger
+    proc = cli(repo_dir, "--backend", "mlx", "run", "-m", "lr", "--budget", BUDGET, "--gate", "greedy")
+    assert proc.returncode in (0, 3), proc.stdout + proc.stderr
+    assert "vs best" in proc.stdout and "(baseline" not in proc.stdout
+    check_invariants(repo_dir, 2)
+
+
+def test_a_fresh_clone_restores_its_ledger_from_the_notes(repo_dir, tmp_path):
+    (repo_dir / "results.tsv").unlink()
+    edit(repo_dir)
+    fresh = {"AUTORESEARCH_STATE": str(tmp_path / "another-machine")}  # a record that never saw this checkout
+    proc = cli(repo_dir, "--backend", "mlx", "run", "-m", "lr", "--budget", BUDGET, "--gate", "greedy", env=fresh)
     assert proc.returncode in (0, 3), proc.stdout + proc.stderr
     assert "restored 1 row" in proc.stderr and "vs best" in proc.stdout and "(baseline" not in proc.stdout
     check_invariants(repo_dir, 2)
