@@ -33,7 +33,7 @@ class Refused(Exception):
 # Every git command the harness runs: no hooks, no fsmonitor, no attributes file of the user's, no pager. What a
 # train.py or an agent wrote into the repository's configuration never runs as the referee.
 GIT_OPTIONS = ["core.hooksPath=/dev/null", "core.fsmonitor=false", "core.attributesFile=/dev/null",
-               "core.pager=cat", "diff.external=", "core.untrackedCache=false"]
+               "core.pager=cat", "core.untrackedCache=false"]
 
 
 def harness_repo(root):
@@ -306,7 +306,7 @@ class RunBranch:
     def check_record(self):
         """The ledger and the noise floor are as the harness last wrote them; else put back, and Refused."""
         try:
-            record.check(self.root)
+            record.check(self.root, self.say)
         except record.Tampered as e:
             raise Refused(str(e)) from None
 
@@ -317,7 +317,8 @@ class RunBranch:
         pinned = record.pin(self.root, self.name) or (base.pin if base is not None else "-")
         if pinned in ("", "-"):
             return  # a branch set up before pins existed: nothing to compare with
-        on_disk = disk_changes(self.repo, commit)
+        visible = set(changed_files(self.repo))  # what git shows as changed is refused elsewhere, with its own words
+        on_disk = [f for f in disk_changes(self.repo, commit) if f not in visible]
         if on_disk:
             raise Refused(f"the fixed half of the repository on disk is not as committed ({', '.join(on_disk[:5])}):"
                           " restore it with `git checkout -- FILE` (and `git update-index --no-skip-worktree "

@@ -23,7 +23,8 @@ from .clock import Clock
 from .gate import Gate, decide, save_noise, spread
 from .hardware import hardware_tag
 from .hparams import set_constants
-from .ledger import LEDGER_NAME, NOTES_REF, SCORED, UNJUDGED, LedgerError, Row, append_row, now, write_note
+from .ledger import (LEDGER_NAME, NOTES_REF, SCORED, UNJUDGED, LedgerError, Row, append_row, format_row, now,
+                     write_note)
 from .runner import COMPILE_CACHE_ENV, default_timeout, run_training
 
 EXIT = {"ok": 0, "keep": 0, "holds": 0, "error": 1, "refused": 2, "discard": 3, "regressed": 3, "crash": 4, "repeat": 5,
@@ -121,6 +122,7 @@ def record(repo, row, commit):
     """Append the row to results.tsv, and to the commit's git note (refs/notes/autoresearch), so a run
     branch carries its own ledger to other machines: `git push origin refs/notes/autoresearch`."""
     root = Path(repo.working_tree_dir)
+    harness_record.pending(root, format_row(row))
     append_row(root / LEDGER_NAME, row)
     write_note(repo, row, commit)
     harness_record.save(root)

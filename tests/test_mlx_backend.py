@@ -96,7 +96,7 @@ def test_calibration_steps_save_nothing(use_cache, tmp_path):
     assert result.returncode == 0, result.tail()
     s = result.summary
     assert s is not None and "val_bpb" not in s, result.tail()
-    assert not (tmp_path / "checkpoint").exists()
+    assert not any((tmp_path / "checkpoint").glob("*"))  # the folder is made to be bound; nothing in it
     assert s["num_steps"] == 3 and s["tokens_per_sec"] > 0 and s["peak_vram_mb"] > 0
 
 
