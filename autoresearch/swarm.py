@@ -22,6 +22,7 @@ from pathlib import Path
 import git
 
 from . import train_file
+from . import record as harness_record
 from .agents import make_agent
 from .branch import BRANCH_PREFIX, Lock, Refused, open_branch, open_repo, refuse_dirty, state_dir
 from .experiment import (CacheBroken, Measurement, Settings, Timing, check_budget, check_cache, experiment, make_row,

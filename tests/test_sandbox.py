@@ -350,9 +350,12 @@ def test_writes_to_the_checkout_the_venv_and_the_cache_fail_and_the_next_commit_
         found = probes(run_log(repo_dir))
         writes = {k[len("write "):]: v for k, v in found.items() if k.startswith("write ")}
         assert len(writes) == 16, found
-        assert not [k for k, v in writes.items() if v == "ok"], writes
+        # the harness's state folder is covered by an empty, private folder: writes there land on the cover and
+        # vanish with the run (the snapshot below shows the real files unchanged); every other write is refused
+        covered = ("noise.json", "pid file", "trainer.pid")
+        assert not [k for k, v in writes.items() if v == "ok" and k not in covered], writes
         assert all("Read-only file system" in v or v.startswith("FileNotFoundError") for k, v in writes.items()
-                   if k != "skip-worktree"), writes
+                   if k not in ("skip-worktree", *covered)), writes
         assert_not_kept(repo_dir, proc, closing, baseline[0])
         assert_unchanged(baseline[1], snapshot(repo_dir), allow=("results.tsv", "notes"))
         assert not pth.exists() and not (repo_dir / "__pycache__").exists()
