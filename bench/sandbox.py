@@ -6,7 +6,8 @@ Benchmark: what the sandbox and the referee's checks cost per experiment, measur
 - the checks around a run: the Watch's snapshot and comparison (git's control files, every file of the checkout,
   the fixed half on disk), the record's check;
 - a whole experiment's time outside training (wall time - the harness-timed training): the trainer and the
-  evaluator under bwrap against --sandbox off, interleaved A B A B at the same budget, seed and config.
+  evaluator under bwrap against --sandbox off, interleaved A B A B at the same budget, seed and config, after one
+  warm-up run each (MLX's compiled kernels cached on disk: /tmp/mlx unsandboxed, the compile cache in bwrap).
 
 Usage: AUTORESEARCH_CACHE=/tmp/bench python bench/sandbox.py [--budget 5] [--repeats 3] [--out bench/sandbox.md]
 """
@@ -92,6 +93,8 @@ def main():
     bare, wrapped = process_start(20)
     costs = checks(root)
     rows = {"off": [], "bwrap": []}
+    for mode in ("off", "auto"):  # warm-up: each arm's compile cache filled once, so neither pays a cold compile
+        outside_training(root, args.budget, mode)
     for _ in range(args.repeats):
         for mode in ("off", "auto"):
             rows["off" if mode == "off" else "bwrap"].append(outside_training(root, args.budget, mode))
