@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MODES = ("auto", "require", "off")
-KINDS = ("bwrap", "sandbox-exec", "none")  # what a row's sandbox column may hold
 INSTALL = {"Linux": "apt-get install bubblewrap (or dnf install bubblewrap)",
            "Darwin": "sandbox-exec ships with macOS: /usr/bin/sandbox-exec is missing or blocked"}
 # Read-only in every sandbox where they exist: the system's programs, libraries and configuration.
