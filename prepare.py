@@ -718,8 +718,8 @@ def _load_tokens(stem, directory=None):
     return tokens, offsets
 
 
-def _documents(split, directory=None):
-    """Endless (document tokens, epoch) stream of a split, in shard order."""
+def _documents(split, directory=None, passes=None):
+    """(document tokens, epoch) stream of a split, in shard order: endless, or `passes` passes over it."""
     if split == "val" and directory is None:
         require_validation()
     directory = Path(directory or tokens_dir())
@@ -734,57 +734,78 @@ def _documents(split, directory=None):
         raise PrepareError(f"no tokenized {split} shards in {directory}: run `autoresearch prepare` first")
     shards = [_load_tokens(s, directory) for s in stems]
     epoch = 1
-    while True:
+    while passes is None or epoch <= passes:
         for tokens, offsets in shards:
             for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
                 yield tokens[start:end], epoch
         epoch += 1
 
 
-def pack_rows(documents, B, T, buffer_size=1000, keep_remainders=False):
+class _RowPacker:
     """
     BOS-aligned best-fit packing: every row starts with a document (BOS), no padding.
     Each slot takes the largest buffered document that fits; when none fits, the shortest is
     cropped to fill the row exactly. Upstream drops the cropped tail, which is harmless on a
     large dataset; keep_remainders puts it back in the buffer behind its document's BOS, so a
     small local dataset is not cut to the first row of each document (mixed-en at T=256 keeps
-    ~20% of its tokens otherwise). Yields ((B, T+1) int32 array, epoch).
+    ~20% of its tokens otherwise). The buffer is refilled to buffer_size documents before every
+    slot; on a finite stream of documents the packer ends when the stream and the buffer run out.
     """
-    capacity = T + 1
-    lengths, docs = [], []  # kept sorted by length; equal lengths oldest-last, so popped first
 
-    def push(doc):
-        i = bisect.bisect_left(lengths, len(doc))
-        lengths.insert(i, len(doc))
-        docs.insert(i, doc)
+    def __init__(self, documents, buffer_size=1000, keep_remainders=False):
+        self.documents, self.buffer_size, self.keep_remainders = documents, buffer_size, keep_remainders
+        self.lengths, self.docs = [], []  # kept sorted by length; equal lengths oldest-last, so popped first
+        self.epoch = 1  # the epoch of the last document read
+        self.exhausted = False
 
-    epoch = 1
+    def _push(self, doc):
+        i = bisect.bisect_left(self.lengths, len(doc))
+        self.lengths.insert(i, len(doc))
+        self.docs.insert(i, doc)
+
+    def fill(self, row):
+        """Fill row (a 1-D int32 array) entirely; False, the row unusable, when the documents ran out first."""
+        pos = 0
+        while pos < len(row):
+            while not self.exhausted and len(self.docs) < self.buffer_size:
+                try:
+                    doc, self.epoch = next(self.documents)
+                except StopIteration:
+                    self.exhausted = True
+                    break
+                self._push(doc)
+            if not self.docs:
+                return False
+            remaining = len(row) - pos
+            i = bisect.bisect_right(self.lengths, remaining) - 1
+            if i < 0:
+                i = 0  # nothing fits: crop the shortest
+            self.lengths.pop(i)
+            doc = self.docs.pop(i)
+            n = min(len(doc), remaining)
+            row[pos : pos + n] = doc[:n]
+            pos += n
+            if self.keep_remainders and n < len(doc):
+                self._push(np.concatenate([doc[:1], doc[n:]]))  # doc[0] is its BOS
+        return True
+
+
+def pack_rows(documents, B, T, buffer_size=1000, keep_remainders=False):
+    """Batches of packed rows (see _RowPacker) from an endless documents stream: yields ((B, T+1) int32, epoch)."""
+    packer = _RowPacker(documents, buffer_size, keep_remainders)
     while True:
-        rows = np.empty((B, capacity), dtype=np.int32)
+        rows = np.empty((B, T + 1), dtype=np.int32)
         for r in range(B):
-            pos = 0
-            while pos < capacity:
-                while len(docs) < buffer_size:
-                    doc, epoch = next(documents)
-                    push(doc)
-                remaining = capacity - pos
-                i = bisect.bisect_right(lengths, remaining) - 1
-                if i < 0:
-                    i = 0  # nothing fits: crop the shortest
-                lengths.pop(i)
-                doc = docs.pop(i)
-                n = min(len(doc), remaining)
-                rows[r, pos : pos + n] = doc[:n]
-                pos += n
-                if keep_remainders and n < len(doc):
-                    push(np.concatenate([doc[:1], doc[n:]]))  # doc[0] is its BOS
-        yield rows, epoch
+            if not packer.fill(rows[r]):
+                return  # a finite stream ran out: a partial batch would break the (B, T+1) contract
+        yield rows, packer.epoch
 
 
 def make_dataloader(tokenizer, B, T, split="train", buffer_size=1000):
     """
     Upstream's loader contract on numpy: yields (inputs, targets, epoch), each (B, T) int32.
-    Training keeps cropped remainders (see pack_rows); validation rows are built as upstream's.
+    Training keeps cropped remainders (see _RowPacker); the val split's loader packs as upstream does, cycling
+    the split. The fixed validation rows the metric scores are build_val_rows's, from one pass over it.
     """
     del tokenizer  # documents come pre-tokenized from the cache; kept for upstream's signature
     if split == "val":
@@ -810,10 +831,30 @@ def _by_pass(rows, split_tokens):
 
 
 def build_val_rows(profile, directory=None):
-    """The fixed validation rows: the first eval_tokens // seq_len packed rows of the val split."""
-    n_rows = max(1, profile.eval_tokens // profile.seq_len)
-    rows, _ = next(pack_rows(_documents("val", directory), n_rows, profile.seq_len))
+    """
+    The fixed validation rows: up to eval_tokens // seq_len rows packed from one pass over the val split,
+    cropped tails kept, so no document's tokens are scored twice. A split too small for the profile gives
+    fewer rows (prepare says so); one too small for a single row is a PrepareError.
+    """
+    n_rows = val_row_count(profile)
+    packer = _RowPacker(_documents("val", directory, passes=1), keep_remainders=True)
+    rows = np.empty((n_rows, profile.seq_len + 1), dtype=np.int32)
+    for r in range(n_rows):
+        if not packer.fill(rows[r]):
+            rows = rows[:r]
+            break
+    if not len(rows):
+        offsets = _load_tokens(Path(VAL_FILENAME).stem, directory)[1]
+        docs = f"{len(offsets) - 1:,} document" + ("s" if len(offsets) != 2 else "")
+        raise PrepareError(f"the validation split holds {int(offsets[-1]):,} tokens in {docs}, "
+                           f"too few for one row of {profile.seq_len + 1:,} tokens (profile {profile.name}); "
+                           "give it more text (for --source, a larger --val-fraction)")
     return rows
+
+
+def val_row_count(profile):
+    """The validation rows a profile asks for; a split too small for them gives fewer (build_val_rows)."""
+    return max(1, profile.eval_tokens // profile.seq_len)
 
 
 def get_val_rows():
@@ -1096,13 +1137,23 @@ def prepare(profile="cpu", dataset=None, sources=None, num_shards=10, workers=8,
         val_rows = build_val_rows(prof, staging / "tokens")
         np.save(staging / "tokens" / "val_rows.npy", val_rows)
         val_tokens = counts[VAL_FILENAME]
+        wanted = val_row_count(prof)
+        val_note = None
+        if len(val_rows) < wanted:  # fewer rows, never repeated ones: said on the output and in profile.json
+            val_note = (f"validation: {len(val_rows):,} rows of {prof.seq_len + 1:,} tokens, fewer than the profile's "
+                        f"{wanted:,} rows: the split holds only {val_tokens:,} tokens, and no document is scored twice")
+            print(val_note, flush=True)
+        distinct = len(np.unique(val_rows, axis=0))
         meta = {
             "profile": asdict(prof),
             **origin,
             **stats,
             "train_tokens": sum(v for k, v in counts.items() if k != VAL_FILENAME),
             "val_tokens": val_tokens,
-            "val_repeats": val_tokens < prof.eval_tokens,  # eval cycles through a small val split
+            "val_rows": len(val_rows),
+            "val_distinct_rows": distinct,
+            "val_repeats": distinct < len(val_rows),  # from the rows themselves: only duplicate documents repeat
+            "val_note": val_note,
             "vocab_size": enc.n_vocab,
             "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "files": _file_sizes(staging),  # check_cache compares these before every run

@@ -108,7 +108,7 @@ def _token_use(keep_remainders, batches=1500, buffer_size=64):
 
 def test_training_rows_keep_cropped_remainders(use_cache):
     # mixed-en's documents average ~1,100 tokens: cropping at 257 without keeping the tail
-    # (upstream's rule, still used for the fixed validation rows) would train on a fifth of them
+    # (upstream's rule, still the val split's loader's) would train on a fifth of them
     assert _token_use(keep_remainders=True) > 0.97
     assert _token_use(keep_remainders=False) < 0.5
 
@@ -213,9 +213,10 @@ def test_profile_recorded_for_a_larger_profile(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path / "c"))
     meta = prepare.prepare(profile="laptop", sources=[SHAKESPEARE])
     assert meta["profile"]["seq_len"] == 1024 and meta["vocab_size"] == 8192
-    assert meta["val_repeats"] is True  # 1 MB of text cannot fill 2M eval tokens: said, not hidden
+    # 1 MB of text cannot fill 2M eval tokens: fewer rows, said, never the same ones again
     rows = prepare.get_val_rows()
-    assert rows.shape == (2048, 1025)
+    assert rows.shape == (meta["val_rows"], 1025) and 0 < meta["val_rows"] < 2048
+    assert meta["val_repeats"] is False and meta["val_note"].startswith(f"validation: {meta['val_rows']} rows of 1,025")
 
 
 def test_write_parquet_helper_for_bad_input(tmp_path):
