@@ -1,24 +1,28 @@
 """
-The fixed evaluator: the val_bpb of the checkpoint train.py saved, computed by harness code in a fresh process.
+The fixed evaluator: the val_bpb of the checkpoint train.py saved, computed where no agent code runs.
 
-evaluate() runs in the harness's own process, where no agent code ever runs. It reads the validation rows from
-the real cache and starts `python -m autoresearch.evaluate BACKEND` in the checkout. That child imports
-backends/<backend>/train.py (importing never trains), reads the checkpoint's path on stdin, rebuilds the trained model with the file's
-build_model(config, weights) hook, says it is ready, and then turns every chunk of rows it reads on stdin into
-per-token nats on stdout: the cross-entropy of the model's logits, computed here (make_loss_fn). The parent
-reduces the nats to bits per byte with prepare.evaluate_bpb, then probes the model on the first chunk:
-- purity: the first chunk scored again after all the others must give the same losses as the first time;
-- causality: every row's tokens after a random position replaced by others, the losses before it must not move.
-A model that fails a probe is "invalid": it gets no val_bpb.
+evaluate() runs in the harness's own process, which never imports train.py. It starts two fresh processes
+(`python -I -B`, in the sandbox: no cache, no network, the checkout and the checkpoint read-only), each of which
+imports backends/<backend>/train.py, rebuilds the trained model with its build_model(config, weights) hook and
+then answers every chunk of input tokens it is sent with the model's logits, written into a shared-memory
+buffer the harness made. The harness copies the logits out (the child could rewrite the buffer afterwards) and
+computes everything from them itself: the cross-entropy, its reduction to bits per byte (prepare.evaluate_bpb),
+the probes. The model's process is sent inputs only (never a row's last token), computes no loss, and nothing
+it does to its own interpreter reaches the number.
 
-What this guarantees: train.py's own loss, its own evaluation code, what it prints and any name it rebinds
-never reach the number; the loss is computed here from logits, the reduction and the probes run in the parent.
-The child runs with AUTORESEARCH_CACHE set to the trainer's view (prepare.trainer_view: no validation files);
-its stdin carries nothing before the model is built, and each chunk is sent only after the previous chunk's
-losses are back, so the model cannot read ahead. What it cannot guarantee, sharing a process with the model: a
-train.py that opens the real cache by path (the view sits inside it), monkeypatches the framework or the
-interpreter, or carries validation text in its own source. That needs an OS sandbox; the ledger's commit of
-every experiment makes such code visible afterwards.
+- The scoring process gets every validation row once, in an order and in chunks drawn afresh per evaluation.
+- The reference process, a second fresh one, gets PROBE_ROWS rows drawn at random per evaluation: half as they
+  are (purity), half with natural text from another validation row spliced in from a random position on
+  (causality). An honest model's output at a position is a function of the row's tokens up to it, so the two
+  processes' log-probability vectors must agree at every position of a purity row and at every position before
+  the splice of a causality row, including the one right before it. A model that adapts to what it scores,
+  behaves differently in a process that has seen many rows, reads across the rows of a chunk, or sees even one
+  token ahead, disagrees.
+- The scoring process cannot tell which of its rows are compared: a model whose outputs differ from a fresh
+  process's on a fraction f of the rows escapes with probability at most (1 - f) ** PROBE_ROWS (f = 0.1: 3.4 %);
+  a lookahead that the model also applies in the reference process is seen by the causality half alone,
+  (1 - f) ** (PROBE_ROWS // 2) (f = 0.1: 18.5 %, f = 0.25: 1.0 %).
+A model that fails a probe is "invalid": it gets no val_bpb. backends/README.md states the protocol.
 """
 
 import importlib.util
@@ -41,15 +45,16 @@ from .clock import SCORING_SLACK_SECONDS
 from .hardware import cpu_cores, preload_blas
 from .runner import remove_pid_file, write_pid_file
 
-# How far a loss may move between two evaluations of the same prefix (nats). Honest models give identical
-# numbers (every row is computed alone, masked attention adds exact zeros); the slack covers kernels that are
-# not bitwise deterministic. Float32 tight, lower precisions (bf16 autocast) looser.
+# How far a log-probability may move between two evaluations of the same prefix (nats). Honest models give the
+# same numbers up to rounding (every row is computed alone, masked attention adds exact zeros); the slack covers
+# kernels that are not bitwise deterministic across batch shapes. Float32 tight, lower precisions (bf16) looser.
 TOLERANCE = {"float32": 1e-4}
 LOW_PRECISION_TOLERANCE = 2e-2
-EVALUATOR_PID_FILE = "evaluator.pid"  # in .autoresearch/, beside the trainer's
-PROBE_ROWS = 4  # rows the probes score again, where the model is not compiled for one batch shape
+EVALUATOR, REFERENCE = "evaluator", "reference"  # the two processes: their pid files, logs and log prefixes
+PROBE_ROWS = 32  # rows the reference process scores: half as they are (purity), half spliced (causality)
+LOGITS_BYTES = 256 << 20  # the shared buffer: the logits of as many rows as fit, copied out a slice at a time
 BUILD_SECONDS = 60  # from the checkpoint to a built model: loading weights takes seconds, never a minute
-SEALED_LINES = 2000  # of the child's output while it holds rows, kept in the record for a human
+SEALED_LINES = 2000  # of a child's output while it holds rows, kept in the record for a human
 
 
 @dataclass(frozen=True)
@@ -62,12 +67,13 @@ class Evaluation:
 
 
 class EvaluatorFailed(Exception):
-    """The child died, timed out or broke the protocol; the message says which."""
+    """A child died, timed out or broke the protocol; the message says which."""
 
 
 # The child runs isolated (-I: no environment variables, user site or working directory on its path; -B: no bytecode
 # written), with exactly the harness's own prepare.py and package on its path.
-CHILD_MAIN = "import json, sys; sys.path[:0] = json.loads(sys.argv[1]); from autoresearch.evaluate import serve; serve(sys.argv[2])"
+CHILD_MAIN = ("import json, sys; sys.path[:0] = json.loads(sys.argv[1]); from autoresearch.evaluate import serve; "
+              "serve(sys.argv[2], int(sys.argv[3]))")
 
 
 def harness_path():
@@ -75,32 +81,43 @@ def harness_path():
     return [str(Path(prepare.__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
 
-def start_evaluator(backend, root, checkpoint, env=None, state=None):
-    """The evaluator's process, started ahead: its interpreter, framework and train.py imports run while it waits
-    for the checkpoint's path (evaluate(..., child=)). On a GPU the harness starts it while training runs, so the
-    fresh process costs no more than evaluating in-process did. It runs in the sandbox: the checkout and the
-    checkpoint read-only, no cache at all, no network, Python isolated from the environment and from bytecode."""
+def shared_buffer():
+    """A file only in memory (an unlinked temporary file where there is no memfd), inherited by the child."""
+    if hasattr(os, "memfd_create"):
+        return os.memfd_create("autoresearch-logits")
+    import tempfile
+
+    return os.dup(tempfile.TemporaryFile().fileno())
+
+
+def start_evaluator(backend, root, checkpoint, env=None, state=None, name=EVALUATOR):
+    """One evaluator process, started ahead: its interpreter, framework and train.py imports run while it waits
+    for the job (Child.start). On a GPU the harness starts the scoring one while training runs, so the fresh
+    process costs no more than evaluating in-process did. It runs in the sandbox: the checkout and the checkpoint
+    read-only, no cache at all, no network, Python isolated from the environment and from bytecode."""
     child_env = dict(os.environ if env is None else env, AUTORESEARCH_CACHE=str(prepare.trainer_view()),
                      PYTHONUNBUFFERED="1")
-    blas = preload_blas(child_env, one_thread=True) if backend == "mlx" else None  # mlx_loss_fn: a stream per core
+    blas = preload_blas(child_env, one_thread=True) if backend == "mlx" else None  # logits_fn: a stream per core
     notes = [blas] if blas else []
     # the harness's state folder too: its logs hold earlier runs' output
     hidden = (str(prepare.cache_dir()), str(record.state_home()), str(Path(root) / ".autoresearch"))
     policy = sandbox.Policy(read=(str(root), str(checkpoint)), hide=hidden, network=False)
+    buffer = shared_buffer()
     argv, inside = sandbox.active().wrap([sys.executable, "-I", "-B", "-c", CHILD_MAIN, json.dumps(harness_path()),
-                                          backend], root, policy)
+                                          backend, str(buffer)], root, policy)
     child_env.update(inside)
-    return Child(argv, root, child_env, Path(state) / EVALUATOR_PID_FILE if state else None, notes)
+    return Child(argv, root, child_env, name, buffer, Path(state) / f"{name}.pid" if state else None, notes)
 
 
 def evaluate(backend, root, checkpoint, timeout=None, on_line=None, env=None, state=None, child=None, scoring=None):
-    """Score the checkpoint of backends/<backend>/train.py in root. env: the child's base environment (default
-    os.environ); its AUTORESEARCH_CACHE is replaced by the trainer's view of this process's cache. state: the
-    folder for the child's pid file, so a harness started after this one was killed can stop it. child: one
-    start_evaluator() started ahead, else a fresh one. scoring: seconds the scoring and probes may take once the
-    model is built (the branch's clock), or None."""
+    """Score the checkpoint of backends/<backend>/train.py in root. env: the children's base environment (default
+    os.environ); their AUTORESEARCH_CACHE is replaced by the trainer's view of this process's cache. state: the
+    folder for the children's pid files, so a harness started after this one was killed can stop them. child: the
+    scoring process, started ahead (start_evaluator), else a fresh one. scoring: seconds the scoring and probes
+    may take once the models are built (the branch's clock), or None."""
     start = time.time()
     lines = []
+    children = []
 
     def note(line):
         lines.append(line)
@@ -114,105 +131,164 @@ def evaluate(backend, root, checkpoint, timeout=None, on_line=None, env=None, st
 
     try:
         if not (Path(checkpoint) / "config.json").exists():
+            if child:
+                child.close()
             return result("crash", None, f"train.py saved no checkpoint in {checkpoint}")
         rows = np.ascontiguousarray(prepare.get_val_rows(), dtype=np.int32)
         vocab = len(prepare.get_token_bytes())
-        child = child or start_evaluator(backend, root, checkpoint, env, state)
-        child.scoring = scoring
-        child.listen(note)
-        child.start({"checkpoint": str(Path(checkpoint).resolve()), "vocab_size": vocab}, timeout)
-        return result(*score(child, rows, vocab, note))
+        job = {"checkpoint": str(Path(checkpoint).resolve()), "vocab_size": vocab}
+        children = [child or start_evaluator(backend, root, checkpoint, env, state),
+                    start_evaluator(backend, root, checkpoint, env, state, REFERENCE)]
+        for c in children:
+            c.scoring = scoring
+            c.listen(note if c.name == EVALUATOR else lambda line: note(f"[{REFERENCE}] {line}"))
+            c.start(job, timeout)
+        return result(*score(*children, rows, vocab, note))
     except EvaluatorFailed as e:
         return result("crash", None, str(e))
-    except BaseException:  # Ctrl-C, SIGTERM: the child goes at once
-        if child:
-            child.kill()
+    except BaseException:  # Ctrl-C, SIGTERM: the children go at once
+        for c in children:
+            c.kill()
         raise
     finally:
-        if child:
-            child.close()
+        for c in children:
+            c.close()
 
 
-def score(child, rows, vocab, note):
-    """(status, val_bpb, reason) from a started child: every row scored, then the two probes on the first chunk."""
-    hello = child.hello()
+def score(main, reference, rows, vocab, note):
+    """(status, val_bpb, reason) from two started children: the probes' rows in the reference process, then every
+    row in the scoring process, in an order drawn now; val_bpb from the scoring process's logits."""
+    hello, ref_hello = main.hello(), reference.hello()
     b, dtype = hello["rows_per_chunk"], hello["dtype"]
     tol = TOLERANCE.get(dtype, LOW_PRECISION_TOLERANCE)
     note(f"evaluator: model built in {hello['seconds']:.2f}s on {hello['device']} ({dtype}); "
-         f"{len(rows)} validation rows in chunks of {b}")
-    T = rows.shape[1] - 1
-
-    def ask(chunk):
-        # a compiled model is padded to b rows every call (one shape, one compile); an eager one gets what there is
-        sent = np.resize(chunk, (b, T + 1)) if hello["compiled"] else chunk
-        nats = child.losses(sent)
-        if nats.shape != (len(sent), T):
-            raise EvaluatorFailed(f"the evaluator returned losses of shape {nats.shape}, expected {(len(sent), T)}")
-        if not np.all(np.isfinite(nats)):
-            raise EvaluatorFailed("the model's losses are not finite (NaN or inf logits)")
-        return nats[: len(chunk)]
-
-    first = []  # the first chunk's losses, which the probes compare against
-
-    def loss_fn(x, y):
-        nats = ask(np.concatenate([x, y[:, -1:]], axis=1))
-        if not first:
-            first.append(nats)
-        return nats[: len(x)]
-
+         f"{len(rows)} validation rows in chunks of {b}; {REFERENCE} process built in {ref_hello['seconds']:.2f}s")
+    rng = np.random.default_rng()  # fresh every evaluation: nothing in train.py can be tuned to it
+    probes = Probes.draw(rows, vocab, rng)
     t0 = time.time()
-    val_bpb = prepare.evaluate_bpb(loss_fn, b, rows=rows)
+    expected = {}  # validation row -> the reference's log-probabilities at the positions compared
+    for at in range(0, len(probes.rows), b):
+        for i, logits in enumerate(reference.logits(probes.inputs[at : at + b], vocab), start=at):
+            expected[int(probes.rows[i])] = log_softmax(logits[: probes.cuts[i]])
+    order, T = rng.permutation(len(rows)), rows.shape[1] - 1
+    nats = np.empty((len(rows), T), dtype=np.float32)
+    worst = {True: Disagreement(), False: Disagreement()}  # purity, causality: the largest of each kind
+    for at in range(0, len(order), b):
+        picked = order[at : at + b]
+        logits = main.logits(rows[picked, :-1], vocab)
+        for r, out in zip(picked.tolist(), logits):
+            if r in expected:
+                seen = Disagreement.of(expected.pop(r), out, r, probes.cut_of(r))
+                worst[seen.cut == T] = max(worst[seen.cut == T], seen)
+        nats[picked] = cross_entropy(logits, rows[picked, 1:])
     scored = time.time() - t0
-    # the probes' rows: the first chunk's first few (all of it where a padded chunk costs the same)
-    probe = rows[: b if hello["compiled"] else min(b, PROBE_ROWS)]
-    again = ask(probe)  # purity first: a model that adapts would fail the causality comparison too, misnamed
-    problem = (purity_probe(again, first[0][: len(probe)], tol, dtype)
-               or causality_probe(ask, probe, again, tol, dtype, vocab))
+    if not np.all(np.isfinite(nats)):
+        raise EvaluatorFailed("the model's logits are not finite (NaN or inf): no loss can be computed from them")
+    val_bpb = prepare.evaluate_bpb(in_order(nats), b, rows=rows)
+    # purity first: a model whose outputs drift fails the causality comparison too, and would be misnamed
+    problem = worst[True].problem(tol, dtype, T) or worst[False].problem(tol, dtype, T)
     if problem:
         return "invalid", None, f"{problem} (not scored; it would have been val_bpb {val_bpb:.6f})"
-    return "ok", val_bpb, f"val_bpb {val_bpb:.6f} ({len(rows)} rows scored in {scored:.1f}s; purity and causality probes passed)"
+    return "ok", val_bpb, (f"val_bpb {val_bpb:.6f} ({len(rows)} rows scored in {scored:.1f}s; purity and causality "
+                           f"probes on {len(probes.rows)} rows passed)")
 
 
-def causality_probe(ask, rows, expected, tol, dtype, vocab):
-    """Every row keeps tokens [0, cut) and gets other tokens from cut on; the losses at positions before cut - 1
-    (which predict tokens before cut from tokens before cut) must not move. None, or what moved."""
-    rng = np.random.default_rng()  # fresh cuts every run: a model cannot be tuned to them
-    T = rows.shape[1] - 1
-    cuts = rng.integers(2, T + 1, size=len(rows))
-    probe = rows.copy()
-    for r, cut in enumerate(cuts):
-        probe[r, cut:] = (probe[r, cut:] + rng.integers(1, vocab, T + 1 - cut)) % vocab  # every later token differs
-    before = np.arange(T)[None, :] < (cuts - 1)[:, None]
-    diff = np.where(before, np.abs(ask(probe) - expected), 0.0)
-    r, p = np.unravel_index(np.argmax(diff), diff.shape)
-    if diff[r, p] > tol:
-        return (f"causality probe: the loss at position {p} of validation row {r} moved by {diff[r, p]:.3g} nats "
-                f"(tolerance {tol:g} for {dtype}) when only the tokens from position {cuts[r]} on were replaced: "
-                "the model sees future tokens")
-    return None
+def in_order(nats):
+    """prepare.evaluate_bpb's loss_fn over nats already computed for every row, which it asks for chunk by chunk."""
+    at = [0]
+
+    def loss_fn(x, y):
+        at[0] += len(x)
+        return nats[at[0] - len(x) : at[0]]
+
+    return loss_fn
 
 
-def purity_probe(again, first, tol, dtype):
-    """The first chunk scored again after every other: the same losses, or the model adapted to what it saw."""
-    diff = np.abs(again - first)
-    r, p = np.unravel_index(np.argmax(diff), diff.shape)
-    if diff[r, p] > tol:
-        return (f"purity probe: the first chunk scored again after the others moved by up to {diff[r, p]:.3g} nats "
-                f"(row {r}, position {p}; tolerance {tol:g} for {dtype}): the model adapts to the validation data")
-    return None
+@dataclass(frozen=True)
+class Probes:
+    """The rows the reference process scores: their indices in the validation rows, what it is shown (a row's
+    inputs, or its inputs up to cut with another row's text from there on) and how many leading positions must
+    agree (cut; T for a row shown as it is)."""
+    rows: np.ndarray
+    inputs: np.ndarray
+    cuts: np.ndarray
+
+    @classmethod
+    def draw(cls, rows, vocab, rng, k=PROBE_ROWS):
+        n, T = len(rows), rows.shape[1] - 1
+        picked = rng.choice(n, size=min(k, n), replace=False)
+        inputs = np.ascontiguousarray(rows[picked, :-1])
+        cuts = np.full(len(picked), T)
+        for i in range(len(picked) // 2, len(picked) if T > 1 else 0):  # picked is in random order
+            cut = int(rng.integers(1, T))
+            donors = np.flatnonzero(rows[:, cut] != inputs[i, cut])  # natural text, and a new token right at cut
+            if len(donors):
+                inputs[i, cut:] = rows[rng.choice(donors), cut:T]
+            else:  # every row has this token here (a one-row split)
+                inputs[i, cut] = (inputs[i, cut] + 1) % vocab
+            cuts[i] = cut
+        return cls(picked, inputs, cuts)
+
+    def cut_of(self, row):
+        return int(self.cuts[np.flatnonzero(self.rows == row)[0]])
+
+
+@dataclass(frozen=True, order=True)
+class Disagreement:
+    """The largest difference between the two processes' log-probabilities seen so far (ordered by it)."""
+    nats: float = 0.0
+    row: int = -1
+    position: int = -1
+    cut: int = 0
+
+    @classmethod
+    def of(cls, expected, logits, row, cut):
+        diff = np.abs(log_softmax(logits[:cut]) - expected).max(axis=-1)
+        p = int(np.argmax(diff))
+        return cls(float(diff[p]), row, p, cut)
+
+    def problem(self, tol, dtype, T):
+        if not self.nats > tol:  # NaN from non-finite logits is caught before this
+            return None
+        tolerance = f"tolerance {tol:g} for {dtype}"
+        if self.cut < T:
+            return (f"causality probe: the next-token distribution at position {self.position} of validation row "
+                    f"{self.row} moved by {self.nats:.3g} nats ({tolerance}) when only the tokens from position "
+                    f"{self.cut} on were replaced: the model sees future tokens")
+        return (f"purity probe: validation row {self.row} scored in a fresh process gives a next-token distribution "
+                f"at position {self.position} that differs by {self.nats:.3g} nats ({tolerance}): the model's "
+                "output depends on more than the row's tokens up to the position (on later tokens, on what it "
+                "scored before, on the process it runs in, or on the other rows of its chunk)")
+
+
+def log_softmax(logits):
+    """(..., V) float32 logits -> log-probabilities, in float32."""
+    peak = logits.max(axis=-1, keepdims=True)
+    shifted = logits - peak
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def cross_entropy(logits, targets):
+    """Nats of (b, T, V) float32 logits (overwritten: they are the harness's own copy) against (b, T) targets."""
+    target_logits = np.take_along_axis(logits, targets[..., None].astype(np.int64), axis=-1)[..., 0]
+    peak = logits.max(axis=-1, keepdims=True)
+    np.subtract(logits, peak, out=logits)
+    np.exp(logits, out=logits)
+    return (np.log(logits.sum(axis=-1)) + peak[..., 0] - target_logits).astype(np.float32)
 
 
 class Child:
-    """The evaluator process, in its own session (its group is killed as one): stdin and stdout carry the
-    protocol, stderr is the log, a timer kills it at the time limit once it has its checkpoint."""
+    """One evaluator process, in its own session (its group is killed as one): stdin carries the job and the
+    inputs, stdout the replies, a shared buffer the logits; stderr is the log; timers kill it at its limits."""
 
-    def __init__(self, argv, cwd, env, pid_file=None, notes=()):
+    def __init__(self, argv, cwd, env, name, buffer, pid_file=None, notes=()):
+        self.name, self.buffer, self.view = name, buffer, None
         self.timeout, self.timed_out, self.tail, self.timer, self.started = None, False, "", None, False
         self.build_timer, self.scoring, self.scoring_timer = None, None, None
         self.cwd, self.holds_rows, self.sealed, self.sealed_log = cwd, False, 0, None
         self.lines, self.on_line, self.lock = list(notes), None, threading.Lock()
         self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, start_new_session=True)
+                                     stderr=subprocess.PIPE, start_new_session=True, pass_fds=(buffer,))
         self.pid_file = pid_file
         if pid_file:
             write_pid_file(pid_file, self.proc.pid, argv)
@@ -237,10 +313,10 @@ class Child:
                     if self.sealed <= SEALED_LINES:
                         self.sealed_log.write(line[:1000] + "\n")
                     continue
-                self.tail = line.strip() or self.tail
-                self.lines.append(line)
+                self.tail = line.strip()[:300] or self.tail
+                self.lines.append(line[:1000])
                 if self.on_line:
-                    self.on_line(line)
+                    self.on_line(line[:1000])
 
     def start(self, job, timeout):
         """The job (the checkpoint's path, the vocabulary size) to the child; the time limit runs from here, and
@@ -268,28 +344,60 @@ class Child:
             pass
 
     def hello(self):
-        """The child's first message, once its model is built: dtype, device, rows_per_chunk, compiled, seconds."""
+        """The child's first message, once its model is built: dtype, device, rows_per_chunk, seconds."""
         try:
             hello = json.loads(self.proc.stdout.readline())
             self.build_timer.cancel()
-            if self.scoring:
-                self.scoring_timer = threading.Timer(self.scoring, self._expire, ("scoring",))
-                self.scoring_timer.start()
-            return dict(hello, rows_per_chunk=int(hello["rows_per_chunk"]), dtype=str(hello["dtype"]),
-                        compiled=bool(hello["compiled"]))
-        except (ValueError, KeyError, TypeError):
+            hello = dict(hello, rows_per_chunk=int(hello["rows_per_chunk"]), dtype=str(hello["dtype"])[:40],
+                         device=str(hello["device"])[:200], seconds=float(hello["seconds"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise EvaluatorFailed(self.failure()) from None
+        if hello["rows_per_chunk"] < 1:
+            raise EvaluatorFailed(f"the evaluator's model asks for chunks of {hello['rows_per_chunk']} rows "
+                                  "(DEVICE_BATCH_SIZE): at least 1 is needed to score anything")
+        if self.scoring:
+            self.scoring_timer = threading.Timer(self.scoring, self._expire, ("scoring",))
+            self.scoring_timer.start()
+        return hello
 
-    def losses(self, rows):
+    def logits(self, inputs, vocab):
+        """The model's (n, T, vocab) float32 logits for (n, T) inputs: the child writes them into the shared buffer
+        a slice of rows at a time, and each slice is copied out before the child may go on."""
+        n, T = inputs.shape
+        per_row = T * vocab * 4
         if not self.holds_rows:
             with self.lock:
-                self.sealed_log = open(record.record_dir(self.cwd) / "evaluator-scoring.log", "w")
+                self.sealed_log = open(record.record_dir(self.cwd) / f"{self.name}-scoring.log", "w")
                 self.holds_rows = True
+        wanted = max(1, min(n, LOGITS_BYTES // per_row))
+        if self.view is None or len(self.view) < wanted * T * vocab:
+            os.ftruncate(self.buffer, wanted * per_row)  # the child maps it anew when its size changes
+            self.view = np.frombuffer(mmap_file(self.buffer, wanted * per_row), dtype=np.float32)
+        slice_rows = len(self.view) // (T * vocab)  # as the child computes it from the buffer's size
+        out = np.empty((n, T, vocab), dtype=np.float32)
         try:
-            send_array(self.proc.stdin, rows.astype(np.int32, copy=False))
-            return receive_array(self.proc.stdout, np.float32)
-        except (OSError, ValueError, EOFError):
+            send_array(self.proc.stdin, inputs.astype(np.int32, copy=False))
+            for at in range(0, n, slice_rows):
+                m = min(slice_rows, n - at)
+                reply = self.proc.stdout.readline()
+                if reply != b"logits\n":
+                    raise EvaluatorFailed(self.broken(reply, (n, T, vocab)))
+                out[at : at + m] = self.view[: m * T * vocab].reshape(m, T, vocab)
+                if at + m < n:
+                    self.proc.stdin.write(b"\n")  # copied: the child may write the next slice
+                    self.proc.stdin.flush()
+        except (OSError, ValueError):
             raise EvaluatorFailed(self.failure()) from None
+        return out
+
+    def broken(self, reply, expected):
+        """Why a child's reply is not a slice of logits: a shape it reported (numbers only), or its exit."""
+        words = reply.split()
+        if words[:1] == [b"shape"] and 2 <= len(words) <= 6 and all(w.isdigit() for w in words[1:]):
+            shape = tuple(int(w) for w in words[1:])
+            return (f"model(idx) returned logits of shape {shape}, expected (B, T, V) = ({expected[0]}, "
+                    f"{expected[1]}, at least {expected[2]})")
+        return self.failure()
 
     def failure(self):
         """Why the protocol broke: the time limit, or the process's exit and last log line."""
@@ -299,21 +407,22 @@ class Child:
             self.kill()
             code = self.proc.wait()
         self.pump.join(timeout=5)
+        who = "the evaluator" if self.name == EVALUATOR else f"the evaluator's {self.name} process"
         if self.timed_out == "build":
-            return (f"the evaluator's build_model took over {BUILD_SECONDS}s (from the checkpoint to a built model) "
+            return (f"{who}'s build_model took over {BUILD_SECONDS}s (from the checkpoint to a built model) "
                     "and was stopped: building a model may not train it")
         if self.timed_out == "scoring":
-            return (f"the evaluator took over {self.scoring:.0f}s to score the rows (3 x the baseline's evaluation + "
+            return (f"{who} took over {self.scoring:.0f}s to score the rows (3 x the baseline's evaluation + "
                     f"{SCORING_SLACK_SECONDS:g}s) and was stopped: scoring a model may not train it")
         if self.timed_out:
-            return f"the evaluator ran past its {self.timeout:g}s limit and was stopped"
+            return f"{who} ran past its {self.timeout:g}s limit and was stopped"
         if self.holds_rows:  # its last words may quote the rows
-            return (f"the evaluator process exited with code {code} while scoring (what it printed then is kept "
-                    f"out of the logs and the prompt: {record.record_dir(self.cwd) / 'evaluator-scoring.log'})")
-        return f"the evaluator process exited with code {code}" + (f": {self.tail}" if self.tail else "")
+            return (f"{who} exited with code {code} while scoring, or broke the protocol (what it printed then "
+                    f"is kept out of the logs and the prompt: {record.record_dir(self.cwd) / f'{self.name}-scoring.log'})")
+        return f"{who} exited with code {code}" + (f": {self.tail}" if self.tail else "")
 
     def close(self):
-        """End the child: stdin closed (after its rows it exits; before its checkpoint it is killed)."""
+        """End the child: stdin closed (after its rows it exits; before its job it is killed)."""
         for timer in (self.timer, self.build_timer, self.scoring_timer):
             if timer:
                 timer.cancel()
@@ -331,12 +440,22 @@ class Child:
         self.pump.join(timeout=5)
         if self.sealed_log:
             self.sealed_log.close()
+        if self.buffer is not None:
+            self.view = None
+            os.close(self.buffer)
+            self.buffer = None
         if self.pid_file:
             remove_pid_file(self.pid_file)
 
 
+def mmap_file(fd, size):
+    import mmap
+
+    return mmap.mmap(fd, size)
+
+
 def send_array(stream, array):
-    """One array on a pipe: its shape on a line, then its bytes (the dtype is fixed by the direction)."""
+    """One int32 array on a pipe: its shape on a line, then its bytes."""
     array = np.ascontiguousarray(array)
     stream.write((" ".join(map(str, array.shape)) + "\n").encode() + array.tobytes())
     stream.flush()
@@ -352,7 +471,7 @@ def receive_array(stream, dtype):
 
 
 # ---------------------------------------------------------------------------
-# The child: the agent's model, this module's loss
+# The child: the agent's model, and nothing else
 # ---------------------------------------------------------------------------
 
 
@@ -366,106 +485,114 @@ def load_train(backend, root):
     return module
 
 
+class LogitsShape(ValueError):
+    def __init__(self, shape):
+        super().__init__(f"model(idx) returned logits of shape {tuple(shape)}")
+        self.shape = tuple(int(n) for n in shape)
+
+
+def check_logits(shape, inputs_shape, vocab):
+    if len(shape) != 3 or tuple(shape[:2]) != tuple(inputs_shape) or shape[2] < vocab:
+        raise LogitsShape(shape)
+
+
+def make_logits_fn(backend, module, model, vocab):
+    """logits_fn(x): (n, T) int32 numpy inputs -> (n, T, vocab) float32 numpy logits of model(x), in the backend's
+    precision (its autocast_ctx() for torch); columns past vocab (a padded table) are dropped."""
+    return (mlx_logits_fn if backend == "mlx" else torch_logits_fn)(module, model, vocab)
+
+
 def make_loss_fn(backend, module, model, vocab):
-    """loss_fn(rows): (b, T+1) int32 numpy rows -> (b, T) float32 nats, the cross-entropy of model(rows[:, :-1])'s
-    logits against rows[:, 1:], computed here, in the backend's precision (its autocast_ctx() for torch).
-    loss_fn.compiled: whether the model is compiled for one batch shape (then every call should have b rows)."""
-    return (mlx_loss_fn if backend == "mlx" else torch_loss_fn)(module, model, vocab)
+    """loss_fn(rows): (b, T+1) rows -> (b, T) nats, the harness's cross-entropy of the model's logits (the
+    conformance tests score models in-process with it)."""
+    logits_fn = make_logits_fn(backend, module, model, vocab)
+    return lambda rows: cross_entropy(logits_fn(np.asarray(rows, dtype=np.int32)[:, :-1]), np.asarray(rows)[:, 1:])
 
 
-def check_logits(shape, targets_shape, vocab):
-    if len(shape) != 3 or tuple(shape[:2]) != tuple(targets_shape) or shape[2] < vocab:
-        raise ValueError(f"model(idx) returned logits of shape {tuple(shape)}, expected (B, T, V) = "
-                         f"({targets_shape[0]}, {targets_shape[1]}, at least {vocab})")
-
-
-def torch_loss_fn(module, model, vocab):
+def torch_logits_fn(module, model, vocab):
     import torch
-    import torch.nn.functional as F
 
     dev = next(model.parameters()).device
-    # Compiled where the backend trains compiled (CUDA): the forward graph is built once per process, as the old
-    # in-process evaluation rebuilt it for inference mode too. Eager on MPS and CPUs, as training there.
+    # Compiled where the backend trains compiled (CUDA): one graph for one shape (DEVICE_BATCH_SIZE rows, the
+    # chunk), so a shorter chunk is padded; Inductor's caches on disk serve later experiments. Eager elsewhere.
     compiled = getattr(module, "use_compile", False) and dev.type == "cuda"
     forward = torch.compile(model, dynamic=False) if compiled else model
+    rows = int(module.DEVICE_BATCH_SIZE)
 
     @torch.inference_mode()
-    def loss_fn(rows):
-        tokens = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(dev)
-        x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    def logits_fn(x):
+        sent = np.resize(x, (max(rows, len(x)), x.shape[1])) if compiled else x
+        tokens = torch.from_numpy(np.asarray(sent, dtype=np.int64)).to(dev)
         with module.autocast_ctx():
-            logits = forward(x)
-        check_logits(logits.shape, y.shape, vocab)
-        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-        return nats.view(y.shape).cpu().numpy()
+            logits = forward(tokens)[: len(x)]
+        check_logits(logits.shape, x.shape, vocab)
+        return logits[..., :vocab].float().cpu().numpy()
 
-    loss_fn.compiled = compiled
-    return loss_fn
+    return logits_fn
 
 
-def mlx_loss_fn(module, model, vocab):
+def mlx_logits_fn(module, model, vocab):
     import mlx.core as mx
 
-    def gpu_nats(x, y):
-        logits = model(x)
-        check_logits(logits.shape, y.shape, vocab)
-        logits = logits.astype(mx.float32)
-        return mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+    # On CPUs MLX runs elementwise ops one scalar at a time on one core, and the soft cap's and attention's
+    # transcendental passes cost more than the matmuls: the rows are split over one CPU stream per core (streams
+    # run side by side, each with a single-threaded BLAS the harness preloads). On a GPU, one call.
+    streams = [mx.new_stream(mx.cpu) for _ in range(cpu_cores())] if not module.on_gpu else [None]
 
-    forward = mx.compile(gpu_nats)  # fused kernels on Metal and CUDA; used on GPUs only
-    # On CPUs MLX runs elementwise ops one scalar at a time on one core (exp ~35M/s on this CPU, numpy's SIMD exp
-    # ~800M/s), and the transcendental passes over the (b, T, V) logits cost more than the matmuls. So the rows
-    # are split over one CPU stream per core (streams run side by side), and numpy does the log-softmax on the
-    # same memory; the harness preloads a single-threaded BLAS for it (evaluate()), one per stream.
-    streams = [mx.new_stream(mx.cpu) for _ in range(cpu_cores())] if not module.on_gpu else []
-
-    def loss_fn(rows):
-        rows = np.asarray(rows, dtype=np.int32)
-        if module.on_gpu:
-            return np.array(forward(mx.array(rows[:, :-1]), mx.array(rows[:, 1:])))
-        parts = np.array_split(rows, min(len(streams), len(rows)))
-        logits = []
+    def logits_fn(x):
+        x = np.asarray(x, dtype=np.int32)
+        parts = np.array_split(x, min(len(streams), len(x)))
+        outs = []
         for stream, part in zip(streams, parts):
-            with mx.stream(stream):
-                logits.append(model(mx.array(part[:, :-1])).astype(mx.float32))
-        mx.eval(logits)
-        for part, out in zip(parts, logits):
-            check_logits(out.shape, part[:, 1:].shape, vocab)
-        return np.concatenate([numpy_nats(np.array(out), part[:, 1:]) for part, out in zip(parts, logits)])
+            with mx.stream(stream or mx.default_stream(mx.default_device())):
+                outs.append(model(mx.array(part)).astype(mx.float32))
+        mx.eval(outs)
+        for part, out in zip(parts, outs):
+            check_logits(out.shape, part.shape, vocab)
+        return np.concatenate([np.array(out[..., :vocab]) for out in outs])
 
-    loss_fn.compiled = module.on_gpu
-    return loss_fn
-
-
-def numpy_nats(logits, targets):
-    """Cross-entropy in nats of (b, T, V) float32 logits against (b, T) targets, in place where it can be."""
-    target_logits = np.take_along_axis(logits, targets[..., None].astype(np.int64), axis=-1)[..., 0]
-    peak = logits.max(axis=-1, keepdims=True)
-    np.subtract(logits, peak, out=logits)
-    np.exp(logits, out=logits)
-    return (np.log(logits.sum(axis=-1)) + peak[..., 0] - target_logits).astype(np.float32)
+    return logits_fn
 
 
-def serve(backend):
-    """The child: import train.py, read the checkpoint's path, build the model, say so on the protocol stream, then
-    answer chunks of rows until stdin closes."""
+def serve(backend, buffer):
+    """The child: import train.py, read the job, build the model, say so on the protocol stream, then answer every
+    chunk of inputs with its logits in the shared buffer, a slice at a time, until stdin closes."""
     protocol, rows_in = os.fdopen(os.dup(1), "wb"), os.fdopen(os.dup(0), "rb")
     os.dup2(2, 1)  # what train.py prints goes to the log, never into the protocol
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # and its stdin is empty
     module = load_train(backend, Path.cwd())  # the framework's import: what a child started ahead has done
     job = json.loads(rows_in.readline())
     start = time.time()
+    vocab = int(job["vocab_size"])
     config, weights = prepare.load_checkpoint(job["checkpoint"])
     model = module.build_model(config, weights)
-    loss_fn = make_loss_fn(backend, module, model, int(job["vocab_size"]))
+    logits_fn = make_logits_fn(backend, module, model, vocab)
     hello = {"dtype": str(module.compute_dtype).rsplit(".", 1)[-1], "device": module.device_name(),
              "rows_per_chunk": int(module.DEVICE_BATCH_SIZE),  # a forward of the rows a training micro-step fits
-             "compiled": loss_fn.compiled, "seconds": round(time.time() - start, 2)}
+             "seconds": round(time.time() - start, 2)}
     protocol.write((json.dumps(hello) + "\n").encode())
     protocol.flush()
+    view = None
     while rows_in.peek(1):
-        send_array(protocol, np.asarray(loss_fn(receive_array(rows_in, np.int32)), dtype=np.float32))
+        x = receive_array(rows_in, np.int32)
+        try:
+            logits = logits_fn(x)
+        except LogitsShape as e:
+            protocol.write(("shape " + " ".join(map(str, e.shape)) + "\n").encode())
+            protocol.flush()
+            return
+        size = os.fstat(buffer).st_size
+        slice_rows = size // (x.shape[1] * vocab * 4)
+        if view is None or len(view) * 4 != size:
+            view = np.frombuffer(mmap_file(buffer, size), dtype=np.float32)
+        for at in range(0, len(x), slice_rows):
+            if at:
+                rows_in.read(1)  # the harness has copied the last slice out
+            part = logits[at : at + slice_rows]
+            view[: part.size] = part.ravel()
+            protocol.write(b"logits\n")
+            protocol.flush()
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1])
+    serve(sys.argv[1], int(sys.argv[2]))
