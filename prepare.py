@@ -1139,10 +1139,9 @@ def prepare(profile="cpu", dataset=None, sources=None, num_shards=10, workers=8,
         val_tokens = counts[VAL_FILENAME]
         wanted = val_row_count(prof)
         val_note = None
-        if len(val_rows) < wanted:  # fewer rows, never repeated ones: said on the output and in profile.json
+        if len(val_rows) < wanted:  # fewer rows, never repeated ones: in profile.json, and the CLI says it
             val_note = (f"validation: {len(val_rows):,} rows of {prof.seq_len + 1:,} tokens, fewer than the profile's "
                         f"{wanted:,} rows: the split holds only {val_tokens:,} tokens, and no document is scored twice")
-            print(val_note, flush=True)
         distinct = len(np.unique(val_rows, axis=0))
         meta = {
             "profile": asdict(prof),

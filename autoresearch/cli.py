@@ -164,9 +164,12 @@ def prepare_cmd(
     console.print(f"ready: profile {p['name']} (seq_len {p['seq_len']}, vocab {meta['vocab_size']}, "
                   f"eval {p['eval_tokens']:,} tokens), {meta['train_tokens']:,} training tokens, "
                   f"{meta['val_tokens']:,} validation tokens", highlight=False, soft_wrap=True)
-    if meta.get("val_repeats"):
-        console.print("note: the validation split is smaller than the profile's eval tokens; evaluation cycles "
-                      "through it", highlight=False)
+    if meta.get("val_note"):
+        console.print(meta["val_note"], highlight=False, soft_wrap=True)
+    if meta.get("val_repeats"):  # rows are packed from one pass: only documents that repeat in the split repeat
+        console.print(f"note: {meta['val_rows'] - meta['val_distinct_rows']:,} of the {meta['val_rows']:,} "
+                      "validation rows repeat others (the split holds the same documents more than once)",
+                      highlight=False, soft_wrap=True)
 
 
 def default_profile():

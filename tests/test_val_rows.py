@@ -53,8 +53,8 @@ def test_a_split_too_small_gives_fewer_rows_and_says_so(tmp_path):
     rows = np.load(cache / "tokens" / "val_rows.npy")
     assert 0 < len(rows) < 256 and rows.shape[1] == 257
     _assert_recorded(rows, meta)
-    said = [line for line in proc.stdout.splitlines() if line.startswith("validation:")]
-    assert said == [meta["val_note"]], proc.stdout
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("validation:")]
+    assert said == [meta["val_note"]], proc.stdout + proc.stderr
     assert said[0].startswith(f"validation: {len(rows)} rows of 257 tokens, fewer than the profile's 256 rows: "
                               f"the split holds only {meta['val_tokens']:,} tokens")
     # one pass, to the end: what is left of the split is less than one more row
