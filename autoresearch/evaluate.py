@@ -55,6 +55,7 @@ PROBE_ROWS = 32  # rows the reference process scores: half as they are (purity),
 LOGITS_BYTES = 256 << 20  # the shared buffer: the logits of as many rows as fit, copied out a slice at a time
 BUILD_SECONDS = 60  # from the checkpoint to a built model: loading weights takes seconds, never a minute
 SEALED_LINES = 2000  # of a child's output while it holds rows, kept in the record for a human
+LOG_LINES = 2000  # of a child's output before it holds rows, shown and kept in the evaluation's log
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ class Evaluation:
 
 class EvaluatorFailed(Exception):
     """A child died, timed out or broke the protocol; the message says which."""
+
+
+NOT_FINITE = "the model's logits are not finite (NaN or inf): no loss can be computed from them"
 
 
 # The child runs isolated (-I: no environment variables, user site or working directory on its path; -B: no bytecode
@@ -168,22 +172,24 @@ def score(main, reference, rows, vocab, note):
     t0 = time.time()
     expected = {}  # validation row -> the reference's log-probabilities at the positions compared
     for at in range(0, len(probes.rows), b):
-        for i, logits in enumerate(reference.logits(probes.inputs[at : at + b], vocab), start=at):
+        for i, logits in reference.logits(probes.inputs[at : at + b], vocab, at):
+            if not np.all(np.isfinite(logits)):
+                raise EvaluatorFailed(NOT_FINITE)
             expected[int(probes.rows[i])] = log_softmax(logits[: probes.cuts[i]])
     order, T = rng.permutation(len(rows)), rows.shape[1] - 1
     nats = np.empty((len(rows), T), dtype=np.float32)
     worst = {True: Disagreement(), False: Disagreement()}  # purity, causality: the largest of each kind
     for at in range(0, len(order), b):
         picked = order[at : at + b]
-        logits = main.logits(rows[picked, :-1], vocab)
-        for r, out in zip(picked.tolist(), logits):
+        for i, logits in main.logits(rows[picked, :-1], vocab):
+            r = int(picked[i])
             if r in expected:
-                seen = Disagreement.of(expected.pop(r), out, r, probes.cut_of(r))
+                seen = Disagreement.of(expected.pop(r), logits, r, probes.cut_of(r))
                 worst[seen.cut == T] = max(worst[seen.cut == T], seen)
-        nats[picked] = cross_entropy(logits, rows[picked, 1:])
+            nats[r] = cross_entropy(logits[None], rows[r : r + 1, 1:])[0]
     scored = time.time() - t0
     if not np.all(np.isfinite(nats)):
-        raise EvaluatorFailed("the model's logits are not finite (NaN or inf): no loss can be computed from them")
+        raise EvaluatorFailed(NOT_FINITE)
     val_bpb = prepare.evaluate_bpb(in_order(nats), b, rows=rows)
     # purity first: a model whose outputs drift fails the causality comparison too, and would be misnamed
     problem = worst[True].problem(tol, dtype, T) or worst[False].problem(tol, dtype, T)
@@ -285,7 +291,7 @@ class Child:
         self.name, self.buffer, self.view = name, buffer, None
         self.timeout, self.timed_out, self.tail, self.timer, self.started = None, False, "", None, False
         self.build_timer, self.scoring, self.scoring_timer = None, None, None
-        self.cwd, self.holds_rows, self.sealed, self.sealed_log = cwd, False, 0, None
+        self.cwd, self.holds_rows, self.sealed, self.sealed_log, self.logged = cwd, False, 0, None, 0
         self.lines, self.on_line, self.lock = list(notes), None, threading.Lock()
         self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, start_new_session=True, pass_fds=(buffer,))
@@ -305,18 +311,22 @@ class Child:
     def _pump(self):
         """The child's log to on_line, until it holds validation rows: from then on what it prints could carry
         them (to the agent's prompt, to a later run), so it goes only to the harness's record."""
-        for raw in self.proc.stderr:
-            line = raw.decode(errors="replace").rstrip("\n")
+        # read a bounded piece at a time: a line with no end would otherwise be held whole
+        for raw in iter(lambda: self.proc.stderr.readline(1 << 16), b""):
+            line = raw.decode(errors="replace").rstrip("\n")[:1000]
             with self.lock:
                 if self.holds_rows:
                     self.sealed += 1
                     if self.sealed <= SEALED_LINES:
-                        self.sealed_log.write(line[:1000] + "\n")
+                        self.sealed_log.write(line + "\n")
                     continue
                 self.tail = line.strip()[:300] or self.tail
-                self.lines.append(line[:1000])
+                self.logged += 1
+                if self.logged > LOG_LINES:  # counted, not kept: a flood before the rows costs no memory
+                    continue
+                self.lines.append(line)
                 if self.on_line:
-                    self.on_line(line[:1000])
+                    self.on_line(line)
 
     def start(self, job, timeout):
         """The job (the checkpoint's path, the vocabulary size) to the child; the time limit runs from here, and
@@ -346,7 +356,7 @@ class Child:
     def hello(self):
         """The child's first message, once its model is built: dtype, device, rows_per_chunk, seconds."""
         try:
-            hello = json.loads(self.proc.stdout.readline())
+            hello = json.loads(self.proc.stdout.readline(1 << 16))
             self.build_timer.cancel()
             hello = dict(hello, rows_per_chunk=int(hello["rows_per_chunk"]), dtype=str(hello["dtype"])[:40],
                          device=str(hello["device"])[:200], seconds=float(hello["seconds"]))
@@ -360,9 +370,10 @@ class Child:
             self.scoring_timer.start()
         return hello
 
-    def logits(self, inputs, vocab):
-        """The model's (n, T, vocab) float32 logits for (n, T) inputs: the child writes them into the shared buffer
-        a slice of rows at a time, and each slice is copied out before the child may go on."""
+    def logits(self, inputs, vocab, first=0):
+        """(first + i, row i's (T, vocab) float32 logits) for (n, T) inputs, row by row: the child writes them into
+        the shared buffer a slice of rows at a time, and each slice is copied out before the child may go on (so
+        the harness holds one slice, whatever the chunk)."""
         n, T = inputs.shape
         per_row = T * vocab * 4
         if not self.holds_rows:
@@ -374,21 +385,20 @@ class Child:
             os.ftruncate(self.buffer, wanted * per_row)  # the child maps it anew when its size changes
             self.view = np.frombuffer(mmap_file(self.buffer, wanted * per_row), dtype=np.float32)
         slice_rows = len(self.view) // (T * vocab)  # as the child computes it from the buffer's size
-        out = np.empty((n, T, vocab), dtype=np.float32)
         try:
             send_array(self.proc.stdin, inputs.astype(np.int32, copy=False))
             for at in range(0, n, slice_rows):
                 m = min(slice_rows, n - at)
-                reply = self.proc.stdout.readline()
+                reply = self.proc.stdout.readline(64)
                 if reply != b"logits\n":
                     raise EvaluatorFailed(self.broken(reply, (n, T, vocab)))
-                out[at : at + m] = self.view[: m * T * vocab].reshape(m, T, vocab)
+                copied = self.view[: m * T * vocab].reshape(m, T, vocab).copy()
                 if at + m < n:
                     self.proc.stdin.write(b"\n")  # copied: the child may write the next slice
                     self.proc.stdin.flush()
+                yield from enumerate(copied, start=first + at)
         except (OSError, ValueError):
             raise EvaluatorFailed(self.failure()) from None
-        return out
 
     def broken(self, reply, expected):
         """Why a child's reply is not a slice of logits: a shape it reported (numbers only), or its exit."""
@@ -497,8 +507,9 @@ def check_logits(shape, inputs_shape, vocab):
 
 
 def make_logits_fn(backend, module, model, vocab):
-    """logits_fn(x): (n, T) int32 numpy inputs -> (n, T, vocab) float32 numpy logits of model(x), in the backend's
-    precision (its autocast_ctx() for torch); columns past vocab (a padded table) are dropped."""
+    """logits_fn(x): (n, T) int32 numpy inputs -> rows(at, m), rows at..at+m of model(x)'s logits as (m, T, vocab)
+    float32 numpy, in the backend's precision (its autocast_ctx() for torch), brought to the host a slice at a
+    time; columns past vocab (a padded table) are dropped."""
     return (mlx_logits_fn if backend == "mlx" else torch_logits_fn)(module, model, vocab)
 
 
@@ -506,7 +517,12 @@ def make_loss_fn(backend, module, model, vocab):
     """loss_fn(rows): (b, T+1) rows -> (b, T) nats, the harness's cross-entropy of the model's logits (the
     conformance tests score models in-process with it)."""
     logits_fn = make_logits_fn(backend, module, model, vocab)
-    return lambda rows: cross_entropy(logits_fn(np.asarray(rows, dtype=np.int32)[:, :-1]), np.asarray(rows)[:, 1:])
+
+    def loss_fn(rows):
+        rows = np.asarray(rows, dtype=np.int32)
+        return cross_entropy(logits_fn(rows[:, :-1])(0, len(rows)), rows[:, 1:])
+
+    return loss_fn
 
 
 def torch_logits_fn(module, model, vocab):
@@ -526,7 +542,7 @@ def torch_logits_fn(module, model, vocab):
         with module.autocast_ctx():
             logits = forward(tokens)[: len(x)]
         check_logits(logits.shape, x.shape, vocab)
-        return logits[..., :vocab].float().cpu().numpy()
+        return lambda at, m: logits[at : at + m, :, :vocab].float().cpu().numpy()
 
     return logits_fn
 
@@ -549,7 +565,8 @@ def mlx_logits_fn(module, model, vocab):
         mx.eval(outs)
         for part, out in zip(parts, outs):
             check_logits(out.shape, part.shape, vocab)
-        return np.concatenate([np.array(out[..., :vocab]) for out in outs])
+        logits = mx.concatenate(outs) if len(outs) > 1 else outs[0]
+        return lambda at, m: np.array(logits[at : at + m, :, :vocab])
 
     return logits_fn
 
@@ -576,7 +593,7 @@ def serve(backend, buffer):
     while rows_in.peek(1):
         x = receive_array(rows_in, np.int32)
         try:
-            logits = logits_fn(x)
+            rows = logits_fn(x)
         except LogitsShape as e:
             protocol.write(("shape " + " ".join(map(str, e.shape)) + "\n").encode())
             protocol.flush()
@@ -588,7 +605,7 @@ def serve(backend, buffer):
         for at in range(0, len(x), slice_rows):
             if at:
                 rows_in.read(1)  # the harness has copied the last slice out
-            part = logits[at : at + slice_rows]
+            part = rows(at, min(slice_rows, len(x) - at))
             view[: part.size] = part.ravel()
             protocol.write(b"logits\n")
             protocol.flush()

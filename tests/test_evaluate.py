@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import prepare
+import autoresearch.evaluate as evaluate_module
 from autoresearch.evaluate import Probes, evaluate, start_evaluator
 from autoresearch.runner import run_training, train_env
 from autoresearch.summary import parse_summary
@@ -397,3 +398,12 @@ def test_probes_are_drawn_afresh_and_spliced_with_natural_text(use_cache):
             assert shown[cut] != own[cut]
             assert any(np.array_equal(shown[cut:], other[cut:T]) for other in rows)
     assert (a.cuts == T).sum() == len(a.rows) // 2
+
+
+def test_logits_copied_out_a_few_rows_at_a_time_give_the_same_value(trained, use_cache, monkeypatch):
+    """A chunk whose logits do not fit the shared buffer at once (the gpu profile's) comes over in slices."""
+    root, checkpoint, expected = trained["mlx"]
+    T, vocab = prepare.get_val_rows().shape[1] - 1, len(prepare.get_token_bytes())
+    monkeypatch.setattr(evaluate_module, "LOGITS_BYTES", 3 * T * vocab * 4)  # 3 rows a slice, chunks of 8
+    result = evaluate("mlx", root, checkpoint, timeout=300)
+    assert result.status == "ok" and abs(result.val_bpb - expected) < 1e-4, result.log
