@@ -11,17 +11,20 @@ the probes. The model's process is sent inputs only (never a row's last token), 
 it does to its own interpreter reaches the number.
 
 - The scoring process gets every validation row once, in an order and in chunks drawn afresh per evaluation.
-- The reference process, a second fresh one, gets PROBE_ROWS rows drawn at random per evaluation: half as they
-  are (purity), half with natural text from another validation row spliced in from a random position on
+- Then the reference process, a second fresh one, gets PROBE_ROWS rows drawn at random per evaluation: half as
+  they are (purity), half with natural text from another validation row spliced in from a random position on
   (causality). An honest model's output at a position is a function of the row's tokens up to it, so the two
   processes' log-probability vectors must agree at every position of a purity row and at every position before
   the splice of a causality row, including the one right before it. A model that adapts to what it scores,
   behaves differently in a process that has seen many rows, reads across the rows of a chunk, or sees even one
   token ahead, disagrees.
-- The scoring process cannot tell which of its rows are compared: a model whose outputs differ from a fresh
-  process's on a fraction f of the rows escapes with probability at most (1 - f) ** PROBE_ROWS (f = 0.1: 3.4 %);
-  a lookahead that the model also applies in the reference process is seen by the causality half alone,
-  (1 - f) ** (PROBE_ROWS // 2) (f = 0.1: 18.5 %, f = 0.25: 1.0 %).
+- The scoring process cannot tell which of its rows are compared, and has committed all its outputs before any
+  probe exists outside the harness: a model whose outputs there differ from a fresh process's on a fraction f
+  of the rows escapes with probability at most (1 - f) ** PROBE_ROWS (f = 0.1: 3.4 %). A lookahead the model
+  applies in both processes alike shows at the position right before a splice only: one that shows at a
+  fraction f of the positions (it looks ahead at some next tokens only) escapes the causality half with
+  probability about (1 - f) ** (PROBE_ROWS // 2) (f = 0.1: 18.5 %, f = 0.25: 1.0 %; f = 1: never).
+- The guarantee needs the sandbox: unconfined (`--sandbox off`), the two processes could talk through /tmp.
 A model that fails a probe is "invalid": it gets no val_bpb. backends/README.md states the protocol.
 """
 
@@ -170,26 +173,29 @@ def score(main, reference, rows, vocab, note):
     rng = np.random.default_rng()  # fresh every evaluation: nothing in train.py can be tuned to it
     probes = Probes.draw(rows, vocab, rng)
     t0 = time.time()
-    expected = {}  # validation row -> the reference's log-probabilities at the positions compared
-    for at in range(0, len(probes.rows), b):
-        for i, logits in reference.logits(probes.inputs[at : at + b], vocab, at):
-            if not np.all(np.isfinite(logits)):
-                raise EvaluatorFailed(NOT_FINITE)
-            expected[int(probes.rows[i])] = log_softmax(logits[: probes.cuts[i]])
+    # The scoring process first: it has committed every output before any probe row exists outside the harness.
     order, T = rng.permutation(len(rows)), rows.shape[1] - 1
     nats = np.empty((len(rows), T), dtype=np.float32)
-    worst = {True: Disagreement(), False: Disagreement()}  # purity, causality: the largest of each kind
+    compared = {int(r): int(cut) for r, cut in zip(probes.rows, probes.cuts)}
+    kept = {}  # validation row -> the scoring process's log-probabilities at the positions compared
     for at in range(0, len(order), b):
         picked = order[at : at + b]
         for i, logits in main.logits(rows[picked, :-1], vocab):
             r = int(picked[i])
-            if r in expected:
-                seen = Disagreement.of(expected.pop(r), logits, r, probes.cut_of(r))
-                worst[seen.cut == T] = max(worst[seen.cut == T], seen)
+            if r in compared:
+                kept[r] = log_softmax(logits[: compared[r]])
             nats[r] = cross_entropy(logits[None], rows[r : r + 1, 1:])[0]
-    scored = time.time() - t0
     if not np.all(np.isfinite(nats)):
         raise EvaluatorFailed(NOT_FINITE)
+    worst = {True: Disagreement(), False: Disagreement()}  # purity, causality: the largest of each kind
+    for at in range(0, len(probes.rows), b):
+        for i, logits in reference.logits(probes.inputs[at : at + b], vocab, at):
+            if not np.all(np.isfinite(logits)):
+                raise EvaluatorFailed(NOT_FINITE)
+            r = int(probes.rows[i])
+            seen = Disagreement.of(kept.pop(r), logits, r, compared[r])
+            worst[seen.cut == T] = max(worst[seen.cut == T], seen)
+    scored = time.time() - t0
     val_bpb = prepare.evaluate_bpb(in_order(nats), b, rows=rows)
     # purity first: a model whose outputs drift fails the causality comparison too, and would be misnamed
     problem = worst[True].problem(tol, dtype, T) or worst[False].problem(tol, dtype, T)
@@ -235,9 +241,6 @@ class Probes:
             cuts[i] = cut
         return cls(picked, inputs, cuts)
 
-    def cut_of(self, row):
-        return int(self.cuts[np.flatnonzero(self.rows == row)[0]])
-
 
 @dataclass(frozen=True, order=True)
 class Disagreement:
@@ -248,8 +251,9 @@ class Disagreement:
     cut: int = 0
 
     @classmethod
-    def of(cls, expected, logits, row, cut):
-        diff = np.abs(log_softmax(logits[:cut]) - expected).max(axis=-1)
+    def of(cls, scored, logits, row, cut):
+        """The scoring process's log-probabilities against the reference's logits, over the first cut positions."""
+        diff = np.abs(log_softmax(logits[:cut]) - scored).max(axis=-1)
         p = int(np.argmax(diff))
         return cls(float(diff[p]), row, p, cut)
 
@@ -288,7 +292,7 @@ class Child:
     inputs, stdout the replies, a shared buffer the logits; stderr is the log; timers kill it at its limits."""
 
     def __init__(self, argv, cwd, env, name, buffer, pid_file=None, notes=()):
-        self.name, self.buffer, self.view = name, buffer, None
+        self.name, self.buffer, self.capacity = name, buffer, 0
         self.timeout, self.timed_out, self.tail, self.timer, self.started = None, False, "", None, False
         self.build_timer, self.scoring, self.scoring_timer = None, None, None
         self.cwd, self.holds_rows, self.sealed, self.sealed_log, self.logged = cwd, False, 0, None, 0
@@ -381,10 +385,10 @@ class Child:
                 self.sealed_log = open(record.record_dir(self.cwd) / f"{self.name}-scoring.log", "w")
                 self.holds_rows = True
         wanted = max(1, min(n, LOGITS_BYTES // per_row))
-        if self.view is None or len(self.view) < wanted * T * vocab:
-            os.ftruncate(self.buffer, wanted * per_row)  # the child maps it anew when its size changes
-            self.view = np.frombuffer(mmap_file(self.buffer, wanted * per_row), dtype=np.float32)
-        slice_rows = len(self.view) // (T * vocab)  # as the child computes it from the buffer's size
+        if self.capacity < wanted * per_row:
+            self.capacity = wanted * per_row
+            os.ftruncate(self.buffer, self.capacity)  # the child maps it anew when its size changes
+        slice_rows = self.capacity // per_row  # as the child computes it from the buffer's size
         try:
             send_array(self.proc.stdin, inputs.astype(np.int32, copy=False))
             for at in range(0, n, slice_rows):
@@ -392,7 +396,11 @@ class Child:
                 reply = self.proc.stdout.readline(64)
                 if reply != b"logits\n":
                     raise EvaluatorFailed(self.broken(reply, (n, T, vocab)))
-                copied = self.view[: m * T * vocab].reshape(m, T, vocab).copy()
+                # read, not mapped: a child that shrinks the file makes a short read here, where a mapping
+                # would take the harness down with SIGBUS
+                copied = np.empty((m, T, vocab), dtype=np.float32)
+                if os.preadv(self.buffer, [memoryview(copied).cast("B")], 0) != copied.nbytes:
+                    raise EvaluatorFailed(f"{self.who()} cut the shared buffer short")
                 if at + m < n:
                     self.proc.stdin.write(b"\n")  # copied: the child may write the next slice
                     self.proc.stdin.flush()
@@ -409,6 +417,9 @@ class Child:
                     f"{expected[1]}, at least {expected[2]})")
         return self.failure()
 
+    def who(self):
+        return "the evaluator" if self.name == EVALUATOR else f"the evaluator's {self.name} process"
+
     def failure(self):
         """Why the protocol broke: the time limit, or the process's exit and last log line."""
         try:
@@ -417,7 +428,7 @@ class Child:
             self.kill()
             code = self.proc.wait()
         self.pump.join(timeout=5)
-        who = "the evaluator" if self.name == EVALUATOR else f"the evaluator's {self.name} process"
+        who = self.who()
         if self.timed_out == "build":
             return (f"{who}'s build_model took over {BUILD_SECONDS}s (from the checkpoint to a built model) "
                     "and was stopped: building a model may not train it")
@@ -451,7 +462,6 @@ class Child:
         if self.sealed_log:
             self.sealed_log.close()
         if self.buffer is not None:
-            self.view = None
             os.close(self.buffer)
             self.buffer = None
         if self.pid_file:

@@ -407,3 +407,37 @@ def test_logits_copied_out_a_few_rows_at_a_time_give_the_same_value(trained, use
     monkeypatch.setattr(evaluate_module, "LOGITS_BYTES", 3 * T * vocab * 4)  # 3 rows a slice, chunks of 8
     result = evaluate("mlx", root, checkpoint, timeout=300)
     assert result.status == "ok" and abs(result.val_bpb - expected) < 1e-4, result.log
+
+
+SHRINKS_THE_BUFFER = '''
+import sys
+import threading
+
+_call, _started = GPT.__call__, []
+
+
+def _shrink():
+    while True:
+        os.ftruncate(int(sys.argv[3]), 0)  # the evaluator child's shared buffer (its command line names the fd)
+
+
+def shrinking(self, idx, targets=None):
+    if targets is None and not _started:
+        _started.append(threading.Thread(target=_shrink, daemon=True))
+        _started[0].start()
+    return _call(self, idx, targets)
+
+
+GPT.__call__ = shrinking
+'''
+
+
+def test_a_child_that_cuts_its_shared_buffer_short_is_a_crash_and_the_harness_lives(trained, use_cache, tmp_path):
+    """The harness reads the buffer (a short read) instead of mapping it (SIGBUS would end the harness)."""
+    honest_root, checkpoint, _ = trained["mlx"]
+    root = tmp_path / "project"
+    shutil.copytree(honest_root, root, ignore=shutil.ignore_patterns("checkpoint"))
+    add_before_main(root, "mlx", SHRINKS_THE_BUFFER)
+    result = evaluate("mlx", root, checkpoint, timeout=300)
+    assert result.status == "crash" and result.val_bpb is None
+    assert ("cut the shared buffer short" in result.reason or "while scoring" in result.reason), result.reason
