@@ -199,6 +199,15 @@ def train(root, backend, checkpoint, env=None):
     return done.stdout
 
 
+def scored_with(trained, backend, tmp_path, code):
+    """The honest run's checkpoint scored through a copy of its checkout whose train.py has code added."""
+    honest_root, checkpoint, _ = trained[backend]
+    root = tmp_path / "project"
+    shutil.copytree(honest_root, root, ignore=shutil.ignore_patterns("checkpoint"))
+    add_before_main(root, backend, code)
+    return evaluate(backend, root, checkpoint, timeout=300)
+
+
 def in_process_bpb(log):
     return float(re.search(r"^in_process_val_bpb: ([0-9.]+)$", log, re.M).group(1))
 
@@ -251,10 +260,7 @@ def test_attention_that_sees_the_future_is_invalid(backend, trained, use_cache, 
 
 
 def test_a_model_that_adapts_during_evaluation_is_invalid(trained, use_cache, tmp_path):
-    _, checkpoint, _ = trained["mps"]
-    root = make_checkout(tmp_path / "project", backends=("mps",), **TINY)
-    add_before_main(root, "mps", ADAPTING)
-    result = evaluate("mps", root, checkpoint, timeout=300)
+    result = scored_with(trained, "mps", tmp_path, ADAPTING)
     assert result.status == "invalid", result.log
     assert re.match(PURITY, result.reason), result.reason
 
@@ -324,10 +330,7 @@ def test_checkpoint_round_trip_and_missing_checkpoint(use_cache, tmp_path):
 @pytest.mark.parametrize("backend", ("mlx", "mps"))
 def test_a_one_token_lookahead_is_invalid(backend, trained, use_cache, tmp_path):
     """The model's own target, one position ahead: caught at the position right before the splice."""
-    _, checkpoint, _ = trained[backend]
-    root = make_checkout(tmp_path / "project", backends=(backend,), **TINY)
-    add_before_main(root, backend, LOOKAHEAD[family(backend)])
-    result = evaluate(backend, root, checkpoint, timeout=300)
+    result = scored_with(trained, backend, tmp_path, LOOKAHEAD[family(backend)])
     assert result.status == "invalid" and result.val_bpb is None, result.log
     assert re.match(CAUSALITY, result.reason), result.reason
     # the position named is the one right before the splice, which the old probe never compared
@@ -337,27 +340,18 @@ def test_a_one_token_lookahead_is_invalid(backend, trained, use_cache, tmp_path)
 
 
 def test_one_layer_whose_mask_sees_one_key_ahead_is_invalid(trained, use_cache, tmp_path):
-    _, checkpoint, _ = trained["mps"]
-    root = make_checkout(tmp_path / "project", backends=("mps",), **TINY)
-    add_before_main(root, "mps", PEEK_ONE_LAYER)
-    result = evaluate("mps", root, checkpoint, timeout=300)
+    result = scored_with(trained, "mps", tmp_path, PEEK_ONE_LAYER)
     assert result.status == "invalid" and re.match(CAUSALITY, result.reason), result.log
 
 
 def test_a_model_that_learns_from_what_it_scores_and_replays_repeats_is_invalid(trained, use_cache, tmp_path):
-    _, checkpoint, _ = trained["mps"]
-    root = make_checkout(tmp_path / "project", backends=("mps",), **TINY)
-    add_before_main(root, "mps", LEARNS_AND_REMEMBERS)
-    result = evaluate("mps", root, checkpoint, timeout=300)
+    result = scored_with(trained, "mps", tmp_path, LEARNS_AND_REMEMBERS)
     assert result.status == "invalid" and re.match(PURITY, result.reason), result.log
 
 
 def test_a_build_model_that_rebinds_the_loss_does_not_move_the_number(trained, use_cache, tmp_path):
-    honest_root, checkpoint, expected = trained["mlx"]
-    root = tmp_path / "project"
-    shutil.copytree(honest_root, root, ignore=shutil.ignore_patterns("checkpoint"))
-    add_before_main(root, "mlx", REBINDS)
-    result = evaluate("mlx", root, checkpoint, timeout=300)
+    expected = trained["mlx"][2]
+    result = scored_with(trained, "mlx", tmp_path, REBINDS)
     assert result.status == "ok" and abs(result.val_bpb - expected) < 1e-4, result.log
 
 
@@ -375,12 +369,8 @@ def test_a_chunk_of_zero_rows_is_a_crash_in_one_line(trained, use_cache, tmp_pat
 
 
 def test_logits_of_the_wrong_shape_are_a_crash_that_names_the_shape(trained, use_cache, tmp_path):
-    honest_root, checkpoint, _ = trained["mlx"]
-    root = tmp_path / "project"
-    shutil.copytree(honest_root, root, ignore=shutil.ignore_patterns("checkpoint"))
-    add_before_main(root, "mlx", "\n_call = GPT.__call__\nGPT.__call__ = lambda self, idx, targets=None: "
-                                 "_call(self, idx, targets)[:, :-1]\n")
-    result = evaluate("mlx", root, checkpoint, timeout=300)
+    short = "\n_call = GPT.__call__\nGPT.__call__ = lambda self, idx, targets=None: _call(self, idx, targets)[:, :-1]\n"
+    result = scored_with(trained, "mlx", tmp_path, short)
     assert result.status == "crash"
     assert re.fullmatch(r"model\(idx\) returned logits of shape \(\d+, \d+, \d+\), expected \(B, T, V\) = "
                         r"\(\d+, \d+, at least \d+\)", result.reason), result.reason
@@ -434,10 +424,6 @@ GPT.__call__ = shrinking
 
 def test_a_child_that_cuts_its_shared_buffer_short_is_a_crash_and_the_harness_lives(trained, use_cache, tmp_path):
     """The harness reads the buffer (a short read) instead of mapping it (SIGBUS would end the harness)."""
-    honest_root, checkpoint, _ = trained["mlx"]
-    root = tmp_path / "project"
-    shutil.copytree(honest_root, root, ignore=shutil.ignore_patterns("checkpoint"))
-    add_before_main(root, "mlx", SHRINKS_THE_BUFFER)
-    result = evaluate("mlx", root, checkpoint, timeout=300)
+    result = scored_with(trained, "mlx", tmp_path, SHRINKS_THE_BUFFER)
     assert result.status == "crash" and result.val_bpb is None
     assert ("cut the shared buffer short" in result.reason or "while scoring" in result.reason), result.reason
