@@ -13,11 +13,12 @@ from pathlib import Path
 
 from . import record, sandbox, train_file
 from .hparams import read_constants, set_constants
+from .ledger import MAX_DESCRIPTION_CHARS, one_line
 from .runner import become_subreaper, children, end_orphans
 
 DESCRIPTION_FILE = "description"  # in .autoresearch/: the agent's one-line summary of its change
 MAX_TRAIN_BYTES = 1 << 20  # a train.py is tens of kilobytes; more is data smuggled in as code
-MAX_DESCRIPTION_BYTES, MAX_DESCRIPTION_CHARS = 1 << 16, 300
+MAX_DESCRIPTION_BYTES = 1 << 16  # the description file read at most; MAX_DESCRIPTION_CHARS of it kept
 
 # name: (kind, low, high) — sane ranges around upstream's recipe; "log" values move multiplicatively
 SEARCH_SPACE = {
@@ -184,10 +185,11 @@ def take_back(work, root, backend):
 
 
 def read_description(work):
-    """The agent's one-line description, as text whatever its bytes, or None."""
+    """The agent's one-line description, as text whatever its bytes (not UTF-8, NULs, escape sequences, many
+    lines): one printable line of at most MAX_DESCRIPTION_CHARS, or None."""
     data = _regular_bytes(Path(work) / ".autoresearch" / DESCRIPTION_FILE, MAX_DESCRIPTION_BYTES)
-    text = " ".join(data.decode("utf-8", "replace").split()) if data else ""
-    return text[:MAX_DESCRIPTION_CHARS] or None  # None: the loop describes the change from the hyperparameters
+    text = one_line(data.decode("utf-8", "replace"), MAX_DESCRIPTION_CHARS) if data else ""
+    return text or None  # None: the loop describes the change from the hyperparameters
 
 
 def make_agent(spec, seed=0):

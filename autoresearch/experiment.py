@@ -9,6 +9,8 @@ import shutil
 import site
 import statistics
 import tempfile
+import time
+import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,9 +25,9 @@ from .clock import Clock
 from .gate import Gate, decide, save_noise, spread
 from .hardware import hardware_tag
 from .hparams import set_constants
-from .ledger import (LEDGER_NAME, NOTES_REF, SCORED, UNJUDGED, LedgerError, Row, append_row, format_row, now,
-                     write_note)
-from .runner import COMPILE_CACHE_ENV, default_timeout, run_training
+from .ledger import (LEDGER_NAME, MAX_DESCRIPTION_CHARS, MISSING_NUMBER, NOTES_REF, SCORED, UNJUDGED, LedgerError,
+                     Row, append_row, format_row, now, one_line, write_note)
+from .runner import COMPILE_CACHE_ENV, CappedLog, Interrupted, default_timeout, run_training
 
 EXIT = {"ok": 0, "keep": 0, "holds": 0, "error": 1, "refused": 2, "discard": 3, "regressed": 3, "crash": 4, "repeat": 5,
         "invalid": 6}
@@ -240,6 +242,28 @@ def checkout_files(root):
 
 
 @dataclass(frozen=True)
+class EvaluationCrash:
+    """An evaluation that raised in the harness instead of returning its result: the candidate's crash. What the
+    evaluator child sends comes from the candidate's train.py (its batch size, its model's outputs), so a reply the
+    harness's code did not expect (chunks of Infinity rows, a malformed message) is the program's failure, never an
+    interruption of the harness: the row says crash with the reason, and the loop goes on. Read like the
+    evaluator's own result (status, val_bpb, reason, seconds, log)."""
+    reason: str
+    seconds: float
+    log: str
+    status: str = "crash"
+    val_bpb: float | None = None
+
+    @classmethod
+    def of(cls, error, seconds):
+        frames = traceback.extract_tb(error.__traceback__)
+        where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+        what = " ".join(str(error).split())[:300] or "no message"
+        reason = f"the harness's evaluation raised {type(error).__name__}: {what}{where}"
+        return cls(reason, seconds, "".join(traceback.format_exception(error)))
+
+
+@dataclass(frozen=True)
 class Guard:
     """What one run of train_and_evaluate is held to beside its budget."""
     check: object = None  # check(result) -> (status, reason) or None, after training, before evaluation
@@ -276,8 +300,18 @@ def train_and_evaluate(root, backend, budget, seed=None, timeout=None, on_line=N
         if not result.ok:
             why = "timeout" if result.timed_out else f"exit {result.returncode}" if result.returncode else "no summary"
             return result, None, ("crash", why)
-        ev = evaluate(backend, root, checkpoint, timeout=timeout or default_timeout(budget), on_line=on_line,
-                      state=state_dir(root), child=ahead, scoring=guard.scoring)
+        started = time.time()
+        try:
+            ev = evaluate(backend, root, checkpoint, timeout=timeout or default_timeout(budget), on_line=on_line,
+                          state=state_dir(root), child=ahead, scoring=guard.scoring)
+        except Interrupted:  # SIGTERM or SIGHUP of the harness: the command stops, as for Ctrl-C
+            raise
+        except prepare.PrepareError as e:  # the validation rows unreadable: the cache's fault, as check_cache says
+            raise CacheBroken(str(e)) from None
+        except Exception as e:  # whatever else the candidate's evaluator child made the harness's code raise
+            ev = EvaluationCrash.of(e, time.time() - started)
+            if on_line:
+                on_line(f"evaluation: crash in {ev.seconds:.1f}s: {ev.reason}")
         return result, ev, None
     finally:
         if ahead:
@@ -298,10 +332,9 @@ def measure(branch, seed, settings, on_line=None):
         late = clock.judge(result) if result.ok else None
         return ("invalid", late) if late else None
 
-    with open(state_dir(root) / "run.log", "a") as log:
+    with CappedLog(state_dir(root) / "run.log") as log:  # a flood of output keeps its first and last megabytes
         def line(text):
-            log.write(text + "\n")
-            log.flush()
+            log.write(text)
             if on_line:
                 on_line(text)
 
@@ -355,13 +388,14 @@ def make_row(branch, runs, status, commit, description, settings, source):
     good = [m.val_bpb for m in runs if m.status == "ok"]
     scored = status in SCORED
     s = runs[-1].summary or {}
+    tokens = s.get("total_tokens_M", 0.0) * 1e6  # a huge count overflows to inf: a number the row cannot hold
     return Row(
         commit=commit, val_bpb=statistics.fmean(good) if scored else 0.0,
         memory_gb=round(s.get("peak_vram_mb", 0.0) / 1024, 1), status=status, description=description,
         hardware=branch.hardware, backend=branch.backend, eval_profile=branch.profile, budget=branch.budget,
         seed=settings.seed, timestamp=now(), training_seconds=s.get("training_seconds", 0.0),
         num_steps=s.get("num_steps", 0), num_params_M=s.get("num_params_M", 0.0),
-        tokens=int(round(s.get("total_tokens_M", 0.0) * 1e6)), config=branch.config() or "-",
+        tokens=int(round(tokens)) if math.isfinite(tokens) else MISSING_NUMBER, config=branch.config() or "-",
         gate=settings.gate.label(), train_hash=train_hash(source), branch=branch.name,
         samples=",".join(f"{v:.6f}" for v in good) if scored else "-",
         harness_seconds=round(runs[-1].timing.training, 1), pin=pin_of(branch.repo, commit),
@@ -552,7 +586,8 @@ def experiment(branch, description, settings, on_line=None, claim=None):
     swarm: None once the program is this worker's to run, else where the same program ran or runs."""
     target = check_candidate(branch.repo, branch.backend)
     branch.check_record()  # an agent's turn ran since the last decision: the ledger and noise floor as we left them
-    description = " ".join(description.split()) or "(no description)"
+    # from an agent or a command line (-m): one printable line, so the commit, the row and its note can hold it
+    description = one_line(description, MAX_DESCRIPTION_CHARS) or "(no description)"
     repeat = find_repeat(branch)
     if repeat:
         branch.repo.git.checkout("HEAD", "--", target)

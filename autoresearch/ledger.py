@@ -12,6 +12,8 @@ from dataclasses import MISSING, dataclass, fields
 from datetime import datetime
 from pathlib import Path
 
+from .summary import MISSING as MISSING_NUMBER
+
 # verify: a re-run of a kept commit, decides nothing; invalid: caught breaking the rules, reverted, idea not judged;
 # lost: a swarm worker died mid-experiment, nothing measured, idea not judged
 STATUSES = ("keep", "discard", "crash", "verify", "invalid", "lost")
@@ -19,10 +21,14 @@ SCORED = ("keep", "discard", "verify")  # the statuses whose val_bpb is a measur
 UNJUDGED = ("invalid", "lost")  # rows that say nothing about the idea: the same program may run again
 LEDGER_NAME = "results.tsv"
 NOTES_REF = "autoresearch"  # every row is also a git note on its commit: refs/notes/autoresearch
+MAX_DESCRIPTION_CHARS = 300  # a description is one line of a row and of its git note, never a file's worth
 
 
 @dataclass
 class Row:
+    """One experiment. A number the harness did not get (a summary field that was not a finite number) is
+    MISSING_NUMBER (NaN) in any numeric column, int ones too: written "nan", and "nan" or "inf" read back as it,
+    so every row the harness writes parses back."""
     commit: str
     val_bpb: float  # 0.0 for a crash, as upstream; the mean when several seeds ran
     memory_gb: float
@@ -76,14 +82,42 @@ class LedgerError(Exception):
     pass
 
 
+def _printable(c):
+    if c.isprintable() or c.isspace():
+        return c
+    return "\ufffd" if "\ud800" <= c <= "\udfff" else " "  # a byte that was not UTF-8 (a command line's), as decoded
+
+
+def one_line(text, limit=None):
+    """text as one printable line: undecodable bytes marked U+FFFD, control and format characters dropped, each run
+    of whitespace one space, at most limit characters. Tabs and newlines would break the row; a NUL cannot go on
+    git's command line (the note); escape sequences would redraw the terminal that shows the results."""
+    return " ".join("".join(map(_printable, str(text))).split())[:limit]
+
+
 def _format(value):
-    if isinstance(value, float):
-        return f"{value:.6f}".rstrip("0").rstrip(".") if value == value else "nan"
-    return " ".join(str(value).split())  # tabs and newlines would break the row
+    if isinstance(value, float):  # in any numeric column: an int column's missing number is a float NaN too
+        return f"{value:.6f}".rstrip("0").rstrip(".") if math.isfinite(value) else "nan"
+    if isinstance(value, int):
+        return str(value)
+    return one_line(value)
 
 
 def format_row(row):
     return "\t".join(_format(getattr(row, c)) for c in COLUMNS) + "\n"
+
+
+def _number(kind, raw):
+    """The value of a numeric column: "nan" and "inf" (what the harness wrote where a number was missing or
+    infinite) read as MISSING_NUMBER; text that is no number at all raises ValueError."""
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = float(raw)  # an int column's "nan", "inf"; anything else is not a number
+        if math.isfinite(value):
+            raise ValueError(raw) from None  # "3.5" in an int column is not a number of that column
+    # one object for every missing number: rows read twice compare equal (NaN equals only itself, by identity)
+    return MISSING_NUMBER if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def parse_row(line, lineno, path, width=None):
@@ -97,7 +131,7 @@ def parse_row(line, lineno, path, width=None):
     for name, raw in zip(COLUMNS, parts):
         kind = _TYPES[name]
         try:
-            values[name] = kind(raw)
+            values[name] = raw if kind is str else _number(kind, raw)
         except ValueError:
             raise LedgerError(f"{path}:{lineno}: column {name} is not a number: {raw!r}") from None
     if values["status"] not in STATUSES:
@@ -398,8 +432,9 @@ def in_time_order(rows):
 
 
 def _identity(row):
-    """One experiment's row, however its numbers were formatted or its columns extended since."""
-    return (row.commit, row.timestamp, row.seed, row.status, row.description)
+    """One experiment's row, however its numbers were formatted or its columns extended since (the seed as text: a
+    missing one, NaN, equals nothing, not even itself)."""
+    return (row.commit, row.timestamp, _format(row.seed), row.status, row.description)
 
 
 def rebuild_ledger(repo, path):

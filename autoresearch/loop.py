@@ -11,7 +11,7 @@ from .experiment import (STATE_DIR, Refused, Settings, check_budget, check_cache
                          open_repo, state_dir)
 from .hardware import hardware_tag
 from .hparams import read_constants
-from .ledger import COLUMNS, LEDGER_NAME, format_row, git_identity, read_ledger
+from .ledger import COLUMNS, LEDGER_NAME, MAX_DESCRIPTION_CHARS, format_row, git_identity, one_line, read_ledger
 
 RECENT_ROWS = 10
 
@@ -86,7 +86,9 @@ def agent_edit(branch, agent, label, last_turn, agent_timeout, event):
     except BaseException:
         set_aside(repo, f"autoresearch {label}: interrupted while the agent worked")
         raise
-    description = description or describe_diff(before, train_file(backend, root).read_text())
+    # one printable line, whoever wrote it: it goes into the loop's log, the commit, the row and the next prompt
+    description = one_line(description or describe_diff(before, train_file(backend, root).read_text()),
+                           MAX_DESCRIPTION_CHARS) or "(no description)"
     event(f"{label}: agent edited in {time.time() - started:.0f}s: {description}")
     return description
 

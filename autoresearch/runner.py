@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,13 @@ from .summary import STEP_LINE, parse_summary
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 MIN_GRACE_SECONDS = 120  # startup, compilation and evaluation on top of the training budget
 TAIL_LINES = 60
+# A child's output is the agent's to fill: the harness keeps a bounded part of it, in memory and in run.log. The
+# first HEAD_BYTES hold every line of an honest run (a 5-minute GPU run prints a few thousand progress lines, well
+# under 1 MiB); the last TAIL_BYTES hold the summary block and a crash's traceback, the output contract's end.
+HEAD_BYTES, TAIL_BYTES = 6 << 20, 2 << 20
+LINE_BYTES = 64 << 10  # one line at most: the rest of a longer one (a megabyte without a newline) is dropped
+LINE_OVERHEAD = 100  # bytes of memory a kept line costs beyond its text (its str and tuple): a flood of empty lines
+MAX_STEP_TIMES = 100_000  # progress lines whose arrival the clock keeps: the first times it, their gaps its step
 COMPILE_CACHE_ENV = "AUTORESEARCH_COMPILE_CACHE"  # the run's copy of its compile cache (kernels.checkout)
 UNNAMED_CACHE = "runs of no run branch"
 PID_FILE = "trainer.pid"  # in .autoresearch/: "pid command" while train.py runs (evaluate.py keeps its own)
@@ -42,13 +50,112 @@ def handle_signals():
         signal.signal(sig, _raise_interrupted)
 
 
+class HeadTail:
+    """Lines within a fixed size: every line while the first `head` bytes last, then only the last `tail` bytes'
+    worth, those between counted and dropped. A train.py printing in a loop costs the harness head + tail at
+    most, and one line says where and how much was cut. A line of `size` bytes costs size + overhead (what keeping
+    it in memory costs beyond its text). keep(item), if given, takes each head line as it comes (a file); else they
+    stay in .head."""
+
+    def __init__(self, head, tail, overhead=0, keep=None):
+        self.limits = (head, tail)
+        self.head_room, self.tail_room, self.overhead, self.keep = head, tail, overhead, keep
+        self.head, self.tail, self.tail_size = [], deque(), 0
+        self.full = False  # the head is spent: every later line goes to the tail
+        self.cut_lines = self.cut_bytes = 0
+        self.lock = threading.Lock()  # the reader thread adds lines, and the harness its own notes after a kill
+
+    def add(self, item, size):
+        cost = size + self.overhead
+        with self.lock:
+            if not self.full and cost <= self.head_room:
+                self.head_room -= cost
+                (self.keep or self.head.append)(item)
+                return
+            self.full = True
+            self.tail.append((item, cost))
+            self.tail_size += cost
+            while self.tail_size > self.tail_room:
+                _, dropped = self.tail.popleft()
+                self.tail_size -= dropped
+                self.cut_lines += 1
+                self.cut_bytes += dropped - self.overhead
+
+    def note(self):
+        """The line that stands where lines were cut, or None where none were. Its first word has no colon after
+        it, so a summary block it lands in does not read it as a field."""
+        if not self.cut_lines:
+            return None
+        head, tail = (n / 2**20 for n in self.limits)
+        return (f"[harness] {self.cut_lines:,} lines of output ({self.cut_bytes / 2**20:.1f} MiB) cut here; the "
+                f"lines kept are its first {head:g} MiB and its last {tail:g} MiB at most")
+
+    def kept_tail(self):
+        return [item for item, _ in self.tail]
+
+
+def output_lines(stream):
+    """Each line a child prints, as text (bytes that are not UTF-8 replaced), at most LINE_BYTES of it: a longer
+    line is cut there, marked, and the rest of it dropped unread into memory."""
+    cutting = False
+    while True:
+        raw = stream.readline(LINE_BYTES)
+        if not raw:
+            return
+        whole = raw.endswith(b"\n")
+        if cutting:  # the rest of a line already cut
+            cutting = not whole
+            continue
+        text = raw.decode("utf-8", "replace").rstrip("\n")
+        if not whole and len(raw) == LINE_BYTES:
+            cutting = True
+            text += f" [harness] line cut at {LINE_BYTES >> 10} KiB"
+        yield text
+
+
+class CappedLog:
+    """One run's part of a log file (run.log: a seed's training and evaluation), at most HEAD_BYTES + TAIL_BYTES and
+    two notes: lines are written as they come until the head is spent, then the last TAIL_BYTES' worth is held
+    and written when the run ends (close), after a note of what was cut between."""
+
+    def __init__(self, path):
+        self.file = open(path, "a", encoding="utf-8", errors="replace")
+        self.kept = HeadTail(HEAD_BYTES, TAIL_BYTES, keep=self._write)
+
+    def _write(self, text):
+        self.file.write(text + "\n")
+        self.file.flush()  # a human or the dashboard reads the log while the run goes on
+
+    def write(self, text):
+        was_full = self.kept.full
+        self.kept.add(text, len(text.encode("utf-8", "replace")) + 1)
+        if self.kept.full and not was_full:
+            self._write(f"[harness] this run's output passed {HEAD_BYTES >> 20} MiB: the rest is held back, and "
+                        f"its last {TAIL_BYTES >> 20} MiB written here when the run ends")
+
+    def close(self):
+        note = self.kept.note()
+        if note:
+            self._write(note)
+        for text in self.kept.kept_tail():
+            self._write(text)
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 @dataclass
 class ProcessResult:
     returncode: int
     log: str
     elapsed: float
     timed_out: bool
-    lines: list = field(default_factory=list)  # (seconds since start, text) as each line arrived
+    lines: list = field(default_factory=list)  # (seconds since start, text) of the lines kept, as each arrived
+    steps: list = field(default_factory=list)  # seconds since start at which each progress line arrived
 
     def tail(self, n=TAIL_LINES):
         return "\n".join(self.log.splitlines()[-n:])
@@ -163,12 +270,17 @@ def run_process(argv, cwd, env, timeout, on_line=None, state=None, stdin_data=No
     pid_file = Path(state) / PID_FILE if state else None
     if pid_file:
         write_pid_file(pid_file, proc.pid, argv)
-    lines = []
+    output, steps = HeadTail(HEAD_BYTES, TAIL_BYTES, LINE_OVERHEAD), []
+
+    def keep(text):
+        t = time.time() - start
+        output.add((t, text), len(text) + 1)
+        if len(steps) < MAX_STEP_TIMES and STEP_LINE.match(text):
+            steps.append(t)
 
     def pump():
-        for raw in proc.stdout:
-            text = raw.decode("utf-8", "replace").rstrip("\n")
-            lines.append((time.time() - start, text))
+        for text in output_lines(proc.stdout):
+            keep(text)
             if on_line:
                 on_line(text)
 
@@ -191,13 +303,18 @@ def run_process(argv, cwd, env, timeout, on_line=None, state=None, stdin_data=No
     finally:  # timeout, Ctrl-C, Interrupted: no child outlives the harness
         _kill_group(proc)
         if reaping and end_orphans(before):
-            lines.append((time.time() - start, "harness: ended processes the run left behind"))
+            keep("harness: ended processes the run left behind")
         if pid_file:
             remove_pid_file(pid_file)
     reader.join(timeout=5)
     if timed_out:
-        lines.append((time.time() - start, f"TIMEOUT: killed after {timeout:.0f}s"))
-    return ProcessResult(proc.returncode, "\n".join(t for _, t in lines), time.time() - start, timed_out, lines)
+        keep(f"TIMEOUT: killed after {timeout:.0f}s")
+    with output.lock:
+        note = output.note()
+        lines = output.head + ([(output.head[-1][0] if output.head else 0.0, note)] if note else []) + \
+            output.kept_tail()
+    return ProcessResult(proc.returncode, "\n".join(t for _, t in lines), time.time() - start, timed_out, lines,
+                         list(steps))
 
 
 def _kill_group(proc):
@@ -215,8 +332,9 @@ class RunResult:
     log: str
     elapsed: float
     timed_out: bool
-    lines: list = field(default_factory=list)
+    lines: list = field(default_factory=list)  # (seconds since start, text) of the lines kept (ProcessResult's)
     sandbox: str = "none"  # what confined the run: bwrap, sandbox-exec or none
+    steps: list = field(default_factory=list)  # when each progress line arrived, the first MAX_STEP_TIMES
 
     @property
     def ok(self):
@@ -228,15 +346,14 @@ class RunResult:
     def measured_training(self):
         """(seconds from the first progress line to the exit, startup seconds before it), or None without one:
         the harness's own clock, whatever train.py prints about its time."""
-        steps = [t for t, text in self.lines if STEP_LINE.match(text)]
-        if not steps:
+        if not self.steps:
             return None
-        return self.elapsed - steps[0], steps[0]
+        return self.elapsed - self.steps[0], self.steps[0]
 
     def step_interval(self):
         """Median seconds between progress lines after the first two (the first gap can hold a second compile);
         with only two lines, the one gap: a run of one long step overruns the budget by that step."""
-        steps = [t for t, text in self.lines if STEP_LINE.match(text)]
+        steps = self.steps
         gaps = sorted(b - a for a, b in zip(steps[1:], steps[2:])) or [b - a for a, b in zip(steps, steps[1:])]
         return gaps[len(gaps) // 2] if gaps else 0.0
 
@@ -293,7 +410,7 @@ def run_training(backend, budget=None, seed=None, timeout=None, root=None, on_li
     lines = [(0.0, n) for n in notes] + result.lines
     log = "\n".join(t for _, t in lines)
     summary = None if result.timed_out else parse_summary(log)
-    return RunResult(result.returncode, summary, log, result.elapsed, result.timed_out, lines, box.kind)
+    return RunResult(result.returncode, summary, log, result.elapsed, result.timed_out, lines, box.kind, result.steps)
 
 
 def trainer_policy(root, env):

@@ -9,6 +9,10 @@ NUMERIC = (
     "val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "tokens_per_sec",
     "total_tokens_M", "num_steps", "num_params_M", "depth", "seed", "budget_seconds",
 )
+INTEGER = ("num_steps", "depth", "seed")
+# A number train.py printed that is not one, and in the ledger any number the harness did not get (its
+# MISSING_NUMBER): NaN, written "nan". One object, so that rows read twice compare equal (NaN equals only itself).
+MISSING = math.nan
 REQUIRED = ("training_seconds", "total_seconds", "peak_vram_mb", "total_tokens_M",
             "num_steps", "num_params_M", "depth", "backend", "device", "eval_profile")
 
@@ -38,8 +42,20 @@ def parse_step(line):
     return fields
 
 
+def number(text):
+    """A summary field's number, or MISSING (NaN) where it is not a finite number: "nan", "inf", "fast" or "1e999"
+    from an agent's train.py says nothing the ledger can hold, and must not stop the row being written."""
+    try:
+        value = float(text)
+    except ValueError:
+        return MISSING
+    return value if math.isfinite(value) else MISSING
+
+
 def parse_summary(text):
-    """Fields of the last `---` block in a run's output; None when there is no complete block."""
+    """Fields of the last `---` block in a run's output; None when there is no complete block (a required key
+    absent). A numeric field that is not a finite number is there but MISSING: the harness scores the checkpoint
+    and times the run itself, so the summary's numbers are a record, and a bad one is recorded as missing."""
     lines = text.splitlines()
     starts = [i for i, line in enumerate(lines) if line.strip() == "---"]
     if not starts:
@@ -51,11 +67,8 @@ def parse_summary(text):
             continue
         key, value = key.strip(), value.strip()
         if key in NUMERIC:
-            try:
-                value = float(value)
-            except ValueError:
-                return None
-            if key in ("num_steps", "depth", "seed") and math.isfinite(value):
+            value = number(value)
+            if key in INTEGER and value is not MISSING:
                 value = int(value)
         fields[key] = value
     if any(k not in fields for k in REQUIRED):
