@@ -146,7 +146,10 @@ def measure(backend, source, depth, device_batch, budget, seq_len, scratch, time
     try:
         result = run_training(backend, budget=budget, root=scratch, env=env, timeout=timeout)
         s = result.summary
-        if result.returncode != 0 or s is None or not s.get("tokens_per_sec"):
+        # a rung needs its figures as numbers: a missing one (nan: summary.MISSING) fails it like no summary
+        needed = ("tokens_per_sec", "num_steps", "peak_vram_mb", "num_params_M")
+        if result.returncode != 0 or s is None or not all(math.isfinite(s.get(k, math.nan)) for k in needed) \
+                or not s["tokens_per_sec"]:
             return None, result.tail(5)
         if compiled:
             kernels.promote(key, compiled)  # the next rung's shared kernels

@@ -364,7 +364,7 @@ class Child:
             self.build_timer.cancel()
             hello = dict(hello, rows_per_chunk=int(hello["rows_per_chunk"]), dtype=str(hello["dtype"])[:40],
                          device=str(hello["device"])[:200], seconds=float(hello["seconds"]))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError):  # int(Infinity) too
             raise EvaluatorFailed(self.failure()) from None
         if hello["rows_per_chunk"] < 1:
             raise EvaluatorFailed(f"the evaluator's model asks for chunks of {hello['rows_per_chunk']} rows "
