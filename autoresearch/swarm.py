@@ -550,7 +550,7 @@ def _swarm(ray, root, backend, budget, settings, plan, event, signals, actors):
         import_setup(root, outcome, noise, shot, event)
     # the claims live on the driver's node: one on a worker's node would go down with it and take the swarm along
     here = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
-                                                                        soft=False)
+                                                                        soft=True)
     claims = ray.remote(Claims).options(num_cpus=0, scheduling_strategy=here).remote()
     with _open_branch(root, backend, budget, event, hardware) as branch:
         return _drive(ray, branch, actors, claims, settings, plan, event, signals,
