@@ -542,7 +542,7 @@ def _swarm(ray, root, backend, budget, settings, plan, event, signals, actors):
         try:
             outcome, noise, shot = signals.get(ray, actors[0].setup.remote(shot, plan.tag))
         except (RayActorError, ActorUnavailableError, RayTaskError) as e:
-            raise _unwrapped(e, f"setup on w0 failed, run branch {name} not set up: ", clones[0]) from None
+            raise _unwrapped(e, f"setup on w0 failed, run branch {name} not set up: ") from None
         if outcome.row.status != "keep":  # a baseline that crashed or is invalid measures nothing to beat
             said = outcome.message.replace(f"in {STATE_DIR}/", f"in {clones[0]}/{STATE_DIR}/")  # w0's clone
             raise SwarmError(f"setup on w0 failed, run branch {name} not set up: the baseline {said} (fix train.py "
@@ -729,15 +729,9 @@ def _one_line(e):
     return " ".join(text.split()) or type(cause).__name__
 
 
-def _unwrapped(e, prefix, clone=None):
+def _unwrapped(e, prefix):
     """The exception to raise in the driver for a worker's error e: the harness's kind where it is one of the
-    harness's (a refusal, a broken cache: the exit code the contract gives them), else SwarmError; one line. A
-    state file it names (a crash log) is named in the worker's clone, where it is."""
+    harness's (a refusal, a broken cache: the exit code the contract gives them), else SwarmError; one line."""
     cause = _cause(e)
-    line = prefix + _one_line(e)
-    if clone:
-        line = line.replace(f"in {STATE_DIR}/", f"in {clone}/{STATE_DIR}/")
-    if isinstance(cause, Refused) and hasattr(cause, "status"):  # setup's SetupFailed: its status, its exit code
-        return type(cause)(line, cause.status)
     kind = Refused if isinstance(cause, Refused) else CacheBroken if isinstance(cause, CacheBroken) else SwarmError
-    return kind(line)
+    return kind(prefix + _one_line(e))
