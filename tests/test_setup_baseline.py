@@ -11,7 +11,7 @@ import sys
 import git
 import pytest
 
-from conftest import cli
+from conftest import cli, make_repo
 from autoresearch.branch import RunBranch
 from autoresearch.experiment import SLOWED_MARK, SetupFailed, find_repeat, run_experiment, setup
 from autoresearch.gate import judge_pace
