@@ -283,20 +283,13 @@ def setup_cmd(
     budget: Optional[float] = BudgetOption, seed: int = SeedOption, timeout: Optional[float] = TimeoutOption,
     verbose: bool = VerboseOption,
 ):
-    """Create the run branch for this hardware and record the baseline (with its noise floor). A baseline that
-    crashed or is invalid sets up nothing: one line, the exit code of its status (4 crash, 6 invalid)."""
-    from .experiment import SetupFailed, setup
-
-    def set_up(**kwargs):
-        try:
-            return setup(**kwargs)
-        except SetupFailed as e:  # a Refused, but its exit code is the baseline's status
-            fail(str(e), code=EXIT[e.status])
+    """Create the run branch for this hardware and record the baseline (with its noise floor)."""
+    from .experiment import setup
 
     backend = resolve_backend(backend_opt or ctx.obj["backend"])
     budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
     live = LiveProgress(console, budget, "baseline", noise_runs, verbose)
-    run_with_progress(set_up, live, root=repo_root(), tag=tag, backend=backend, budget=budget,
+    run_with_progress(setup, live, root=repo_root(), tag=tag, backend=backend, budget=budget,
                       seed=seed, timeout=timeout, noise_runs=noise_runs, calibrate=calibrate,
                       force_calibration=force_calibration)
 
