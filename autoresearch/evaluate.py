@@ -163,8 +163,8 @@ def evaluate(backend, root, checkpoint, timeout=None, on_line=None, env=None, st
 
 
 def score(main, reference, rows, vocab, note):
-    """(status, val_bpb, reason) from two started children: the probes' rows in the reference process, then every
-    row in the scoring process, in an order drawn now; val_bpb from the scoring process's logits."""
+    """(status, val_bpb, reason) from two started children: every row in the scoring process, in an order drawn now,
+    then the probes' rows in the reference process; val_bpb from the scoring process's logits."""
     hello, ref_hello = main.hello(), reference.hello()
     b, dtype = hello["rows_per_chunk"], hello["dtype"]
     tol = TOLERANCE.get(dtype, LOW_PRECISION_TOLERANCE)
