@@ -30,6 +30,7 @@ A model that fails a probe is "invalid": it gets no val_bpb. backends/README.md 
 
 import importlib.util
 import json
+import mmap
 import os
 import signal
 import subprocess
@@ -468,12 +469,6 @@ class Child:
             remove_pid_file(self.pid_file)
 
 
-def mmap_file(fd, size):
-    import mmap
-
-    return mmap.mmap(fd, size)
-
-
 def send_array(stream, array):
     """One int32 array on a pipe: its shape on a line, then its bytes."""
     array = np.ascontiguousarray(array)
@@ -611,7 +606,7 @@ def serve(backend, buffer):
         size = os.fstat(buffer).st_size
         slice_rows = size // (x.shape[1] * vocab * 4)
         if view is None or len(view) * 4 != size:
-            view = np.frombuffer(mmap_file(buffer, size), dtype=np.float32)
+            view = np.frombuffer(mmap.mmap(buffer, size), dtype=np.float32)
         for at in range(0, len(x), slice_rows):
             if at:
                 rows_in.read(1)  # the harness has copied the last slice out
