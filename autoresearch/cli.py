@@ -13,7 +13,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from . import repo_root
 from .calibrate import TIME_LIMIT
 from .experiment import EXIT
-from .hardware import BLAS_HINT, available_backends, blas_library, device_name, hardware_tag, pick_backend
+from .hardware import (BLAS_HINT, available_backends, blas_library, device_name, hardware_tag,
+                       is_apple_silicon, pick_backend)
 from .plain import markup, plain, text as plain_text
 from .progress import LiveProgress
 
@@ -182,15 +183,43 @@ def default_profile():
 
 
 @app.command("hardware")
-def hardware_cmd():
-    """This machine's hardware tag per installed backend, and what `--backend auto` picks."""
+def hardware_cmd(
+    measure: bool = typer.Option(False, "--measure", help="measure auto's CPU paths now (interleaved runs of each "
+                                 "train.py), replacing any cached figures"),
+):
+    """This machine's hardware tag per installed backend, and what `--backend auto` picks or will do."""
+    import prepare
+
+    from .hardware import auto_plan, cpu_measurement, cpu_paths
+
     found = available_backends()
     if not found:
         fail("no backend installed: pip install -e '.[mlx]' or '.[mps]' or '.[cuda]'")
     for name in found:
         print(f"{name:5} {hardware_tag(name):40} {device_name(name)}")
-    backend, reason = pick_backend("auto")
-    print(f"auto: {backend} ({reason})")
+    # auto measures only where it chooses between CPU paths; elsewhere its rule needs no figures
+    cpu = cpu_paths(found) if "cuda" not in found and not ("mlx" in found and is_apple_silicon()) else []
+    if len(cpu) < 2:
+        backend, reason = pick_backend("auto")
+        if measure:
+            fail(f"auto has nothing to measure here: it takes {backend} ({reason})")
+        print(f"auto: {backend} ({reason})")
+    else:
+        if measure:
+            check_prepared()
+        say = lambda line: console.print(plain(line), highlight=False, markup=False, soft_wrap=True)  # noqa: E731
+        choice = cpu_measurement(cpu, root=repo_root(), force=measure, on_line=say)
+        if choice is None:
+            try:
+                prepare.load_profile()
+                print(f"auto: not measured yet; {auto_plan()} (autoresearch hardware --measure measures now)")
+            except prepare.PrepareError:
+                print(f"auto: not measured yet; once data is prepared (autoresearch prepare), {auto_plan()}")
+        else:
+            # every run failed (a broken train.py): the training command would take the default, and measure again
+            print(f"auto: {choice.backend or choice.default} ({choice.reason})")
+            print(f"auto measured {choice.measured_at} in {choice.seconds:g}s, tokens/s per run in turn: "
+                  f"{choice.figures()} (autoresearch hardware --measure measures again)")
     if found.get("mlx") == "cpu" and platform.system() == "Linux":
         print(f"blas for mlx: {blas_library() or 'reference (slow): ' + BLAS_HINT}")
 
@@ -254,13 +283,20 @@ def setup_cmd(
     budget: Optional[float] = BudgetOption, seed: int = SeedOption, timeout: Optional[float] = TimeoutOption,
     verbose: bool = VerboseOption,
 ):
-    """Create the run branch for this hardware and record the baseline (with its noise floor)."""
-    from .experiment import setup
+    """Create the run branch for this hardware and record the baseline (with its noise floor). A baseline that
+    crashed or is invalid sets up nothing: one line, the exit code of its status (4 crash, 6 invalid)."""
+    from .experiment import SetupFailed, setup
+
+    def set_up(**kwargs):
+        try:
+            return setup(**kwargs)
+        except SetupFailed as e:  # a Refused, but its exit code is the baseline's status
+            fail(str(e), code=EXIT[e.status])
 
     backend = resolve_backend(backend_opt or ctx.obj["backend"])
     budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
     live = LiveProgress(console, budget, "baseline", noise_runs, verbose)
-    run_with_progress(setup, live, root=repo_root(), tag=tag, backend=backend, budget=budget,
+    run_with_progress(set_up, live, root=repo_root(), tag=tag, backend=backend, budget=budget,
                       seed=seed, timeout=timeout, noise_runs=noise_runs, calibrate=calibrate,
                       force_calibration=force_calibration)
 

@@ -22,7 +22,7 @@ from .branch import (BRANCH_PREFIX, STATE_DIR, Lock, Refused, RunBranch, changed
 from . import kernels, sandbox
 from . import record as harness_record
 from .clock import Clock
-from .gate import Gate, decide, save_noise, spread
+from .gate import Gate, decide, judge_pace, load_noise, save_noise, spread
 from .hardware import hardware_tag
 from .hparams import set_constants
 from .ledger import (LEDGER_NAME, MAX_DESCRIPTION_CHARS, MISSING_NUMBER, NOTES_REF, SCORED, UNJUDGED, LedgerError,
@@ -32,10 +32,24 @@ from .runner import COMPILE_CACHE_ENV, CappedLog, Interrupted, default_timeout, 
 EXIT = {"ok": 0, "keep": 0, "holds": 0, "error": 1, "refused": 2, "discard": 3, "regressed": 3, "crash": 4, "repeat": 5,
         "invalid": 6}
 PROTECTED = (LEDGER_NAME, f"{STATE_DIR}/noise.json")  # ignored files a train.py must not touch
+SLOWED_MARK = "[slowed by the machine:"  # in a row's description: its run trained far below the series' typical rate
 
 
 class CacheBroken(Exception):
     """The prepared cache does not match what prepare recorded: the harness's fault, not the candidate's."""
+
+
+class SetupFailed(Refused):
+    """setup measured no baseline (it crashed or is invalid): the run branch it made is removed and nothing is
+    recorded, so the same setup can run again. A Refused, as nothing changed; status is the baseline's (crash or
+    invalid), for the exit code."""
+
+    def __init__(self, message, status="crash"):
+        super().__init__(message)
+        self.status = status
+
+    def __reduce__(self):  # a swarm worker's setup raises it through Ray, which pickles it
+        return SetupFailed, (str(self), self.status)
 
 
 @dataclass(frozen=True)
@@ -82,6 +96,32 @@ class Measurement:
     timing: Timing
     reason: str  # why not ok
     compiled: Path | None = None  # the run's copy of the compile cache: the branch's if the program is kept
+    rerun: str = ""  # where this is a seed's second run: why the first did not count (slowed by the machine)
+    slowed: str = ""  # where this run itself trained far slower than its series' typical rate: the numbers
+
+
+def throughput(summary):
+    """Training tokens per second of a run by its summary: its tokens over its training seconds, the way a ledger
+    row gives it (report.throughput), so a run compares alike with the rows before it; None without them."""
+    s = summary or {}
+    tokens, seconds = s.get("total_tokens_M", math.nan) * 1e6, s.get("training_seconds", math.nan)
+    rate = tokens / seconds if seconds > 0 else math.nan
+    return rate if math.isfinite(rate) and rate > 0 else None
+
+
+RECENT_RUNS = 10  # the rows an experiment's throughput is compared with: the series' latest ones
+
+
+def typical_rate(branch, summary):
+    """The tokens/s this machine trains a model of this run's size at: the fastest of the series' last RECENT_RUNS
+    scored rows with the same parameter count (a bigger model trains fewer tokens a second by itself); the fastest,
+    as a busy machine only ever slows a run. None where no such row exists: nothing to compare with."""
+    params = (summary or {}).get("num_params_M")
+    rates = [r.tokens / r.training_seconds for r in branch.rows()
+             if r.key() == branch.key() and r.status in SCORED and r.num_params_M == params
+             and r.tokens > 0 and r.training_seconds > 0]
+    rates = [x for x in rates[-RECENT_RUNS:] if math.isfinite(x)]
+    return max(rates) if rates else None
 
 
 def train_hash(source):
@@ -406,10 +446,13 @@ def make_row(branch, runs, status, commit, description, settings, source):
 
 
 def run_seeds(branch, settings, runs, best, on_line):
-    """Up to `runs` seeds of HEAD, stopping at the first failure or when the gate has decided."""
+    """Up to `runs` seeds of HEAD, stopping at the first failure or when the gate has decided. An experiment's seed
+    that the machine slowed runs once more (again_if_slowed)."""
     measurements, decision = [], None
     for i in range(runs):
         m = measure(branch, settings.seed + i, settings, on_line)
+        if best is not None:
+            m = again_if_slowed(branch, settings, (settings.seed + i, m), typical_rate(branch, m.summary), on_line)
         measurements.append(m)
         if m.status != "ok":
             break
@@ -418,6 +461,46 @@ def run_seeds(branch, settings, runs, best, on_line):
             if not decision.more:
                 break
     return measurements, decision
+
+
+def again_if_slowed(branch, settings, seeded, typical, on_line):
+    """seeded: (seed, its measurement). A seed that trained far slower than typical (gate.judge_pace) was slowed by
+    the machine, not by its program: it is said in one line and run once more, and the second run counts in its
+    place, marked `slowed` where it is slow too. Once only, so a program that is slow by itself (a larger batch of
+    the same model) costs one extra run, and is then judged at its own speed."""
+    seed, m = seeded
+    pace = judge_pace(throughput(m.summary), typical)
+    if m.status != "ok" or not pace.slowed:
+        return m
+    branch.say(f"seed {seed} slowed by the machine: {pace.reason}; running it again")
+    kernels.discard(m.compiled)
+    again = measure(branch, seed, settings, on_line)
+    rerun = f"seed {seed} slowed by the machine ({pace.reason}), run again"
+    second = judge_pace(throughput(again.summary), typical)
+    if again.status == "ok" and second.slowed:
+        branch.say(f"seed {seed} slowed again: {second.reason}")
+        return replace(again, rerun=rerun + f": slowed again, {second.reason}", slowed=second.reason)
+    return replace(again, rerun=rerun + (f": {second.reason}" if again.status == "ok" else f": {again.status}"))
+
+
+def baseline_seeds(branch, settings, runs, on_line):
+    """setup's seeds after they all ran: each one slowed by the machine against the fastest of them runs once more;
+    those still slowed are marked, and _decide leaves them out of the baseline and its noise floor."""
+    if len(runs) < 2 or any(m.status != "ok" for m in runs):
+        return runs
+    typical = max((throughput(m.summary) or 0.0) for m in runs)
+    runs = [again_if_slowed(branch, settings, (settings.seed + i, m), typical, on_line) for i, m in enumerate(runs)]
+    failed = [m for m in runs if m.status != "ok"]
+    if failed:  # a seed's second run crashed: the baseline failed (its last run is the one _decide reads)
+        return [m for m in runs if m.status == "ok"] + failed
+    typical = max((throughput(m.summary) or 0.0) for m in runs)  # a second run may be the fastest yet
+    marked = []
+    for i, m in enumerate(runs):
+        pace = judge_pace(throughput(m.summary), typical)
+        marked.append(replace(m, slowed=pace.reason) if pace.slowed else replace(m, slowed=""))
+        if pace.slowed and not m.slowed:
+            branch.say(f"seed {settings.seed + i} slowed by the machine: {pace.reason}")
+    return marked
 
 
 def train_and_record(branch, description, base, commit, settings, on_line=None, baseline_runs=0):
@@ -429,6 +512,8 @@ def train_and_record(branch, description, base, commit, settings, on_line=None, 
     try:
         runs, decision = run_seeds(branch, settings, baseline_runs or (settings.gate.seeds if settings.gate.kind ==
                                                                         "seeds" else 1), best, on_line)
+        if baseline_runs:
+            runs = baseline_seeds(branch, settings, runs, on_line)
     except BaseException:  # Ctrl-C, SIGTERM, SIGHUP: nothing measured, the branch back at base
         if not baseline_runs:
             branch.say(branch.interrupted(commit, base))
@@ -462,8 +547,15 @@ def _decide(trial, runs, decision):
     branch, description, base, commit = trial.branch, trial.description, trial.base, trial.commit
     settings, baseline_runs, source, best = trial.settings, trial.baseline_runs, trial.source, trial.best
     short = commit.hexsha[:7]
-    samples = [m.val_bpb for m in runs if m.status == "ok"]
     last = runs[-1]
+    if baseline_runs and last.status != "ok":  # nothing measured to beat: no row, and setup removes its branch
+        raise SetupFailed(f"the baseline is {last.status} ({last.reason}); log tail in {STATE_DIR}/last_crash.log",
+                          last.status)
+    # setup's seeds that the machine slowed say nothing of the program's spread: left out of the baseline (the
+    # fastest seed is never slowed, so one stays); an experiment's second run counts, slowed or not
+    left_out = [(settings.seed + i, m.slowed) for i, m in enumerate(runs) if baseline_runs and m.slowed]
+    runs = [m for m in runs if not (baseline_runs and m.slowed)]
+    samples = [m.val_bpb for m in runs if m.status == "ok"]
     if last.status != "ok":
         status = last.status
         message = f"RESULT {status} ({last.reason}); log tail in {STATE_DIR}/last_crash.log"
@@ -472,14 +564,28 @@ def _decide(trial, runs, decision):
     elif baseline_runs or best is None:
         status = "keep"
         message = f"RESULT keep val_bpb={statistics.fmean(samples):.6f} (baseline"
+        slow = "; ".join(f"seed {seed} slowed by the machine, {why}" for seed, why in left_out)
         if baseline_runs and len(samples) > 1:
             save_noise(branch.root, *branch.key()[1:4], samples, short)
             harness_record.save(branch.root)
             message += f", noise floor: spread {spread(samples):.6f} over {len(samples)} seeds"
+            message += f" (left out: {slow})" if slow else ""
+        elif left_out:
+            earlier = load_noise(branch.root, *branch.key()[1:4])
+            then = (f"the one measured before (spread {earlier['spread']:.6f}, commit {earlier['commit']}) stays"
+                    if earlier else "the noise gate keeps any gain until setup runs again on a quiet machine")
+            message += (f"; noise floor unreliable, not recorded: only {len(samples)} of {len(samples) + len(left_out)}"
+                        f" seeds ran at the machine's typical speed ({slow}); {then}")
         message += ")"
     else:
         status = "keep" if decision.keep else "discard"
         message = f"RESULT {status} val_bpb={statistics.fmean(samples):.6f} [{settings.gate.label()}: {decision.reason}]"
+    if not baseline_runs:
+        reruns = [m.rerun for m in runs if m.rerun]
+        message += "".join(f" [{r}]" for r in reruns)
+        slowed = next((m.slowed for m in runs if m.slowed), None)
+        if slowed:  # judged at a speed the machine may have imposed: a discard of it is not a repeat
+            description = f"{description} {SLOWED_MARK} {slowed}]"
     if status == "keep":
         message += f" (harness-timed training {last.timing.training:.1f}s)"
     elif not baseline_runs:
@@ -533,11 +639,17 @@ def setup(root, tag, backend, budget=None, seed=42, timeout=None, on_line=None, 
             outcome = train_and_record(branch, "baseline", head, head, settings, on_line, baseline_runs=noise_runs)
             harness_record.pin(root, name, outcome.row.pin)  # the fixed half later commands are checked against
             return outcome
-        except BaseException:  # calibration failed, a signal, a full disk: no half-made run branch stays
-            if not any(r.branch == name for r in branch.rows()):
+        except BaseException as e:  # no baseline, calibration failed, a signal, a full disk: no half-made branch
+            if not any(r.branch == name and r.status == "keep" and r.description == "baseline"
+                       for r in branch.rows()):
                 repo.head.reset(index=True, working_tree=True)
+                back = origin.hexsha[:7] if isinstance(origin, git.Commit) else origin.name
                 repo.git.checkout(origin.hexsha if isinstance(origin, git.Commit) else origin.name)
                 repo.delete_head(name, force=True)
+                if isinstance(e, SetupFailed):
+                    raise SetupFailed(f"setup failed: {e}; branch {name} removed, back on {back}, nothing recorded: "
+                                      f"fix train.py or give it a larger --budget or --timeout, then run setup again",
+                                      e.status) from None
                 branch.say(f"setup stopped before its baseline was recorded: branch {name} removed")
             raise
 
@@ -573,10 +685,11 @@ def check_candidate(repo, backend):
 
 def find_repeat(branch):
     """The row of this run whose train.py is the same program as the edited one, or None. A run the harness
-    caught (invalid) or lost with its swarm worker says nothing about the idea and is not a repeat."""
+    caught (invalid) or lost with its swarm worker says nothing about the idea and is not a repeat, nor does a
+    discard of a run the machine slowed even on its second try."""
     digest = train_hash(train_file(branch.backend, branch.root).read_text())
     same = [r for r in branch.rows() if r.key() == branch.key() and r.train_hash == digest
-            and r.status not in UNJUDGED]
+            and r.status not in UNJUDGED and not (r.status == "discard" and SLOWED_MARK in r.description)]
     return same[-1] if same else None
 
 

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GATES = ("greedy", "noise", "seeds")
+# A run that trained fewer tokens a second than this share of its series' typical rate was slowed by the machine
+# (another job on its cores), not by its program: on a busy machine seeds trained at 737 and 1,772 tokens/s beside
+# 6,538, and their spread made a noise floor 35 times the quiet machine's.
+SLOWED_FRACTION = 0.7
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,25 @@ def decide(gate, candidate, best, sigma):
     if len(candidate) < gate.seeds:
         return Decision(False, True, verdict + ", another seed")
     return Decision(False, False, verdict)
+
+
+@dataclass(frozen=True)
+class Pace:
+    slowed: bool
+    reason: str  # the numbers the flag used
+
+
+def judge_pace(rate, typical):
+    """Whether a run trained far slower than its series' typical rate. rate, typical: tokens per second, or None
+    where unknown (then never slowed: nothing to compare with). The typical rate is the fastest of the series'
+    runs (see experiment.typical_rate): another job on the machine only ever slows a run down, so the fastest one
+    is the nearest to what the machine does for this program when nothing else runs."""
+    if rate is None or not typical:
+        return Pace(False, "no throughput to compare")
+    floor = SLOWED_FRACTION * typical
+    numbers = (f"{rate:,.0f} tokens/s vs typical {typical:,.0f} "
+               f"({'below' if rate < floor else 'at least'} {SLOWED_FRACTION:g} x = {floor:,.0f})")
+    return Pace(rate < floor, numbers)
 
 
 def noise_path(root):

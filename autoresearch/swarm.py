@@ -9,6 +9,8 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
+import shutil
 import signal
 import socket
 import sys
@@ -24,7 +26,7 @@ import git
 from . import train_file
 from . import record as harness_record
 from .agents import make_agent
-from .branch import BRANCH_PREFIX, Lock, Refused, open_branch, open_repo, refuse_dirty, state_dir
+from .branch import BRANCH_PREFIX, STATE_DIR, Lock, Refused, open_branch, open_repo, refuse_dirty, state_dir
 from .experiment import (CacheBroken, Measurement, Settings, Timing, check_budget, check_cache, experiment, make_row,
                          record)
 from .experiment import setup as setup_run_branch
@@ -42,6 +44,7 @@ MAX_LOSSES = 3  # a worker lost this many times in a row without a result is giv
 PROGRESS_SECONDS = 10  # the driver's `progress:` line on stderr: at a turn's first step, then this often
 START_TIMEOUT = 300  # seconds for every worker to be placed and to answer (a cluster without the resources never does)
 LOCKS = Path(tempfile.gettempdir()) / "autoresearch-swarm"  # this node's flocks: a core slot each, the trainer view
+ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # Ray colours the tracebacks it wraps a worker's error in
 
 
 class SwarmError(Exception):
@@ -146,6 +149,17 @@ def cache_identity():
     return f"profile {meta['profile']['name']}, validation rows {str(meta.get('val_rows_sha256'))[:12]}"
 
 
+def node_name():
+    """This Ray node as the user finds it: its host name and its address in the cluster (nodes on one host, in
+    containers or network namespaces, share a host name)."""
+    import ray
+
+    try:
+        return f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
+    except Exception:  # outside a Ray worker
+        return socket.gethostname()
+
+
 def pin_cores(count):
     """Claim `count` cores of this node that no other worker holds (a flock per slot, released when the process
     dies) and run on them only: the worker's trainer inherits the affinity, and its hardware tag says how many
@@ -176,8 +190,12 @@ class Worker:
         if spec.cache:
             os.environ["AUTORESEARCH_CACHE"] = spec.cache
         self.cores_lock = None  # held open for the worker's life
+        self.broken = None  # why this worker cannot run, for hello: Ray would bury an error raised here in a traceback
         if spec.cores and hasattr(os, "sched_setaffinity"):
-            self.cores_lock = pin_cores(spec.cores)
+            try:
+                self.cores_lock = pin_cores(spec.cores)
+            except Refused as e:
+                self.broken = str(e)
             os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(spec.cores)
         import prepare
 
@@ -190,6 +208,10 @@ class Worker:
         """Where this worker runs and what it would measure on, for the driver's checks before any experiment."""
         import prepare
 
+        node = node_name()
+
+        if self.broken:
+            return {"error": self.broken, "kind": "start", "node": node}
         try:
             check_cache()
             data = cache_identity()
@@ -198,26 +220,46 @@ class Worker:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 prepare.trainer_view()
         except Exception as e:  # no cache, a damaged one: the node's problem, said in one line
-            return {"error": " ".join(str(e).split()), "node": socket.gethostname()}
-        return {"node": socket.gethostname(), "pid": os.getpid(), "hardware": hardware_tag(self.spec.backend),
+            return {"error": " ".join(str(e).split()), "kind": "cache", "node": node}
+        return {"node": node, "pid": os.getpid(), "hardware": hardware_tag(self.spec.backend),
                 "data": data, "root": str(self.root)}
 
     def sync(self, shot):
         """The clone made the driver's: the run branch at the swarm's best, the notes, the ledger, the noise floors.
-        What an earlier life of this worker left (a trainer, an edit) is stopped and undone: the clone is scratch."""
-        if not (self.root / ".git").exists():
-            self.root.mkdir(parents=True, exist_ok=True)
-            git.Repo.init(self.root)
-        repo = open_repo(self.root)
-        stop_leftover(state_dir(self.root))
-        fetch_bundle(repo, shot.bundle, *shot.refspecs(BEST_REF))
-        repo.git.checkout("--force", "-B", shot.branch, BEST_REF)
-        repo.git.clean("-fdq")
+        What an earlier life of this worker left (a trainer, an edit, a branch) is stopped and undone: the clone is
+        scratch, and one that git cannot bring in line is made again from nothing."""
+        if self.root.exists():
+            stop_leftover(state_dir(self.root))
+        try:
+            repo = self._align(shot)
+        except (git.GitCommandError, git.InvalidGitRepositoryError, git.NoSuchPathError, Refused):
+            shutil.rmtree(self.root, ignore_errors=True)  # a damaged clone: the driver has everything it held
+            repo = self._align(shot)
+        state_dir(self.root)  # made where missing (a new clone): the noise floors and the record go there
         replace_ledger(self.root / LEDGER_NAME, shot.ledger)
         tmp = noise_path(self.root).with_suffix(".swarm.tmp")
         tmp.write_bytes(shot.noise)
         tmp.replace(noise_path(self.root))
         harness_record.save(self.root)
+        return repo
+
+    def _align(self, shot):
+        """The clone's git at the driver's snapshot: its branch checked out, every other branch gone, the notes the
+        driver's. The driver's repository is the truth: a branch only this clone has (a setup that failed or was
+        killed here) would otherwise refuse the driver's next setup of that name."""
+        if not (self.root / ".git").exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            git.Repo.init(self.root)
+        repo = open_repo(self.root)
+        fetch_bundle(repo, shot.bundle, *shot.refspecs(BEST_REF))
+        repo.git.checkout("--force", "-B", shot.branch, BEST_REF)
+        repo.git.clean("-fdq")
+        for head in repo.heads:
+            if head.name != shot.branch:
+                repo.delete_head(head, force=True)
+        notes = f"refs/notes/{NOTES_REF}"
+        if not shot.notes and notes in {r.path for r in repo.refs}:
+            repo.git.update_ref("-d", notes)  # rows the driver never recorded (a failed setup's baseline)
         return repo
 
     def setup(self, shot, tag):
@@ -420,8 +462,13 @@ def start_ray(ray, address):
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if is_local(address):
         ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
-    else:
+        return
+    try:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:  # no cluster there, or it refused this node's token
+        raise SwarmError(f"cannot connect to the Ray cluster at {address}: {_one_line(e)} (on a cluster node, "
+                         f"`ray start` first; RAY_AUTH_MODE=token and ~/.ray/auth_token as the head has them: see "
+                         f"README, Swarm)") from None
 
 
 def cores_per_worker(ray, backend, workers):
@@ -466,6 +513,8 @@ def run_swarm(root, backend, budget, settings, plan, on_event=print):
         actors = []
         try:
             return _swarm(ray, root, backend, budget, settings, plan, event, signals, actors)
+        except ray.exceptions.RayError as e:  # a worker's error that no step below caught: its own line, its kind
+            raise _unwrapped(e, "the swarm stopped: ") from None
         finally:
             _stop(ray, actors, event)
 
@@ -479,9 +528,10 @@ def _swarm(ray, root, backend, budget, settings, plan, event, signals, actors):
     spec = Spec(swarm, backend, budget, settings, plan, cores_per_worker(ray, backend, plan.workers),
                 os.environ.get("AUTORESEARCH_CACHE") if is_local(plan.address) else None)
     remote = ray.remote(Worker).options(num_cpus=spec.cores or 1, num_gpus=1 if backend == "cuda" else 0,
-                                        max_restarts=-1, max_task_retries=0, max_concurrency=2)
+                                        max_restarts=-1, max_task_retries=0, max_concurrency=2,
+                                        scheduling_strategy="SPREAD")  # a node each while there are nodes to spare
     actors.extend(remote.remote(spec, i) for i in range(plan.workers))
-    hardware = _check_workers(ray, actors, event, signals)
+    hardware, clones = _check_workers(ray, actors, event, signals)
     if plan.tag:
         name = f"{BRANCH_PREFIX}{plan.tag}-{hardware}"
         if name in repo.heads:
@@ -489,9 +539,19 @@ def _swarm(ray, root, backend, budget, settings, plan, event, signals, actors):
                           f"the swarm on it without --tag")
         event(f"setup: calibrating and measuring the baseline on w0 ({plan.noise_runs} seeds)")
         shot = snapshot(repo, repo.active_branch.name)
-        outcome, noise, shot = signals.get(ray, actors[0].setup.remote(shot, plan.tag))
+        try:
+            outcome, noise, shot = signals.get(ray, actors[0].setup.remote(shot, plan.tag))
+        except (RayActorError, ActorUnavailableError, RayTaskError) as e:
+            raise _unwrapped(e, f"setup on w0 failed, run branch {name} not set up: ", clones[0]) from None
+        if outcome.row.status != "keep":  # a baseline that crashed or is invalid measures nothing to beat
+            said = outcome.message.replace(f"in {STATE_DIR}/", f"in {clones[0]}/{STATE_DIR}/")  # w0's clone
+            raise SwarmError(f"setup on w0 failed, run branch {name} not set up: the baseline {said} (fix train.py "
+                             f"or the budget, then run again with the same --tag)")
         import_setup(root, outcome, noise, shot, event)
-    claims = ray.remote(Claims).options(num_cpus=0).remote()
+    # the claims live on the driver's node: one on a worker's node would go down with it and take the swarm along
+    here = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                        soft=False)
+    claims = ray.remote(Claims).options(num_cpus=0, scheduling_strategy=here).remote()
     with _open_branch(root, backend, budget, event, hardware) as branch:
         return _drive(ray, branch, actors, claims, settings, plan, event, signals,
                       (RayActorError, ActorUnavailableError, RayTaskError))
@@ -513,29 +573,31 @@ def _open_branch(root, backend, budget, event, hardware):
 
 def _check_workers(ray, actors, event, signals):
     """Every worker placed and answering, on a prepared cache with the driver's data, all on one hardware.
-    Returns that hardware tag."""
+    Returns that hardware tag and the workers' clones."""
     try:
         deadline = time.time() + START_TIMEOUT
         hellos = [signals.get(ray, a.hello.remote(), max(1.0, deadline - time.time())) for a in actors]
     except ray.exceptions.GetTimeoutError:
         raise Refused(f"the workers did not all start within {START_TIMEOUT}s: the Ray cluster lacks the CPUs or "
                       f"GPUs for {len(actors)} of them (ray status shows what it has)") from None
-    except ray.exceptions.RayActorError as e:  # its constructor raised (no free cores, no checkout installed)
-        raise SwarmError(f"a worker could not start: {_last_line(e)}") from None
+    except ray.exceptions.RayActorError as e:  # its process died before it answered (the harness not installed)
+        raise SwarmError(f"a worker could not start: {_one_line(e)}") from None
     mine = cache_identity()
     for i, h in enumerate(hellos):
+        if h.get("kind") == "start":
+            raise Refused(f"worker w{i} on {h['node']} could not start: {h['error']}")
         if "error" in h:
             raise CacheBroken(f"worker w{i} on {h.get('node', 'its node')}: {h['error']} (prepare the data on every "
                               f"node, or share one cache: AUTORESEARCH_CACHE in the environment of `ray start`)")
         if h["data"] != mine:
             raise Refused(f"worker w{i} on {h['node']} has other prepared data ({h['data']}) than this checkout "
-                          f"({mine}): prepare from the same source on every node")
+                          f"({mine}): prepare from the same source with the same profile on every node")
         event(f"w{i}: pid {h['pid']} on {h['node']}, {h['hardware']}, clone {h['root']}")
     tags = sorted({h["hardware"] for h in hellos})
     if len(tags) > 1:
         raise Refused(f"the workers run on different hardware ({', '.join(tags)}): results of different hardware "
                       f"are never compared, so run one swarm per hardware")
-    return tags[0]
+    return tags[0], [h["root"] for h in hellos]
 
 
 class Progress:
@@ -599,7 +661,7 @@ def _drive(ray, branch, actors, claims, settings, plan, event, signals, died):
         except died as e:
             losses[i] += 1
             failed = isinstance(e, ray.exceptions.RayTaskError)  # the turn raised; the worker itself lives
-            reason = f"worker w{i}'s turn failed: {_last_line(e)}" if failed else f"worker w{i} died"
+            reason = f"worker w{i}'s turn failed: {_one_line(e)}" if failed else f"worker w{i} died"
             for digest, description, source in ray.get(claims.lost.remote(f"w{i}")):
                 row = lost_row(branch, settings, f"w{i}", description, source, reason)
                 record(branch.repo, row, branch.repo.head.commit)
@@ -645,6 +707,37 @@ def _stop(ray, actors, event):
     ray.shutdown()
 
 
-def _last_line(e):
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(e).__name__
+def _cause(e):
+    """What a worker raised, out of Ray's wrapping: a RayTaskError carries the original exception as its cause."""
+    cause = getattr(e, "cause", None)
+    while isinstance(cause, BaseException) and cause is not e:
+        e, cause = cause, getattr(cause, "cause", None)
+    return e
+
+
+def _one_line(e):
+    """A worker's error as one line for the user: the original exception's message, without Ray's traceback, its
+    colour codes or its `ray::Worker.setup() (pid=..., ip=...)` header."""
+    cause = _cause(e)
+    text = ANSI.sub("", str(cause))
+    if type(cause).__module__.startswith("ray"):  # Ray's own (a worker process died): its last line says why
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        text = lines[-1] if lines else type(cause).__name__
+        text = re.sub(r"^(?:\w+\.)+\w+: ", "", text)  # "autoresearch.branch.Refused: why" from a creation task
+    elif not type(cause).__module__.startswith("autoresearch"):  # a bug, not a refusal: its type says which
+        text = f"{type(cause).__name__}: {text}"
+    return " ".join(text.split()) or type(cause).__name__
+
+
+def _unwrapped(e, prefix, clone=None):
+    """The exception to raise in the driver for a worker's error e: the harness's kind where it is one of the
+    harness's (a refusal, a broken cache: the exit code the contract gives them), else SwarmError; one line. A
+    state file it names (a crash log) is named in the worker's clone, where it is."""
+    cause = _cause(e)
+    line = prefix + _one_line(e)
+    if clone:
+        line = line.replace(f"in {STATE_DIR}/", f"in {clone}/{STATE_DIR}/")
+    if isinstance(cause, Refused) and hasattr(cause, "status"):  # setup's SetupFailed: its status, its exit code
+        return type(cause)(line, cause.status)
+    kind = Refused if isinstance(cause, Refused) else CacheBroken if isinstance(cause, CacheBroken) else SwarmError
+    return kind(line)

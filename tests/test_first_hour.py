@@ -66,28 +66,6 @@ def test_rows_and_runs_carry_the_blas_the_trainer_preloaded(repo_dir):
         assert (f"blas: preloading {blas} for MLX" in log) == bool(blas)
 
 
-def test_auto_measures_the_cpu_paths_once_and_picks_the_faster(tmp_path, own_cache):
-    pytest.importorskip("torch")
-    pytest.importorskip("mlx.core")
-    if "cuda" in hardware.available_backends() or hardware.is_apple_silicon():
-        pytest.skip("auto does not measure where there is a GPU")
-    root = make_repo(tmp_path / "project")
-    before = cli(root, "hardware")
-    assert before.returncode == 0 and "(not measured yet)" in before.stdout, before.stdout + before.stderr
-    done = cli(root, "calibrate", "--budget", 30, "--time-limit", 0)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "auto: measuring mlx and mps here" in done.stderr
-    [cached] = (own_cache / "calibration").glob("auto-*.json")
-    rates = json.loads(cached.read_text())
-    tags = {b: hardware.hardware_tag(b) for b in ("mlx", "mps")}
-    assert set(rates) == set(tags.values()) and all(v > 0 for v in rates.values())
-    faster = max(tags, key=lambda b: rates[tags[b]])
-    assert f"backend: {faster} (no GPU; the faster CPU path here: {faster} {rates[tags[faster]]:,.0f}" in done.stderr
-    assert done.stdout.startswith(tags[faster])  # and the command ran on it
-    again = cli(root, "hardware")
-    assert f"auto: {faster} (no GPU; the faster CPU path here" in again.stdout and "measuring" not in again.stderr
-
-
 def test_auto_on_a_run_branch_is_the_branch_backend(repo_dir):
     done = cli(repo_dir, "run", "-m", "nothing changed", "--budget", BUDGET)
     assert done.returncode == 2 and "backend: mlx (the run branch's)" in done.stderr, done.stderr

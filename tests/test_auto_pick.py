@@ -1,0 +1,131 @@
+"""auto's pick between the CPU paths (issue 24, items 3 and 4): `hardware` says what auto will do before it has
+measured; the measurement takes turns between the paths, so a burst of load does not decide the pick; and it is
+measured again on request, replacing the cached figures. Real train.py runs (conftest's TINY sizes), real load."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import prepare
+from autoresearch import hardware
+from conftest import cli, make_repo
+
+pytestmark = pytest.mark.skipif(
+    not (hardware._has("torch") and hardware._has("mlx")) or hardware.cuda_device() or hardware.is_apple_silicon(),
+    reason="auto measures only on a CPU with both MLX and PyTorch installed")
+
+BUSY_PER_CORE = 3  # busy loops per core: the trainer gets about a quarter of each core while they run
+
+
+def private_cache(cpu_cache, dest):
+    """A copy of the prepared cache without calibrations: what a test measures is cached there only."""
+    shutil.copytree(cpu_cache, dest, ignore=shutil.ignore_patterns("calibration", prepare.VIEW_NAME))
+    return dest
+
+
+def start_load():
+    """Busy-looping processes pinned to each core this process may run on."""
+    loop = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True: pass"
+    return [subprocess.Popen([sys.executable, "-c", loop, str(core)])
+            for core in sorted(os.sched_getaffinity(0)) for _ in range(BUSY_PER_CORE)]
+
+
+def stop_load(procs):
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    procs.clear()
+
+
+def cached_runs(cache):
+    [path] = (cache / "calibration").glob("auto-*.json")
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def quiet(tmp_path_factory, cpu_cache):
+    """A project and its cache; `hardware` before any measurement, then the first training command (calibrate, one
+    rung), which measures auto's paths with no load of ours."""
+    base = tmp_path_factory.mktemp("auto")
+    root, cache = make_repo(base / "project"), private_cache(cpu_cache, base / "cache")
+    env = {"AUTORESEARCH_CACHE": str(cache)}
+    before = cli(root, "hardware", env=env)
+    trained = cli(root, "calibrate", "--budget", 30, "--time-limit", 0, env=env)
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    return root, cache, before, trained
+
+
+def test_hardware_before_a_measurement_says_what_auto_will_do_and_the_first_training_command_does_it(quiet):
+    root, cache, before, trained = quiet
+    cpu = hardware.cpu_paths()
+    assert cpu == ["mlx", "mps"]
+    said = [line for line in before.stdout.splitlines() if line.startswith("auto: ")]
+    assert said == [f"auto: not measured yet; the first training command measures mlx and mps interleaved "
+                    f"({hardware.AUTO_REPEATS} runs each at DEPTH 2) and picks the faster median, or the default "
+                    f"{hardware.default_cpu()} when the margin is within the spread "
+                    "(autoresearch hardware --measure measures now)"], before.stdout
+    # what it said: the training command measures the paths in turn and picks by that rule
+    assert f"auto: measuring mlx and mps here, interleaved, {hardware.AUTO_REPEATS} runs each" in trained.stderr
+    order = [line.split()[3] for line in trained.stderr.splitlines() if line.startswith("auto: run ")]
+    assert order == cpu * hardware.AUTO_REPEATS, trained.stderr
+    data = cached_runs(cache)
+    choice = hardware.CpuChoice(tuple(map(tuple, data["runs"])), hardware.default_cpu(), data["measured_at"], 0)
+    backend, reason = hardware.decide_cpu(choice.samples(), hardware.default_cpu())
+    assert f"backend: {backend} ({reason})" in trained.stderr, trained.stderr
+    assert trained.stdout.startswith(hardware.hardware_tag(backend))  # and it trained on that one
+
+
+def test_a_burst_of_load_on_one_round_does_not_decide_the_pick(quiet, cpu_cache, tmp_path, monkeypatch):
+    """The load runs through the first round (one run of each path), as a burst from another job would. Taking turns
+    puts one loaded run in each path's three, and each median drops it; in a row (mlx mlx mlx mps mps mps), both
+    loaded runs would have been mlx's and its median one of them."""
+    root, cache, _, _ = quiet
+    quiet_data = cached_runs(cache)
+    quiet_choice = hardware.decide_cpu(
+        hardware.CpuChoice(tuple(map(tuple, quiet_data["runs"])), "", "", 0).samples(), hardware.default_cpu())
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(private_cache(cpu_cache, tmp_path / "cache")))
+    cpu, lines = hardware.cpu_paths(), []
+
+    def on_line(text):
+        lines.append(text)
+        if text.startswith(f"auto: run {len(cpu)}/"):  # the first round is over
+            stop_load(load)
+
+    load = start_load()
+    try:
+        loaded = hardware.cpu_measurement(cpu, root=root, force=True, on_line=on_line)
+    finally:
+        stop_load(load)
+    print("\n".join(lines), f"quiet: {quiet_choice}", f"loaded: {loaded.backend} ({loaded.reason})", sep="\n")
+    assert [b for b, _ in loaded.runs] == cpu * hardware.AUTO_REPEATS
+    samples = loaded.samples()
+    assert all(len(samples[b]) == hardware.AUTO_REPEATS for b in cpu), loaded.figures()
+    # not vacuous: the loaded round ran slower than the others, taken over both paths (one path's single runs
+    # vary too much on a busy 2-core machine to hold each path to it)
+    slowdown = sum(samples[b][0] / max(samples[b][1:]) for b in cpu) / len(cpu)
+    assert slowdown < 1, f"the load did not slow the first round: {loaded.figures()}"
+    assert loaded.backend == quiet_choice[0], f"quiet: {quiet_choice[1]}; loaded: {loaded.reason}"
+
+
+def test_measuring_again_on_request_replaces_the_cached_figures(quiet):
+    root, cache, _, _ = quiet
+    env = {"AUTORESEARCH_CACHE": str(cache)}
+    first = cached_runs(cache)
+    shown = cli(root, "hardware", env=env)
+    assert "measuring" not in shown.stderr, shown.stderr  # a cached measurement is shown, not repeated
+    figures = hardware.CpuChoice(tuple(map(tuple, first["runs"])), "", "", 0).figures()
+    assert f"auto measured {first['measured_at']} in {first['seconds']:g}s, tokens/s per run in turn: {figures}" \
+        in shown.stdout, shown.stdout
+    again = cli(root, "hardware", "--measure", env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"auto: measuring mlx and mps here, interleaved, {hardware.AUTO_REPEATS} runs each" in again.stderr
+    second = cached_runs(cache)
+    assert second["runs"] != first["runs"] and second["measured_at"] >= first["measured_at"]
+    figures = hardware.CpuChoice(tuple(map(tuple, second["runs"])), "", "", 0).figures()
+    assert f"tokens/s per run in turn: {figures}" in again.stdout, again.stdout
+    assert f"tokens/s per run in turn: {figures}" in cli(root, "hardware", env=env).stdout
