@@ -238,13 +238,15 @@ def run_with_progress(fn, live, **kwargs):
 
 def guarded(fn, **kwargs):
     """fn(**kwargs), its refusals and errors as one line and the exit code the contract gives them."""
-    from .experiment import CacheBroken, Refused
+    from .experiment import CacheBroken, Refused, SetupFailed
     from .ledger import LedgerError
 
     try:
         return fn(**kwargs)
     except ValueError as e:  # an option out of range, caught before anything was committed
         fail(str(e), code=EXIT["refused"])
+    except SetupFailed as e:  # a Refused (nothing is left set up), but its exit code is the baseline's status
+        fail(str(e), code=EXIT[e.status])
     except Refused as e:
         fail(str(e), code=EXIT["refused"])
     except (CacheBroken, LedgerError) as e:
@@ -285,18 +287,12 @@ def setup_cmd(
 ):
     """Create the run branch for this hardware and record the baseline (with its noise floor). A baseline that
     crashed or is invalid sets up nothing: one line, the exit code of its status (4 crash, 6 invalid)."""
-    from .experiment import SetupFailed, setup
-
-    def set_up(**kwargs):
-        try:
-            return setup(**kwargs)
-        except SetupFailed as e:  # a Refused, but its exit code is the baseline's status
-            fail(str(e), code=EXIT[e.status])
+    from .experiment import setup
 
     backend = resolve_backend(backend_opt or ctx.obj["backend"])
     budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
     live = LiveProgress(console, budget, "baseline", noise_runs, verbose)
-    run_with_progress(set_up, live, root=repo_root(), tag=tag, backend=backend, budget=budget,
+    run_with_progress(setup, live, root=repo_root(), tag=tag, backend=backend, budget=budget,
                       seed=seed, timeout=timeout, noise_runs=noise_runs, calibrate=calibrate,
                       force_calibration=force_calibration)
 
@@ -377,6 +373,8 @@ def swarm_cmd(
                                                   help="stop after N turns, all workers together"),
     agent_timeout: float = typer.Option(900, "--agent-timeout", help="seconds an agent may take per edit"),
     agent_seed: int = typer.Option(0, "--agent-seed", help="seed of worker 0's random agent (worker i: + i)"),
+    restart_timeout: float = typer.Option(180, "--restart-timeout", help="seconds a worker that died has to be "
+                                          "back (Ray restarts it) before it is given up"),
     budget: Optional[float] = BudgetOption, seed: int = SeedOption, timeout: Optional[float] = TimeoutOption,
     gate: str = GateOption, k: float = KOption, seeds: int = SeedsOption, confidence: float = ConfidenceOption,
 ):
@@ -389,7 +387,8 @@ def swarm_cmd(
     budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
     try:
         settings = Settings(seed, timeout, make_gate(gate, k, seeds, confidence))
-        plan = Plan(workers, agent, agent_seed, agent_timeout, max_experiments, address, tag, noise_runs, calibrate)
+        plan = Plan(workers, agent, agent_seed, agent_timeout, max_experiments, address, tag, noise_runs, calibrate,
+                    restart_timeout)
     except ValueError as e:
         fail(str(e), code=EXIT["refused"])
     try:

@@ -63,12 +63,15 @@ class Plan:
     tag: str | None = None  # set up the run branch autoresearch/<tag>-<workers' hardware> on worker 0 first
     noise_runs: int = 3  # with tag: the baseline's seeds
     calibrate: bool = True  # with tag: size the model for the workers' hardware first
+    restart_timeout: float = 180  # seconds a worker that died has to answer again as Ray restarts it, else given up
 
     def __post_init__(self):
         if isinstance(self.workers, bool) or int(self.workers) != self.workers or self.workers < 1:
             raise ValueError(f"--workers must be a whole number >= 1, got {self.workers}")
         if self.noise_runs < 1:
             raise ValueError(f"--noise-runs must be at least 1, got {self.noise_runs}")
+        if not self.restart_timeout > 0:
+            raise ValueError(f"--restart-timeout must be more than 0 seconds, got {self.restart_timeout}")
         check_turns(self.max_experiments, self.agent_timeout)
 
 
@@ -451,6 +454,28 @@ class Signals:
             signal.signal(sig, handler)
 
 
+@contextmanager
+def _ray_messages_to(note):
+    """The cluster's messages that Ray's driver prints to stderr whatever log_to_driver says (a node marked dead, an
+    actor it cannot place yet), in colour and beside the harness's own line for the same event, go to the swarm's
+    log instead. Ray has no option for it: its listener looks the printer up in its worker module at each message."""
+    import ray._private.worker as ray_worker
+
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+
+    def to_log(data, ignore_prefix=False):
+        for line in data.get("lines", ()):
+            note(f"ray ({data.get('pid', '')}): {' '.join(ANSI.sub('', str(line)).split())}")
+
+    if printer is not None:
+        ray_worker.print_to_stdstream = to_log
+    try:
+        yield
+    finally:
+        if printer is not None:
+            ray_worker.print_to_stdstream = printer
+
+
 def is_local(address):
     return address in (None, "local")
 
@@ -501,13 +526,16 @@ def run_swarm(root, backend, budget, settings, plan, on_event=print):
     check_cache()
     log = state_dir(root) / "swarm.log"
 
-    def event(text):
+    def logged(text):
         with open(log, "a") as f:
             f.write(f"{time.strftime('%H:%M:%S')} {text}\n")
+
+    def event(text):
+        logged(text)
         on_event(text)
 
     # the checkout's lock before Ray starts: a second driver here would share the workers' clones
-    with Lock(root, "swarm"), Signals() as signals:
+    with Lock(root, "swarm"), Signals() as signals, _ray_messages_to(logged):
         start_ray(ray, plan.address)
         signals.install()
         actors = []
@@ -542,11 +570,8 @@ def _swarm(ray, root, backend, budget, settings, plan, event, signals, actors):
         try:
             outcome, noise, shot = signals.get(ray, actors[0].setup.remote(shot, plan.tag))
         except (RayActorError, ActorUnavailableError, RayTaskError) as e:
+            # a baseline that crashed or is invalid is setup's SetupFailed: its status's exit code, said once
             raise _unwrapped(e, f"setup on w0 failed, run branch {name} not set up: ", clones[0]) from None
-        if outcome.row.status != "keep":  # a baseline that crashed or is invalid measures nothing to beat
-            said = outcome.message.replace(f"in {STATE_DIR}/", f"in {clones[0]}/{STATE_DIR}/")  # w0's clone
-            raise SwarmError(f"setup on w0 failed, run branch {name} not set up: the baseline {said} (fix train.py "
-                             f"or the budget, then run again with the same --tag)")
         import_setup(root, outcome, noise, shot, event)
     # the claims live on the driver's node: one on a worker's node would go down with it and take the swarm along
     here = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
@@ -627,15 +652,22 @@ class Progress:
 
 
 def _drive(ray, branch, actors, claims, settings, plan, event, signals, died):
-    """Give each worker a turn on the latest best, record each result as it comes, until max_experiments."""
-    rows, pending, results = [], {}, 0
+    """Give each worker a turn on the latest best, record each result as it comes, until max_experiments. A worker
+    that died gets its next turn once Ray has restarted it and it answers again, within plan.restart_timeout: one
+    whose node is gone, with no room for it elsewhere, would otherwise be waited for forever."""
+    rows, results = [], 0
+    pending = {}  # Ray ref -> (worker index, "turn"; or "back": a dead worker's hello, sent as Ray restarts it)
+    back_by = {}  # worker index -> when its restart must have answered
     losses, turns, bases = [0] * len(actors), [0] * len(actors), [None] * len(actors)
     alive = set(range(len(actors)))
     shot = ray.put(snapshot(branch.repo, branch.name))
     progress = Progress(ray, branch.budget)
 
+    def training():
+        return [i for i, kind in pending.values() if kind == "turn"]
+
     def more():
-        return plan.max_experiments is None or results + len(pending) < plan.max_experiments
+        return plan.max_experiments is None or results + len(training()) < plan.max_experiments
 
     def dispatch(i):
         turns[i] += 1
@@ -644,23 +676,32 @@ def _drive(ray, branch, actors, claims, settings, plan, event, signals, died):
             event(f"w{i} turn {turns[i]}: adopts the swarm's best {head[:7]} ({best.worker}'s, "
                   f"val_bpb {best.val_bpb:.6f})")
         bases[i] = head
-        pending[actors[i].turn.remote(shot, claims, turns[i])] = i
+        pending[actors[i].turn.remote(shot, claims, turns[i])] = (i, "turn")
+
+    def give_up(i, why):
+        alive.discard(i)
+        event(f"w{i}: {why}: given up ({len(alive)} workers left)")
 
     for i in sorted(alive):
         if more():
             dispatch(i)
-    while pending:
+    while training() or (pending and more()):
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
         signals.check()
         if not ready:
-            progress.poll([actors[i] for i in pending.values()])
+            for ref, (i, kind) in list(pending.items()):
+                if kind == "back" and time.time() > back_by[i]:
+                    del pending[ref]
+                    give_up(i, f"not back {plan.restart_timeout:g}s after it died (its node gone, and no room for it on "
+                               f"another)")
+            progress.poll([actors[i] for i in training()])
             continue
-        i = pending.pop(ready[0])
+        i, kind = pending.pop(ready[0])
         try:
             report = ray.get(ready[0])
         except died as e:
             losses[i] += 1
-            failed = isinstance(e, ray.exceptions.RayTaskError)  # the turn raised; the worker itself lives
+            failed = isinstance(e, ray.exceptions.RayTaskError)  # the call raised; the worker itself lives
             reason = f"worker w{i}'s turn failed: {_one_line(e)}" if failed else f"worker w{i} died"
             for digest, description, source in ray.get(claims.lost.remote(f"w{i}")):
                 row = lost_row(branch, settings, f"w{i}", description, source, reason)
@@ -669,29 +710,45 @@ def _drive(ray, branch, actors, claims, settings, plan, event, signals, died):
                 shot = ray.put(snapshot(branch.repo, branch.name))
                 event(f"w{i}: RESULT lost ({reason}): \"{description}\" was not measured; it may run again")
             if losses[i] >= MAX_LOSSES:
-                alive.discard(i)
-                event(f"w{i}: lost {losses[i]} times in a row: given up ({len(alive)} workers left)")
+                give_up(i, f"lost {losses[i]} times in a row")
                 continue
             event(f"w{i}: {reason}" + ("" if failed else "; Ray restarts it"))
-            time.sleep(1)
+            if not failed:
+                # Ray retries the hello as the worker restarts (a call to it meanwhile would fail at once)
+                back_by[i] = time.time() + plan.restart_timeout
+                pending[actors[i].hello.options(max_task_retries=-1).remote()] = (i, "back")
+                continue
         else:
-            losses[i] = 0
-            results += 1
-            for text in report.events:
-                event(text)
-            message = report.message
-            if report.row is not None:
-                row, message = absorb(branch, report, settings)
-                ray.get(claims.finished.remote(row.train_hash, row.status not in UNJUDGED))
-                rows.append(row)
-                shot = ray.put(snapshot(branch.repo, branch.name))
-            best = branch.best()
-            event(message + (f" | swarm best {best.val_bpb:.6f} ({best.commit}, {best.worker})" if best else ""))
+            if kind == "back":
+                if "error" in report:
+                    give_up(i, f"back on {report['node']}, but {report['error']}")
+                    continue
+                event(f"w{i}: back, pid {report['pid']} on {report['node']}")
+            else:
+                losses[i] = 0
+                results += 1
+                shot = _absorb_report(ray, branch, claims, settings, report, rows, event) or shot
         if i in alive and more():
             dispatch(i)
     if not alive:
         raise SwarmError("every worker was lost: see the Ray logs (ray status, /tmp/ray/session_latest/logs)")
     return rows
+
+
+def _absorb_report(ray, branch, claims, settings, report, rows, event):
+    """A turn's report, into the driver's ledger and branch; the new snapshot for the next turns, or None where the
+    turn recorded no row."""
+    for text in report.events:
+        event(text)
+    message, shot = report.message, None
+    if report.row is not None:
+        row, message = absorb(branch, report, settings)
+        ray.get(claims.finished.remote(row.train_hash, row.status not in UNJUDGED))
+        rows.append(row)
+        shot = ray.put(snapshot(branch.repo, branch.name))
+    best = branch.best()
+    event(message + (f" | swarm best {best.val_bpb:.6f} ({best.commit}, {best.worker})" if best else ""))
+    return shot
 
 
 def _stop(ray, actors, event):

@@ -1,7 +1,8 @@
 """The swarm across two Ray nodes, joined as README says: two network namespaces of this machine linked by a veth
 pair (addresses of 198.51.100.0/24, a range kept for documentation), a real `ray start` in each, token
-authentication on. A worker runs on each node; the second node is killed mid-experiment (every process in its
-namespace), its row is `lost`, and the swarm goes on and ends normally. Needs root and `ip netns`."""
+authentication on. A worker runs on each node, a core each; the second node is killed mid-experiment (every process
+in its namespace): its row is `lost`, its worker, with no core left for it on the head, is given up once its restart
+timeout passes rather than waited for, and the swarm goes on and ends normally. Needs root and `ip netns`."""
 
 import os
 import re
@@ -62,7 +63,7 @@ def in_ns(ns, *args, env=None, timeout=180):
 
 @pytest.fixture
 def two_nodes(tmp_path, cpu_cache):
-    """Namespaces A (the head, 2 CPUs) and B (1 CPU) joined by a veth pair, a Ray node started in each with the
+    """Namespaces A (the head, 1 CPU) and B (1 CPU) joined by a veth pair, a Ray node started in each with the
     prepared cache and token authentication. Everything is removed afterwards, whatever happened."""
     reason = netns_usable()
     if reason:
@@ -82,7 +83,7 @@ def two_nodes(tmp_path, cpu_cache):
             ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
             ip("-n", ns, "link", "set", dev, "up")
             ip("-n", ns, "link", "set", "lo", "up")
-        head = in_ns(a, RAY, "start", "--head", "--port", 6379, "--node-ip-address", HEAD_IP, "--num-cpus", 2,
+        head = in_ns(a, RAY, "start", "--head", "--port", 6379, "--node-ip-address", HEAD_IP, "--num-cpus", 1,
                      "--include-dashboard=false", "--temp-dir", temp / "a", env=env)
         assert head.returncode == 0, head.stdout + head.stderr
         node = in_ns(b, RAY, "start", "--address", f"{HEAD_IP}:6379", "--node-ip-address", NODE_IP, "--num-cpus", 1,
@@ -103,7 +104,7 @@ def test_a_worker_per_node_and_a_node_killed_mid_experiment(two_nodes, tmp_path,
     root = make_repo(tmp_path / "project", backends=("mlx",))
     cmd = ["ip", "netns", "exec", a, sys.executable, "-m", "autoresearch", "--backend", "mlx", "swarm",
            "--address", f"{HEAD_IP}:6379", "--workers", 2, "--tag", "nn", "--noise-runs", 1, "--no-calibrate",
-           "--budget", BUDGET, "--gate", "greedy", "--agent", "random", "-n", 5]
+           "--budget", BUDGET, "--gate", "greedy", "--agent", "random", "-n", 4, "--restart-timeout", 15]
     proc = subprocess.Popen(list(map(str, cmd)), cwd=root, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT,
                             env=dict(os.environ, AUTORESEARCH_CACHE=str(cpu_cache), RAY_AUTH_MODE="token"))
@@ -138,7 +139,11 @@ def test_a_worker_per_node_and_a_node_killed_mid_experiment(two_nodes, tmp_path,
     out = "".join(lines)
     print(out)
     assert f"{worker}: RESULT lost (worker {worker} died)" in out, out
+    assert f"{worker}: not back 15s after it died (its node gone, and no room for it on another): given up " \
+           f"(1 workers left)" in out, out
     assert "swarm ended: " in out and "Traceback" not in out, out
+    # Ray's own notice of the dead node (colour codes, a "(raylet)" prefix) goes to the swarm's log, not the user
+    assert "\x1b[" not in out and "(raylet)" not in out, out
     ended = re.search(r"swarm ended: (\d+) rows, .* (\d+) lost", out)
     assert int(ended.group(2)) >= 1, out
     repo = git.Repo(root)
