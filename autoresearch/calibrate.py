@@ -260,48 +260,6 @@ def calibrate(backend, root=None, force=False, budget=None, on_line=None, time_l
     return result, False
 
 
-def fastest(backends, root=None, on_line=None, may_measure=True):
-    """(backend, reason): the one of backends (CPU paths) whose train.py trains the most tokens/s here, measured
-    at one rung (PROBE_DEPTH, each file's DEVICE_BATCH_SIZE) and cached beside the calibrations, keyed by their
-    hardware tags (the BLAS included) and the eval profile. None where nothing is prepared to measure with, or
-    nothing is cached and may_measure is False."""
-    import prepare
-
-    try:
-        profile = prepare.load_profile()
-    except prepare.PrepareError:
-        return None
-    root = Path(root or repo_root())
-    tags = {b: hardware_tag(b) for b in backends}
-    path = prepare.cache_dir() / "calibration" / f"auto-{profile.name}-{'-vs-'.join(sorted(tags.values()))}.json"
-    rates = json.loads(path.read_text()) if path.exists() else {}
-    if set(rates) != set(tags.values()):
-        if not may_measure:
-            return None
-        say = on_line or (lambda text: None)
-        say(f"auto: measuring {' and '.join(backends)} here (DEPTH {PROBE_DEPTH}, once; cached in {path.parent})")
-        rates = {}
-        for backend in backends:
-            source = train_file(backend, root).read_text()
-            with tempfile.TemporaryDirectory(prefix="autoresearch-auto-") as scratch:
-                scratch = Path(scratch)
-                train_file(backend, scratch).parent.mkdir(parents=True)
-                shutil.copy2(root / "prepare.py", scratch / "prepare.py")
-                rung, error = measure(backend, source, PROBE_DEPTH, read_constants(source)["DEVICE_BATCH_SIZE"],
-                                      prepare.time_budget(profile), profile.seq_len, scratch)
-            rates[tags[backend]] = rung.tokens_per_sec if rung else 0.0
-            say(f"auto: {backend} {rates[tags[backend]]:,.0f} tokens/s"
-                + (f" (failed: {error.splitlines()[-1] if error else 'no output'})" if rung is None else ""))
-        if all(rates.values()):  # a failed probe (a broken train.py) is measured again next time
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(rates, indent=2) + "\n")
-    pick = max(backends, key=lambda b: rates[tags[b]])
-    if not rates[tags[pick]]:
-        return None
-    figures = ", ".join(f"{b} {rates[tags[b]]:,.0f}" for b in sorted(backends, key=lambda b: -rates[tags[b]]))
-    return pick, f"no GPU; the faster CPU path here: {figures} tokens/s at DEPTH {PROBE_DEPTH}"
-
-
 def device_memory_mb(backend):
     """Memory a model may use: the GPU's for cuda, else system memory (unified on Apple Silicon)."""
     if backend == "cuda":
