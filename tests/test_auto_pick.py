@@ -80,52 +80,48 @@ def test_hardware_before_a_measurement_says_what_auto_will_do_and_the_first_trai
     assert trained.stdout.startswith(hardware.hardware_tag(backend))  # and it trained on that one
 
 
-def test_a_burst_of_load_on_one_round_does_not_decide_the_pick(quiet, cpu_cache, tmp_path, monkeypatch):
-    """The load runs through the first round (one run of each path), as a burst from another job would. Taking turns
-    puts one loaded run in each path's three, and each median drops it; in a row (mlx mlx mlx mps mps mps), both
-    loaded runs would have been mlx's and its median one of them."""
+def test_measuring_again_under_a_burst_of_load_replaces_the_figures_and_keeps_the_pick(quiet):
+    """`hardware --measure` measures again and replaces the cached figures, while a burst of load runs through its
+    first round (one run of each path), as another job's would. Taking turns puts one loaded run in each path's
+    three, and each median drops it; in a row (mlx mlx mlx mps mps mps), both loaded runs would have been mlx's and
+    its median one of them."""
     root, cache, _, _ = quiet
-    quiet_data = cached_runs(cache)
-    quiet_choice = hardware.decide_cpu(
-        hardware.CpuChoice(tuple(map(tuple, quiet_data["runs"])), "", "", 0).samples(), hardware.default_cpu())
-    monkeypatch.setenv("AUTORESEARCH_CACHE", str(private_cache(cpu_cache, tmp_path / "cache")))
-    cpu, lines = hardware.cpu_paths(), []
-
-    def on_line(text):
-        lines.append(text)
-        if text.startswith(f"auto: run {len(cpu)}/"):  # the first round is over
-            stop_load(load)
-
-    load = start_load()
-    try:
-        loaded = hardware.cpu_measurement(cpu, root=root, force=True, on_line=on_line)
-    finally:
-        stop_load(load)
-    print("\n".join(lines), f"quiet: {quiet_choice}", f"loaded: {loaded.backend} ({loaded.reason})", sep="\n")
-    assert [b for b, _ in loaded.runs] == cpu * hardware.AUTO_REPEATS
-    samples = loaded.samples()
-    assert all(len(samples[b]) == hardware.AUTO_REPEATS for b in cpu), loaded.figures()
-    # not vacuous: the loaded round ran slower than the others, taken over both paths (one path's single runs
-    # vary too much on a busy 2-core machine to hold each path to it)
-    slowdown = sum(samples[b][0] / max(samples[b][1:]) for b in cpu) / len(cpu)
-    assert slowdown < 1, f"the load did not slow the first round: {loaded.figures()}"
-    assert loaded.backend == quiet_choice[0], f"quiet: {quiet_choice[1]}; loaded: {loaded.reason}"
-
-
-def test_measuring_again_on_request_replaces_the_cached_figures(quiet):
-    root, cache, _, _ = quiet
-    env = {"AUTORESEARCH_CACHE": str(cache)}
+    env = dict(os.environ, AUTORESEARCH_CACHE=str(cache))
     first = cached_runs(cache)
     shown = cli(root, "hardware", env=env)
     assert "measuring" not in shown.stderr, shown.stderr  # a cached measurement is shown, not repeated
     figures = hardware.CpuChoice(tuple(map(tuple, first["runs"])), "", "", 0).figures()
     assert f"auto measured {first['measured_at']} in {first['seconds']:g}s, tokens/s per run in turn: {figures}" \
         in shown.stdout, shown.stdout
-    again = cli(root, "hardware", "--measure", env=env)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert f"auto: measuring mlx and mps here, interleaved, {hardware.AUTO_REPEATS} runs each" in again.stderr
+    quiet_choice = hardware.decide_cpu(
+        hardware.CpuChoice(tuple(map(tuple, first["runs"])), "", "", 0).samples(), hardware.default_cpu())
+
+    cpu, said = hardware.cpu_paths(), []
+    load = start_load()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "autoresearch", "hardware", "--measure"], cwd=root, env=env,
+                                text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for line in proc.stderr:  # the CLI says each run as it ends
+            said.append(line)
+            if line.startswith(f"auto: run {len(cpu)}/"):  # the first round is over
+                stop_load(load)
+        out = proc.stdout.read()
+        assert proc.wait(timeout=600) == 0, out + "".join(said)
+    finally:
+        stop_load(load)
+    print("".join(said), out, f"quiet: {quiet_choice}", sep="\n")
+    assert f"auto: measuring mlx and mps here, interleaved, {hardware.AUTO_REPEATS} runs each" in "".join(said)
     second = cached_runs(cache)
     assert second["runs"] != first["runs"] and second["measured_at"] >= first["measured_at"]
-    figures = hardware.CpuChoice(tuple(map(tuple, second["runs"])), "", "", 0).figures()
-    assert f"tokens/s per run in turn: {figures}" in again.stdout, again.stdout
-    assert f"tokens/s per run in turn: {figures}" in cli(root, "hardware", env=env).stdout
+    loaded = hardware.CpuChoice(tuple(map(tuple, second["runs"])), "", "", 0)
+    assert [b for b, _ in loaded.runs] == cpu * hardware.AUTO_REPEATS
+    samples = loaded.samples()
+    assert all(len(samples[b]) == hardware.AUTO_REPEATS for b in cpu), loaded.figures()
+    assert f"tokens/s per run in turn: {loaded.figures()}" in out, out
+    assert f"tokens/s per run in turn: {loaded.figures()}" in cli(root, "hardware", env=env).stdout
+    # not vacuous: the loaded round ran slower than the others, taken over both paths (one path's single runs
+    # vary too much on a busy 2-core machine to hold each path to it)
+    slowdown = sum(samples[b][0] / max(samples[b][1:]) for b in cpu) / len(cpu)
+    assert slowdown < 1, f"the load did not slow the first round: {loaded.figures()}"
+    backend, reason = hardware.decide_cpu(samples, hardware.default_cpu())
+    assert backend == quiet_choice[0], f"quiet: {quiet_choice[1]}; loaded: {reason}"
