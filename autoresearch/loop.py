@@ -232,6 +232,8 @@ def run_loop(root, backend, agent, max_experiments=None, budget=None, seed=42, a
             else:
                 failed = 0
                 spent += record["cost_usd"] or 0.0
+                if rules.max_cost is not None and record["cost_usd"] is None and turn == 1:
+                    event(f"note: agent {agent.name!r} reports no cost: --max-cost cannot stop this loop")
                 check_cache()  # a broken cache is not the candidate's fault: stop with the edit still in the tree
                 outcome = experiment(branch, description, settings, on_line)
                 outcomes.append(outcome)

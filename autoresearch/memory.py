@@ -106,11 +106,11 @@ def _groups(tries, facts, shown):
         counts = {s: sum(t.row.status == s for t in members) for s in ("keep", "discard", "crash", "invalid")}
         said = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
         dead = " - a dead end so far" if len(members) >= 3 and not counts["keep"] else ""
-        lines.append(f"- {name}: {len(members)} tries ({said}){dead}")
+        lines.append(f"- {name}: {len(members)} {'try' if len(members) == 1 else 'tries'} ({said}){dead}")
         brief = [_brief(t) for t in members if shown(t) == 1]
         uncounted = sum(shown(t) == 0 for t in members)
         if uncounted:
-            lines.append(f"  - {uncounted} older tries not listed")
+            lines.append(f"  - {uncounted} older {'try' if uncounted == 1 else 'tries'} not listed")
         if brief:
             lines.append("  - " + "; ".join(brief))
         lines += [f"  - {t.row.commit} {_outcome(t, facts)}: {_clean(t.row.description)}"
@@ -133,7 +133,7 @@ def render(facts, cap=MEMORY_CHARS):
     if facts.sigma is not None:
         head.append(f"Noise floor: val_bpb varies by {facts.sigma:.6f} (one standard deviation) between seeds of "
                     "one program; a gain inside it is luck as often as not.")
-    head += _kept_path(facts.rows)
+    head += [""] + _kept_path(facts.rows)
     near = [t for t in tries if t.row.status == "discard" and t.gain is not None and facts.sigma is not None
             and t.gain > -facts.sigma]
     tail = _listed("Near-misses, within the noise floor of the best then (worth combining or retrying bigger)", near,

@@ -244,3 +244,4 @@ def test_a_memory_of_100_experiments_stays_under_its_cap_and_names_every_change(
     assert f"- {rows[1].commit} " in groups(full) and len(full) > cap
     dead = [line for line in full.splitlines() if "a dead end so far" in line]
     assert dead and all("keep" not in line.split(" tries (")[1] for line in dead)
+    assert "- code: add qk-norm before attention: 2 tries (2 discard)" in full
