@@ -418,10 +418,14 @@ def swarm_cmd(
     """Several workers run the loop on one run branch at once, on Ray; this checkout holds the merged branch and
     the one ledger, every row tagged with its worker (Ctrl-C to end)."""
     from .experiment import Settings
+    from .presets import missing_binary
     from .swarm import Plan, SwarmError, run_swarm
 
     backend = resolve_backend(backend_opt or ctx.obj["backend"])
     budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
+    missing = missing_binary(agent) if address is None else None  # a cluster's nodes have their own PATH
+    if missing:
+        fail(missing, code=EXIT["refused"])
     try:
         settings = Settings(seed, timeout, make_gate(gate, k, seeds, confidence))
         plan = Plan(workers, agent, agent_seed, agent_timeout, max_experiments, address, tag, noise_runs, calibrate)
