@@ -9,14 +9,19 @@ import stat
 import subprocess
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import record, sandbox, train_file
 from .hparams import read_constants, set_constants
 from .ledger import MAX_DESCRIPTION_CHARS, one_line
+from .presets import PRESETS, expand
 from .runner import become_subreaper, children, end_orphans
+from .turns import MAX_READ_BYTES, read_usage
 
 DESCRIPTION_FILE = "description"  # in .autoresearch/: the agent's one-line summary of its change
+NOTES_FILE = "notes.md"  # in .autoresearch/: what the agent keeps for its next turns, carried into each prompt
+MAX_NOTES_BYTES = 1 << 16  # the notes file taken back at most; the prompt carries less (loop.NOTES_CHARS)
 MAX_TRAIN_BYTES = 1 << 20  # a train.py is tens of kilobytes; more is data smuggled in as code
 MAX_DESCRIPTION_BYTES = 1 << 16  # the description file read at most; MAX_DESCRIPTION_CHARS of it kept
 
@@ -37,7 +42,21 @@ SEARCH_SPACE = {
 
 
 class AgentFailed(Exception):
-    """The agent did not produce an edit (timeout, non-zero exit); the loop logs it and goes on."""
+    """The agent did not produce an edit (timeout, non-zero exit); the loop logs it and goes on. output: what it
+    printed, for its turn's record."""
+
+    def __init__(self, message, output="", exit=None):
+        super().__init__(message)
+        self.output = output
+        self.exit = exit
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What an agent's turn gave back besides its edit of train.py."""
+    description: str | None  # its one line, None where it wrote none
+    output: str = ""  # what it printed (stdout and stderr)
+    exit: int | None = None  # its exit status; None for the built-in agent
 
 
 def _perturb(name, value, rng):
@@ -90,45 +109,68 @@ class RandomAgent:
 
         source = read_constants(train_file(backend, root).read_text())
         step_tokens = source.get("DEVICE_BATCH_SIZE", 1) * prepare.load_profile().seq_len
-        return random_edit(train_file(backend, root), self.rng, min_tokens_per_step=step_tokens)
+        return Reply(random_edit(train_file(backend, root), self.rng, min_tokens_per_step=step_tokens))
 
 
 class CommandAgent:
     """Any agent CLI, started fresh per experiment, in a scratch clone of the checkout: the harness takes back only
     backends/<backend>/train.py and the description. In the sandbox it keeps its network and HOME (credentials),
     and never sees the real checkout, the cache or the harness's state. The prompt goes on stdin, or replaces
-    {prompt}."""
+    {prompt}. Its notes file goes in with the clone and comes back, whatever became of its edit."""
 
-    def __init__(self, command):
+    def __init__(self, command, name=None):
         self.command = command
-        self.name = command
+        self.name = name or command
 
     def edit(self, root, backend, prompt, timeout):
         args = shlex.split(self.command)
         stdin = prompt
         if any("{prompt}" in a for a in args):
             args, stdin = [a.replace("{prompt}", prompt) for a in args], None
+        log = Path(root) / ".autoresearch" / "agent.log"
         with scratch_clone(root) as work:
             box = sandbox.active()
             argv, inside = box.wrap(args, work, agent_policy(root, work))
             env = dict(os.environ, PWD=str(work), **inside)
             reaping = not box.confined and become_subreaper()  # unconfined, what it leaves running is ended
             before = children() if reaping else set()
-            with open(Path(root) / ".autoresearch" / "agent.log", "w") as out:
+            with open(log, "w") as out:
                 try:
                     proc = subprocess.run(argv, cwd=work, env=env, input=stdin, stdout=out, stderr=subprocess.STDOUT,
                                           text=True, timeout=timeout)
                 except subprocess.TimeoutExpired:
-                    raise AgentFailed(f"agent timed out after {timeout:.0f}s") from None
+                    raise AgentFailed(f"agent timed out after {timeout:.0f}s", _tail(log)) from None
                 except OSError as e:
                     raise AgentFailed(f"agent could not start: {e}") from None
                 finally:
                     if reaping:
                         end_orphans(before)
-            if proc.returncode != 0:
-                raise AgentFailed(f"agent exited with {proc.returncode} (output in .autoresearch/agent.log)")
-            take_back(work, root, backend)
-            return read_description(work)
+            output = _tail(log)
+            take_back_notes(work, root)
+            said = read_usage(output).error
+            if proc.returncode != 0 or said:
+                why = f", reporting an error: {said}" if said else f": {_last_line(output)}"
+                raise AgentFailed(f"agent exited with {proc.returncode}{why} (output in .autoresearch/agent.log)",
+                                  output, proc.returncode)
+            try:
+                take_back(work, root, backend)
+                return Reply(read_description(work), output, proc.returncode)
+            except AgentFailed as e:
+                raise AgentFailed(str(e), output, proc.returncode) from None
+
+
+def _tail(path):
+    """The end of the agent's log as text: where a CLI's closing JSON result and its error are."""
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        f.seek(max(0, f.tell() - MAX_READ_BYTES))
+        return f.read().decode("utf-8", "replace")
+
+
+def _last_line(output):
+    """The agent's last line of output, one printable line (an auth failure says it there), or a note of none."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    return one_line(lines[-1], 200) if lines else "no output"
 
 
 def agent_policy(root, work):
@@ -153,9 +195,9 @@ def scratch_clone(root):
         subprocess.run(["git", "-c", "core.hooksPath=/dev/null", "clone", "--quiet", "--no-hardlinks", str(root),
                         str(work)], check=True, capture_output=True)
         (work / ".autoresearch").mkdir()
-        ledger = Path(root) / "results.tsv"
-        if ledger.is_file():
-            shutil.copyfile(ledger, work / "results.tsv")
+        for name in ("results.tsv", f".autoresearch/{NOTES_FILE}"):
+            if (Path(root) / name).is_file():
+                shutil.copyfile(Path(root) / name, work / name)
         yield work
     except subprocess.CalledProcessError as e:
         raise AgentFailed(f"could not make the agent's scratch clone: {e.stderr.decode(errors='replace').strip()}")
@@ -184,6 +226,21 @@ def take_back(work, root, backend):
         target.write_bytes(edited)
 
 
+def take_back_notes(work, root):
+    """The agent's notes file into the real checkout's state folder (git ignores it: no reset or stash touches
+    it), replaced whole; none written leaves the last one."""
+    try:
+        data = _regular_bytes(Path(work) / ".autoresearch" / NOTES_FILE, MAX_NOTES_BYTES)
+    except AgentFailed:
+        return  # a link or a huge file: not notes, and no reason to fail an edit
+    if data is None:
+        return
+    target = Path(root) / ".autoresearch" / NOTES_FILE
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(target)
+
+
 def read_description(work):
     """The agent's one-line description, as text whatever its bytes (not UTF-8, NULs, escape sequences, many
     lines): one printable line of at most MAX_DESCRIPTION_CHARS, or None."""
@@ -193,4 +250,7 @@ def read_description(work):
 
 
 def make_agent(spec, seed=0):
-    return RandomAgent(seed) if spec == "random" else CommandAgent(spec)
+    """random, a preset's name (presets.PRESETS), or a command line."""
+    if spec == "random":
+        return RandomAgent(seed)
+    return CommandAgent(expand(spec), spec if spec in PRESETS else None)

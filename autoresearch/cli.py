@@ -318,25 +318,45 @@ def run_cmd(
                       budget=budget, seed=seed, timeout=timeout, gate=gate)
 
 
+AgentOption = typer.Option(..., "--agent", "-a", help="random, a preset (claude, codex, gemini, opencode: "
+                           "`autoresearch agents` shows what each runs), or a command: prompt on stdin, or in place "
+                           "of {prompt}")
+
+
 @app.command("loop")
 def loop_cmd(
     ctx: typer.Context,
     backend_opt: Optional[str] = BackendOption,
-    agent: str = typer.Option(..., "--agent", "-a", help="random, or a command: prompt on stdin, or in place of {prompt}"),
+    agent: str = AgentOption,
     max_experiments: Optional[int] = typer.Option(None, "--max-experiments", "-n", help="stop after N agent turns"),
     agent_timeout: float = typer.Option(900, "--agent-timeout", help="seconds an agent may take per edit"),
     agent_seed: int = typer.Option(0, "--agent-seed", help="seed of the random agent"),
+    max_failed: int = typer.Option(5, "--max-failed-turns", help="stop (exit 7) after N agent turns in a row "
+                                   "without an experiment"),
+    backoff: float = typer.Option(10.0, "--agent-backoff", help="seconds to wait after a failed agent turn, "
+                                  "doubling with each more in a row (at most 600)"),
+    max_cost: Optional[float] = typer.Option(None, "--max-cost", help="stop once the cost the agent CLI reports "
+                                             "(US dollars, all turns together) passes this"),
     budget: Optional[float] = BudgetOption, seed: int = SeedOption, timeout: Optional[float] = TimeoutOption,
     verbose: bool = VerboseOption, gate: str = GateOption, k: float = KOption, seeds: int = SeedsOption,
     confidence: float = ConfidenceOption,
 ):
-    """Never stop: the agent edits train.py, the harness runs the experiment, repeat (Ctrl-C to end)."""
+    """Never stop: the agent edits train.py, the harness runs the experiment, repeat (Ctrl-C to end). Exit 7:
+    stopped after --max-failed-turns agent turns in a row without an experiment (the last one's error said)."""
     from .agents import make_agent
-    from .loop import run_loop
+    from .loop import AgentBroken, TurnRules, run_loop
+    from .presets import missing_binary
 
     backend = resolve_backend(backend_opt or ctx.obj["backend"])
     budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
     gate = make_gate(gate, k, seeds, confidence)
+    try:
+        rules = TurnRules(max_failed, backoff, max_cost)
+    except ValueError as e:
+        fail(str(e), code=EXIT["refused"])
+    missing = missing_binary(agent)
+    if missing:
+        fail(missing, code=EXIT["refused"])
     live = LiveProgress(console, budget, "experiment", seed_runs(gate), verbose)
 
     def on_event(text):
@@ -349,11 +369,26 @@ def loop_cmd(
     try:
         outcomes = guarded(run_loop, root=repo_root(), backend=backend, agent=make_agent(agent, agent_seed),
                            max_experiments=max_experiments, budget=budget, seed=seed, agent_timeout=agent_timeout,
-                           timeout=timeout, on_event=on_event, on_line=live.line, gate=gate)
+                           timeout=timeout, on_event=on_event, on_line=live.line, gate=gate, rules=rules)
+    except AgentBroken as e:
+        live.close()
+        fail(str(e), code=EXIT["agent"])
     finally:
         live.close()
     counts = {s: sum(o.status == s for o in outcomes) for s in ("keep", "discard", "crash", "invalid", "repeat")}
     print(f"loop ended: {len(outcomes)} experiments, " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+
+
+@app.command("agents")
+def agents_cmd():
+    """The agent presets `--agent NAME` expands to: the exact command each runs, how the prompt reaches it, what
+    the harness reads from it, and how to install it."""
+    from .presets import PRESETS
+
+    for p in PRESETS.values():
+        print(f"{p.name}: {p.command}")
+        print(f"  prompt on {p.prompt_via}; {p.why}")
+        print(f"  reads: {p.reports}; install: {p.install()}")
 
 
 @app.command("swarm")
@@ -361,7 +396,7 @@ def swarm_cmd(
     ctx: typer.Context,
     backend_opt: Optional[str] = BackendOption,
     workers: int = typer.Option(2, "--workers", "-w", help="Ray actors, each with one GPU or a share of the CPU cores"),
-    agent: str = typer.Option(..., "--agent", "-a", help="random, or a command: prompt on stdin, or in place of {prompt}"),
+    agent: str = AgentOption,
     address: Optional[str] = typer.Option(None, "--address", help="local (default: a Ray instance of this machine's), "
                                           "auto (the cluster this node joined with `ray start`), or ray://HOST:10001"),
     tag: Optional[str] = typer.Option(None, "--tag", "-t", help="first set up the run branch "
@@ -381,10 +416,14 @@ def swarm_cmd(
     """Several workers run the loop on one run branch at once, on Ray; this checkout holds the merged branch and
     the one ledger, every row tagged with its worker (Ctrl-C to end)."""
     from .experiment import Settings
+    from .presets import missing_binary
     from .swarm import Plan, SwarmError, run_swarm
 
     backend = resolve_backend(backend_opt or ctx.obj["backend"])
     budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
+    missing = missing_binary(agent) if address is None else None  # a cluster's nodes have their own PATH
+    if missing:
+        fail(missing, code=EXIT["refused"])
     try:
         settings = Settings(seed, timeout, make_gate(gate, k, seeds, confidence))
         plan = Plan(workers, agent, agent_seed, agent_timeout, max_experiments, address, tag, noise_runs, calibrate,

@@ -40,6 +40,7 @@ from .plain import plain
 from .progress import HEADER
 from .runner import PID_FILE
 from .summary import parse_step
+from .turns import turns_dir
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -206,6 +207,7 @@ class Dashboard:
     def fingerprint(self):
         """What changes whenever a source may have: the ledger files' size and time, the branches' and notes' refs."""
         files = [self.root / LEDGER_NAME] if self.sources is None else [Path(s) for s in self.sources]
+        files.append(turns_dir(self.root))  # a turn's record written or finished: its folder's time moves
         stats = []
         for path in files:
             try:

@@ -30,7 +30,7 @@ from .ledger import (LEDGER_NAME, MAX_DESCRIPTION_CHARS, MISSING_NUMBER, NOTES_R
 from .runner import COMPILE_CACHE_ENV, CappedLog, Interrupted, default_timeout, run_training
 
 EXIT = {"ok": 0, "keep": 0, "holds": 0, "error": 1, "refused": 2, "discard": 3, "regressed": 3, "crash": 4, "repeat": 5,
-        "invalid": 6}
+        "invalid": 6, "agent": 7}  # agent: the loop stopped after too many agent turns in a row without an experiment
 PROTECTED = (LEDGER_NAME, f"{STATE_DIR}/noise.json")  # ignored files a train.py must not touch
 SLOWED_MARK = "[slowed by the machine:"  # in a row's description: its run trained far below the series' typical rate
 

@@ -155,9 +155,13 @@ def summarize(s, plateau_k=PLATEAU_K, root=None):
     if base is not None and best is not None:
         gain = base.val_bpb - best.val_bpb
         improvement = {"abs": _r(gain), "pct": _r(100 * gain / base.val_bpb, 4) if base.val_bpb else None}
-    noise = None
+    noise = agent = None
     if root is not None:
         from .gate import load_noise
+        from .turns import load_turns, turn_summary
+
+        turns = load_turns(root, s.branch)
+        agent = turn_summary(turns) if turns else None
 
         stored = load_noise(root, s.hardware, s.eval_profile, s.budget)
         if stored and stored.get("spread") is not None:
@@ -178,6 +182,7 @@ def summarize(s, plateau_k=PLATEAU_K, root=None):
         "kept": kept,
         "plateau": {"k": plateau_k, "since_last_keep": since, "plateau": since >= plateau_k},
         "noise": noise,
+        "agent": agent,
     }
 
 
@@ -229,6 +234,8 @@ def print_results(summary, console):
         if n:
             extra = f", improvement = {n['improvement_in_spreads']:g} x spread" if "improvement_in_spreads" in n else ""
             grid.add_row("noise floor", f"spread {n['spread']:.6f} over {n['runs']} seeds{extra}")
+        if g["agent"]:
+            grid.add_row("agent turns", agent_line(g["agent"]))
         console.print(grid)
         if g["kept"]:
             table = Table(title="kept changes", title_justify="left")
@@ -242,6 +249,15 @@ def print_results(summary, console):
         console.print()
     for note in summary["notes"]:
         console.print(plain_text(f"note: {note}"), highlight=False)
+
+
+def agent_line(a):
+    """The agent's turns in one line: how many, how many gave no experiment, its time, and what its CLI reported."""
+    reported = [f"${a['cost_usd']:.4f}" if a["cost_usd"] is not None else "cost not reported"]
+    if a["input_tokens"] is not None or a["output_tokens"] is not None:
+        reported.append(f"{a['input_tokens'] or 0:,} tokens in, {a['output_tokens'] or 0:,} out")
+    return (f"{a['turns']} ({a['no_experiment']} without an experiment), {a['seconds']:g}s of agent time, "
+            + ", ".join(reported))
 
 
 # ---------------------------------------------------------------------------------------------

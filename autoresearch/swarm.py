@@ -34,7 +34,7 @@ from .gate import decide, load_noise, noise_path, save_noise
 from .hardware import hardware_tag
 from .progress import describe_step
 from .ledger import LEDGER_NAME, NOTES_REF, UNJUDGED, append_row, git_identity, replace_ledger
-from .loop import NoEdit, agent_edit, check_turns
+from .loop import NoEdit, agent_edit, check_turns, close_turn
 from .runner import Interrupted, stop_leftover
 from .summary import parse_step
 
@@ -288,8 +288,8 @@ class Worker:
         base = repo.head.commit.hexsha
         with open_branch(self.root, spec.backend, spec.budget, f"swarm {self.name}", say=events.append) as branch:
             try:
-                description = agent_edit(branch, self.agent, label, self.last_turn, spec.plan.agent_timeout,
-                                         events.append)
+                description, record = agent_edit(branch, self.agent, label, self.last_turn,
+                                                 spec.plan.agent_timeout, events.append)
             except NoEdit as e:
                 self.last_turn = f"no experiment: {e.reason}"
                 return Report(self.name, events, f"{label}: {e}")
@@ -307,6 +307,7 @@ class Worker:
                 outcome = experiment(branch, description, spec.settings, on_line, claim)
             finally:
                 self.step = None
+            close_turn(branch, record, outcome)  # in this worker's clone: the driver's results do not show it
         self.last_turn = f"{description}: {outcome.message}"
         if outcome.status == "repeat":
             return Report(self.name, events, f"{label}: {outcome.message}")

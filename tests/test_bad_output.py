@@ -87,7 +87,7 @@ def test_a_summary_number_that_is_not_finite_is_recorded_as_missing(repo_dir, pr
         assert format_row(rows[-1]).split("\t")[COLUMNS.index(column)] == "nan"
     assert rows[-1].training_seconds > 0  # the fields it printed well are kept
     assert_ledger_commands_work(repo_dir, rows)
-    assert "Last 2 experiments" in build_prompt(repo_dir, "mlx", BUDGET)  # the loop's reader
+    assert "The run so far: 1 experiment after the baseline" in build_prompt(repo_dir, "mlx", BUDGET)  # the loop's reader
 
 
 def test_old_rows_with_nan_or_inf_text_read_as_missing(repo_dir):

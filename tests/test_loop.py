@@ -146,7 +146,7 @@ def test_agents_that_do_not_deliver_are_logged_and_skipped(run_repo):
     assert "produced no experiment" in (run_repo / ".autoresearch" / "loop.log").read_text()
 
 
-def test_prompt_carries_program_best_and_recent_rows(run_repo):
+def test_prompt_carries_program_best_and_the_run_so_far(run_repo):
     from autoresearch.loop import build_prompt
 
     setup(run_repo, "t6", "mlx", budget=BUDGET, noise_runs=1)
@@ -154,4 +154,5 @@ def test_prompt_carries_program_best_and_recent_rows(run_repo):
     assert "Never stop" in prompt and "backends/mlx/train.py" in prompt
     best = read_ledger(run_repo / "results.tsv")[0]
     assert f"val_bpb {best.val_bpb:.6f} at commit {best.commit}" in prompt
-    assert "commit\tval_bpb\tmemory_gb\tstatus\tdescription" in prompt
+    assert "## The run so far: 0 experiments after the baseline" in prompt
+    assert f"- {best.commit} baseline val_bpb {best.val_bpb:.6f}" in prompt  # the kept path starts there
