@@ -100,9 +100,10 @@ def shared_buffer():
 
 def start_evaluator(backend, root, checkpoint, env=None, state=None, name=EVALUATOR):
     """One evaluator process, started ahead: its interpreter and framework imports run while it waits for the job
-    (Child.start); train.py is imported once the job names the checkpoint (serve). On a GPU the harness starts the scoring one while training runs, so the fresh
-    process costs no more than evaluating in-process did. It runs in the sandbox: the checkout and the checkpoint
-    read-only, no cache at all, no network, Python isolated from the environment and from bytecode."""
+    (Child.start); train.py is imported once the job names the checkpoint (serve). On a GPU the harness starts
+    the scoring one while training runs, so the fresh process costs no more than evaluating in-process did. It
+    runs in the sandbox: the checkout and the checkpoint read-only, no cache at all, no network, Python isolated
+    from the environment and from bytecode."""
     child_env = dict(os.environ if env is None else env, AUTORESEARCH_CACHE=str(prepare.trainer_view()),
                      PYTHONUNBUFFERED="1")
     blas = preload_blas(child_env, one_thread=True) if backend == "mlx" else None  # logits_fn: a stream per core
@@ -536,9 +537,9 @@ def torch_logits_fn(module, model, vocab):
     import torch
 
     dev = next(model.parameters()).device
-    # Eager everywhere, CUDA included: the forward is 2.5 % of a 300 s run's evaluation, compiled it would save
-    # ~3 s and cost 15-40 s compiling in a fresh process, and the evaluator's own sandbox sees no compile cache
-    # (bench/eval_overhead.md, "Eager or compiled"). Decided again when a GPU has measured both (bench/gpu_smoke).
+    # Eager everywhere, CUDA included: at the gpu profile compiling would save ~3 s of forward passes and cost
+    # 15-40 s in a fresh process whose sandbox sees no compile cache (bench/eval_overhead.md, "Eager or compiled");
+    # to be decided again once a GPU has measured both (bench/gpu_smoke.sh).
     @torch.inference_mode()
     def logits_fn(x):
         tokens = torch.from_numpy(np.asarray(x, dtype=np.int64)).to(dev)
@@ -581,7 +582,7 @@ def serve(backend, buffer):
     os.dup2(2, 1)  # what train.py prints goes to the log, never into the protocol
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # and its stdin is empty
     # Ahead of the job, only the framework's import: train.py's may touch the device (a CUDA context of ~0.5 GB
-    # beside training's, which a GPU in EXCLUSIVE_PROCESS mode refuses; MPS's dtype probe), and the job comes
+    # beside training's, which a GPU in EXCLUSIVE_PROCESS mode refuses; MPS's bf16 check), and the job comes
     # once the checkpoint exists, training over.
     importlib.import_module("mlx.core" if backend == "mlx" else "torch")
     job = json.loads(rows_in.readline())
