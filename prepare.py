@@ -899,6 +899,35 @@ def evaluate_bpb(loss_fn, batch_size, rows=None):
 
 
 # ---------------------------------------------------------------------------
+# Peak FLOP/s of NVIDIA GPUs, for MFU (every train.py reads this one table: a reported figure, not the agent's)
+# ---------------------------------------------------------------------------
+
+# Dense bf16 tensor-core rates, from NVIDIA's datasheets (the sparse figures are twice these). Exact device
+# names, as torch.cuda.get_device_name() and mlx[cuda] report them, first; then families, matched as whole
+# words after the exact names miss, the more specific first: an "H200 NVL" is not an H200 SXM.
+GPU_PEAK_FLOPS_EXACT = {
+    "NVIDIA H100 80GB HBM3": 989.5e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989.5e12, "NVIDIA H200 NVL": 835e12, "NVIDIA H800": 989.5e12, "NVIDIA H800 PCIe": 756e12,
+    "NVIDIA GH200 480GB": 989.5e12, "NVIDIA B200": 2250e12, "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA L40S": 362e12, "NVIDIA L4": 121e12,
+}
+GPU_PEAK_FLOPS_FAMILIES = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H800 PCIe", 756e12), ("GH200", 989.5e12),
+    ("H200", 989.5e12), ("H100", 989.5e12), ("H800", 989.5e12), ("GB200", 2500e12), ("B200", 2250e12),
+    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12),
+    ("A6000", 155e12), ("RTX 5090", 209.5e12), ("RTX 4090", 165.2e12), ("RTX 3090", 71e12),
+)
+
+
+def gpu_peak_flops(name):
+    """Peak dense bf16 FLOP/s of the NVIDIA GPU of this name, or None (unknown: then no MFU is reported)."""
+    if name in GPU_PEAK_FLOPS_EXACT:
+        return GPU_PEAK_FLOPS_EXACT[name]
+    words = f" {re.sub(r'[^A-Za-z0-9]+', ' ', name)} "
+    return next((peak for key, peak in GPU_PEAK_FLOPS_FAMILIES if f" {key} " in words), None)
+
+
+# ---------------------------------------------------------------------------
 # Checkpoint (train.py -> the harness's evaluator) and the trainer's view of the cache
 # ---------------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ import numpy as np
 
 import prepare
 
-from . import record, sandbox
+from . import hub, record, sandbox
 from .clock import SCORING_SLACK_SECONDS
 from .hardware import cpu_cores, preload_blas
 from .runner import remove_pid_file, write_pid_file
@@ -99,14 +99,17 @@ def shared_buffer():
 
 
 def start_evaluator(backend, root, checkpoint, env=None, state=None, name=EVALUATOR):
-    """One evaluator process, started ahead: its interpreter, framework and train.py imports run while it waits
-    for the job (Child.start). On a GPU the harness starts the scoring one while training runs, so the fresh
-    process costs no more than evaluating in-process did. It runs in the sandbox: the checkout and the checkpoint
-    read-only, no cache at all, no network, Python isolated from the environment and from bytecode."""
+    """One evaluator process, started ahead: its interpreter and framework imports run while it waits for the job
+    (Child.start); train.py is imported once the job names the checkpoint (serve). On a GPU the harness starts
+    the scoring one while training runs, so the fresh process costs no more than evaluating in-process did. It
+    runs in the sandbox: the checkout and the checkpoint read-only, no cache at all, no network, Python isolated
+    from the environment and from bytecode."""
     child_env = dict(os.environ if env is None else env, AUTORESEARCH_CACHE=str(prepare.trainer_view()),
                      PYTHONUNBUFFERED="1")
     blas = preload_blas(child_env, one_thread=True) if backend == "mlx" else None  # logits_fn: a stream per core
-    notes = [blas] if blas else []
+    offline, hub_note = hub.child_env(backend)
+    child_env.update(offline)
+    notes = [n for n in (blas, hub_note) if n]
     # the harness's state folder too: its logs hold earlier runs' output
     hidden = (str(prepare.cache_dir()), str(record.state_home()), str(Path(root) / ".autoresearch"))
     policy = sandbox.Policy(read=(str(root), str(checkpoint)), hide=hidden, network=False)
@@ -534,18 +537,14 @@ def torch_logits_fn(module, model, vocab):
     import torch
 
     dev = next(model.parameters()).device
-    # Compiled where the backend trains compiled (CUDA): one graph for one shape (DEVICE_BATCH_SIZE rows, the
-    # chunk), so a shorter chunk is padded; Inductor's caches on disk serve later experiments. Eager elsewhere.
-    compiled = getattr(module, "use_compile", False) and dev.type == "cuda"
-    forward = torch.compile(model, dynamic=False) if compiled else model
-    rows = int(module.DEVICE_BATCH_SIZE)
-
+    # Eager everywhere, CUDA included: at the gpu profile compiling would save ~3 s of forward passes and cost
+    # 15-40 s in a fresh process whose sandbox sees no compile cache (bench/eval_overhead.md, "Eager or compiled");
+    # to be decided again once a GPU has measured both (bench/gpu_smoke.sh).
     @torch.inference_mode()
     def logits_fn(x):
-        sent = np.resize(x, (max(rows, len(x)), x.shape[1])) if compiled else x
-        tokens = torch.from_numpy(np.asarray(sent, dtype=np.int64)).to(dev)
+        tokens = torch.from_numpy(np.asarray(x, dtype=np.int64)).to(dev)
         with module.autocast_ctx():
-            logits = forward(tokens)[: len(x)]
+            logits = model(tokens)
         check_logits(logits.shape, x.shape, vocab)
         return lambda at, m: logits[at : at + m, :, :vocab].float().cpu().numpy()
 
@@ -582,8 +581,12 @@ def serve(backend, buffer):
     protocol, rows_in = os.fdopen(os.dup(1), "wb"), os.fdopen(os.dup(0), "rb")
     os.dup2(2, 1)  # what train.py prints goes to the log, never into the protocol
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # and its stdin is empty
-    module = load_train(backend, Path.cwd())  # the framework's import: what a child started ahead has done
+    # Ahead of the job, only the framework's import: train.py's may touch the device (a CUDA context of ~0.5 GB
+    # beside training's, which a GPU in EXCLUSIVE_PROCESS mode refuses; MPS's bf16 check), and the job comes
+    # once the checkpoint exists, training over.
+    importlib.import_module("mlx.core" if backend == "mlx" else "torch")
     job = json.loads(rows_in.readline())
+    module = load_train(backend, Path.cwd())
     start = time.time()
     vocab = int(job["vocab_size"])
     config, weights = prepare.load_checkpoint(job["checkpoint"])

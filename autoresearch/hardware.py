@@ -40,7 +40,8 @@ def is_apple_silicon():
 # What cuda/train.py will see: torch's first visible device, as one JSON line
 CUDA_PROBE = """import json, torch
 gpu = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
-print(json.dumps([gpu.name, gpu.total_memory // 2**20] if gpu else None))"""
+print(json.dumps([gpu.name, gpu.total_memory // 2**20, getattr(gpu, "major", 0), getattr(gpu, "minor", 0)]
+                 if gpu else None))"""
 CUDA_PROBE_TIMEOUT = 120  # importing torch from a cold disk and creating a CUDA context can take a while
 
 
@@ -48,6 +49,18 @@ def cuda_device():
     """(name, memory MiB) of the GPU cuda/train.py would train on, or None. Asked of torch itself rather than
     nvidia-smi: a CPU-only torch on a GPU box has none, a container without nvidia-smi still has one, and
     CUDA_VISIBLE_DEVICES picks which. Once per process and CUDA_VISIBLE_DEVICES."""
+    gpu = cuda_properties()
+    return gpu[:2] if gpu else None
+
+
+def cuda_capability():
+    """(major, minor) compute capability of that GPU, or None."""
+    gpu = cuda_properties()
+    return gpu[2] if gpu else None
+
+
+def cuda_properties():
+    """(name, memory MiB, (major, minor)) of the GPU cuda/train.py would train on, or None."""
     if not _has("torch") or platform.system() == "Darwin":  # no CUDA builds of torch for macOS
         return None
     return _probe_cuda(os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -62,7 +75,7 @@ def _probe_cuda(visible_devices):  # the cache key; the probe inherits the varia
         gpu = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None
-    return (str(gpu[0]), int(gpu[1])) if gpu else None
+    return (str(gpu[0]), int(gpu[1]), tuple(int(n) for n in (gpu[2:4] or (0, 0)))) if gpu else None
 
 
 def gpu_gb(mib):
@@ -386,14 +399,91 @@ def device_name(backend):
     return f"cpu {platform.machine()} {cpu_cores()}c {memory_gb()}GB"
 
 
+def package_version(name):
+    """An installed distribution's version, read from its metadata (nothing imported), or None."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def software_tag(backend):
+    """The framework's version for the tag, and on CUDA the attention path the hardware allows: a ladder measured
+    on torch 2.9 with PyTorch's attention is another machine than one with FA3 loaded."""
+    if backend == "mlx":
+        return f"mlx{package_version('mlx')}"
+    tag = f"torch{package_version('torch')}"
+    if backend == "cuda" and cuda_capability():
+        tag += f"-{expected_attention(cuda_capability(), package_version('kernels'), fa3_reachable())}"
+    return tag
+
+
+def expected_attention(capability, kernels_version, reachable):
+    """What cuda/train.py's attention picks on this GPU as shipped: FA3 (its hub builds: sm80-sm90) where `kernels`
+    is installed and a build can be had, else FlexAttention on sm80 and newer, else SDPA. The tag's part; the
+    path a run took is in its summary (attention:) and in each calibration rung."""
+    if kernels_version and reachable and (8, 0) <= capability <= (9, 0):
+        return f"fa3-kernels{kernels_version}"
+    return "flex" if capability >= (8, 0) else "sdpa"
+
+
+def fa3_reachable():
+    """Whether a Flash Attention 3 kernel can be loaded: one is in the local hub cache, or the hub answers."""
+    from . import hub
+
+    return hub.cached_kernels("flash") or hub.online()
+
+
+def apple_gpu_cores(output=None):
+    """The GPU core count of this Apple chip (an M3 Max has a 30- and a 40-core variant), from `ioreg`'s
+    AGXAccelerator entry ("gpu-core-count" = 40), or `system_profiler`'s "Total Number of Cores: 40"; None where
+    neither says. output: a recorded reading, else asked of the machine."""
+    if output is None:
+        output = _run_quietly("ioreg", "-rc", "AGXAccelerator", "-d", "1") + \
+            _run_quietly("system_profiler", "SPDisplaysDataType")
+    found = re.search(r'"gpu-core-count"\s*=\s*(\d+)|Total Number of Cores:\s*(\d+)', output)
+    return int(found[1] or found[2]) if found else None
+
+
+@functools.lru_cache(maxsize=None)
+def _run_quietly(*argv):
+    """A command's output, once per process; "" where it cannot run."""
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+# Metal's memory budget for one process, as each framework reports it (bytes on the last line)
+WORKING_SET_PROBE = {
+    "mlx": "import mlx.core as mx; info = getattr(mx, 'device_info', None) or mx.metal.device_info; "
+           "print(info()['max_recommended_working_set_size'])",
+    "mps": "import torch; print(torch.mps.recommended_max_memory())",
+}
+
+
+def apple_working_set_mb(backend, output=None):
+    """Metal's recommended working set in MiB on Apple Silicon (what a process may keep resident before Metal
+    pages: about two thirds to three quarters of the memory, not all of it), or None elsewhere. output: a recorded
+    probe's output, else the framework is asked in a subprocess (the harness imports neither)."""
+    if output is None:
+        if not is_apple_silicon() or backend not in WORKING_SET_PROBE:
+            return None
+        output = _run_quietly(sys.executable, "-c", WORKING_SET_PROBE[backend])
+    lines = output.strip().splitlines()
+    return int(lines[-1]) / 2**20 if lines and lines[-1].strip().isdigit() and int(lines[-1]) > 0 else None
+
+
 def hardware_tag(backend):
-    """Stable slug: backend + device + memory + arch, e.g. mlx-cpu-x86_64-2c-24gb-mkl. On a Linux CPU, MLX's
-    speed is its BLAS's (bench/blas.md: 7-14x between the reference BLAS and MKL), so the BLAS it preloads
-    is part of the tag: results, calibrations and series under another BLAS are another hardware."""
+    """Stable slug: backend + device + memory + arch (+ framework version and CUDA's attention path), e.g.
+    mlx-cpu-x86_64-2c-24gb-mkl. On a Linux CPU, MLX's speed is its BLAS's (bench/blas.md: 7-14x between the
+    reference BLAS and MKL), so the BLAS it preloads is part of the tag: results, calibrations and series under
+    another BLAS are another hardware. Likewise the GPU's attention path and framework version, and an Apple
+    chip's GPU core count (two M3 Max differ by a quarter of their cores)."""
     if backend == "cuda" and cuda_device():
         name, mem = cuda_device()
-        return f"cuda-{_slug(name)}-{gpu_gb(mem)}gb"
+        return f"cuda-{_slug(name)}-{gpu_gb(mem)}gb-{_slug(software_tag(backend))}"
     if is_apple_silicon():
-        return f"{backend}-{_slug(cpu_name())}-{memory_gb()}gb"
+        return f"{backend}-{_slug(cpu_name())}-{apple_gpu_cores() or 0}gpu-{memory_gb()}gb-{_slug(software_tag(backend))}"
     tag = f"{backend}-cpu-{platform.machine().lower()}-{cpu_cores()}c-{memory_gb()}gb"
     return f"{tag}-{blas_name(blas_library())}" if backend == "mlx" and platform.system() == "Linux" else tag

@@ -13,7 +13,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import kernels, record, repo_root, sandbox, train_file
+from . import hub, kernels, record, repo_root, sandbox, train_file
 from .hardware import preload_blas
 from .summary import STEP_LINE, parse_summary
 
@@ -368,7 +368,9 @@ def train_env(backend, budget=None, seed=None, base=None):
     if seed is not None:
         env["AUTORESEARCH_SEED"] = str(seed)
     blas = preload_blas(env) if backend == "mlx" else None
-    return env, [blas] if blas else []
+    offline, hub_note = hub.child_env(backend)
+    env.update(offline)
+    return env, [n for n in (blas, hub_note) if n]
 
 
 def default_timeout(budget):
@@ -394,6 +396,9 @@ def run_training(backend, budget=None, seed=None, timeout=None, root=None, on_li
     own = kernels.checkout(UNNAMED_CACHE) if box.confined and not env.get(COMPILE_CACHE_ENV) else None
     if own:
         env[COMPILE_CACHE_ENV] = str(own)
+    if not box.confined and backend == "cuda":  # unconfined: one inductor and triton cache under the cache, for
+        for name, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):  # every run
+            env.setdefault(name, str(prepare.cache_dir() / "compile" / "unconfined" / sub))
     argv, inside = box.wrap([sys.executable, "-B", str(train_file(backend, root))], root, trainer_policy(root, env))
     env.update(inside)
     for note in notes:

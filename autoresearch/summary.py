@@ -8,8 +8,9 @@ import re
 NUMERIC = (
     "val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "tokens_per_sec",
     "total_tokens_M", "num_steps", "num_params_M", "depth", "seed", "budget_seconds",
+    "compile_seconds", "recompiles", "graph_breaks",  # cuda/train.py where it compiles
 )
-INTEGER = ("num_steps", "depth", "seed")
+INTEGER = ("num_steps", "depth", "seed", "recompiles", "graph_breaks")
 # A number train.py printed that is not one, and in the ledger any number the harness did not get (its
 # MISSING_NUMBER): NaN, written "nan". One object, so that rows read twice compare equal (NaN equals only itself).
 MISSING = math.nan

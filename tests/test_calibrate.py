@@ -206,3 +206,54 @@ def test_torch_backends_calibrate_through_the_cli_on_this_cpu(tmp_path, use_cach
     assert f"DEPTH={choice['DEPTH']},TOTAL_BATCH_SIZE={choice['TOTAL_BATCH_SIZE']}" in done.stdout
     assert choice["DEPTH"] in [r["depth"] for r in stored["rungs"]]
     assert choice["TOTAL_BATCH_SIZE"] % (choice["DEVICE_BATCH_SIZE"] * 256) == 0
+
+
+# Upstream autoresearch's published H100 run: DEPTH 8 (d 512), 499.6M tokens in 300 s, MFU 39.8 %, 2**19 tokens a step
+UPSTREAM_TOKENS_PER_SEC = 499.6e6 / 300
+
+
+def test_rule_fed_upstreams_h100_run_lands_on_upstreams_recipe():
+    depth8 = rung(8, 512, UPSTREAM_TOKENS_PER_SEC, peak_mb=40_000, device_batch=128)
+    assert depth8.tokens_per_param(300) == pytest.approx(19.85, abs=0.01)  # 1 % under R(C):
+    assert depth8.required_ratio(300) == pytest.approx(20.05, abs=0.01)
+    # a shallower rung that passes easily, a deeper one that fails by far (estimates: tokens/s by FLOPs per token)
+    rungs = [rung(6, 384, 2.6 * UPSTREAM_TOKENS_PER_SEC / 1.7, 20_000, 128), depth8,
+             rung(10, 640, UPSTREAM_TOKENS_PER_SEC / 1.6, 60_000, 128)]
+    choice, reason = choose(rungs, 300, 2048, 128, memory_limit_mb=0.8 * 81_559)
+    assert choice == {"DEPTH": 8, "TOTAL_BATCH_SIZE": 2**19, "DEVICE_BATCH_SIZE": 128}
+    assert "19.85 tokens/parameter" in reason and "0.95 x 20.05 = 19.05" in reason
+    # inside measurement noise (a 3-step rung's tokens/s off by up to 4 %) the pick does not flip
+    for wobble in (0.96, 0.98, 1.02, 1.04):
+        noisy = [rung(r.depth, r.model_dim, r.tokens_per_sec * wobble, r.peak_mb, 128) for r in rungs]
+        assert choose(noisy, 300, 2048, 128, 0.8 * 81_559)[0] == choice, wobble
+
+
+def test_gpu_ladder_starts_at_depth_4_where_bf16_runs(monkeypatch):
+    import autoresearch.hardware as hw
+
+    for capability, first in (((9, 0), 4), ((8, 0), 4), ((7, 5), 1), (None, 1)):
+        monkeypatch.setattr(hw, "cuda_capability", lambda c=capability: c)
+        assert cal.first_depth("cuda") == first
+    assert cal.first_depth("mlx") == 1
+
+
+def test_apple_memory_limit_is_metals_working_set(monkeypatch):
+    import autoresearch.hardware as hw
+
+    # a 36 GB M3 Pro: MLX's device_info says 28.6 GB (recorded), not 0.8 x 36 GB
+    assert hw.apple_working_set_mb("mlx", output="28991029248\n") == 28991029248 / 2**20
+    assert hw.apple_working_set_mb("mps", output="Traceback ...\nModuleNotFoundError\n") is None
+    monkeypatch.setattr(hw, "apple_working_set_mb", lambda backend: 27648.0)
+    assert cal.memory_limit_mb("mlx") == 27648.0
+    monkeypatch.setattr(hw, "apple_working_set_mb", lambda backend: None)
+    assert cal.memory_limit_mb("mlx") == cal.MEMORY_FRACTION * cal.device_memory_mb("mlx")
+
+
+def test_out_of_memory_found_anywhere_in_the_tail_and_for_mps_and_cublas():
+    mps = ("/AppleInternal/Library/BuildRoots/.../MPSNDArray.mm:850: failed assertion `[MPSNDArrayDescriptor "
+           "sliceDimension:withSubrange:] error: the range subRange.start + subRange.length does not fit in "
+           "dimension[1] (total bytes of NDArray > 2**32)'")
+    cublas = "RuntimeError: CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"
+    for message in (mps, cublas):
+        assert cal.out_of_memory(message)
+        assert cal.out_of_memory("\n".join([message] + [f"  warning line {i}" for i in range(10)]))

@@ -220,10 +220,10 @@ def test_cuda_is_found_through_torch_and_honours_visible_devices(probe, tmp_path
     probe.setenv("PATH", os.path.dirname(sys.executable))  # python, and no nvidia-smi
     probe.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert hardware.cuda_device() == ("NVIDIA H100 80GB HBM3", 81089)
-    assert hardware.hardware_tag("cuda") == "cuda-nvidia-h100-80gb-hbm3-80gb"
+    assert hardware.hardware_tag("cuda").startswith("cuda-nvidia-h100-80gb-hbm3-80gb-torch")
     assert hardware.pick_backend("auto") == ("cuda", "NVIDIA GPU found (NVIDIA H100 80GB HBM3)")
     probe.setenv("CUDA_VISIBLE_DEVICES", "1")
-    assert hardware.hardware_tag("cuda") == "cuda-nvidia-a100-sxm4-40gb-40gb"
+    assert hardware.hardware_tag("cuda").startswith("cuda-nvidia-a100-sxm4-40gb-40gb-torch")
     assert hardware.device_name("cuda") == "NVIDIA A100-SXM4-40GB 40GB"
     probe.setenv("CUDA_VISIBLE_DEVICES", "")
     assert hardware.cuda_device() is None
@@ -251,3 +251,170 @@ def test_mps_staging_refills_the_oldest_buffer_only():
     assert slots[train.STAGING_SLOTS] is first[0] and slots[train.STAGING_SLOTS + 1] is first[1]
     assert train.staging_slot((1, 3)) is not first[0]  # each batch shape has its own
     assert first[0][0].dtype == torch.long and first[0][1] is None  # int64 ids; no copy recorded yet
+
+
+@pytest.fixture
+def silent_server():
+    """A real TCP server on localhost that accepts connections and never answers: a network that drops packets."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held, stop = [], threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def test_a_hub_that_never_answers_sends_every_child_offline_and_the_import_does_not_hang(silent_server, monkeypatch,
+                                                                                        tmp_path):
+    kernels_or_skip()
+    from autoresearch import hub
+
+    monkeypatch.setenv("HF_ENDPOINT", silent_server)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "PROBE_SECONDS", 0.5)
+    monkeypatch.setattr(hardware, "cuda_device", lambda: ("NVIDIA H100 80GB HBM3", 81559))
+    hub.probe.cache_clear()
+    env, note = hub.child_env("cuda")
+    assert env == {"HF_HUB_OFFLINE": "1"} and note.startswith(f"hub: {silent_server} did not answer in 0.5s (")
+    assert hub.child_env("mlx") == ({}, None) and hub.probe.cache_info().misses == 1  # asked once per command
+    # cuda/train.py imported as on a Hopper GPU, with the children's environment: FA3 falls back at once
+    script = ("import importlib.util, torch\n"
+              "torch.cuda.is_available = lambda: True\n"
+              "torch.cuda.get_device_capability = lambda *a: (9, 0)\n"
+              f"spec = importlib.util.spec_from_file_location('t', {str(ROOT / 'backends/cuda/train.py')!r})\n"
+              "t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)\n"
+              "print('path:', t.attention_path)\n")
+    child = dict(os.environ, HF_HUB_CACHE=str(tmp_path), KERNELS_CACHE=str(tmp_path), **env)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=child, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "path: flex" in done.stdout and "fa3: varunneal/flash-attention-3 v1 unavailable (" in done.stdout
+    hub.probe.cache_clear()
+
+
+def test_kernels_is_pinned_to_the_checked_minor_version():
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pins = [Requirement(r) for group in ("cuda", "dev") for r in extras[group] if r.startswith("kernels")]
+    assert len(pins) == 2 and all(str(p.specifier) in ("<0.18,>=0.17", ">=0.17,<0.18") for p in pins)
+    kernels_or_skip()
+    assert all(p.specifier.contains(version("kernels")) for p in pins)  # what the tests here check against
+
+
+def test_the_tag_names_the_attention_path_and_versions():
+    assert hardware.expected_attention((9, 0), "0.17.2", True) == "fa3-kernels0.17.2"
+    assert hardware.expected_attention((9, 0), "0.17.2", False) == "flex"  # offline, nothing cached
+    assert hardware.expected_attention((9, 0), None, True) == "flex"
+    assert hardware.expected_attention((10, 0), "0.17.2", True) == "flex"  # no hub build for Blackwell
+    assert hardware.expected_attention((7, 5), "0.17.2", True) == "sdpa"
+    assert hardware.software_tag("mps") == f"torch{torch.__version__}"
+
+
+IOREG = """+-o AGXAcceleratorG15X  <class AGXAcceleratorG15X, id 0x100000425, registered, matched, active>
+    {
+      "IOClass" = "AGXAcceleratorG15X"
+      "gpu-core-count" = 40
+      "model" = "Apple M3 Max"
+    }"""
+SYSTEM_PROFILER = """Graphics/Displays:
+
+    Apple M1:
+
+      Chipset Model: Apple M1
+      Type: GPU
+      Bus: Built-In
+      Total Number of Cores: 8
+      Vendor: Apple (0x106b)"""
+
+
+def test_apple_gpu_core_count_from_recorded_readings(monkeypatch):
+    assert hardware.apple_gpu_cores(IOREG) == 40
+    assert hardware.apple_gpu_cores(SYSTEM_PROFILER) == 8
+    assert hardware.apple_gpu_cores("") is None
+    monkeypatch.setattr(hardware, "is_apple_silicon", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_name", lambda: "Apple M3 Max")
+    monkeypatch.setattr(hardware, "apple_gpu_cores", lambda output=None: 40)
+    assert hardware.hardware_tag("mps").startswith("mps-apple-m3-max-40gpu-")
+
+
+@pytest.mark.parametrize("chip,native", [("Apple M1", False), ("Apple M1 Max", False), ("applegpu_g13s", False),
+                                         ("Apple M2", True), ("Apple M3 Pro", True), ("Apple M10", True),
+                                         ("applegpu_g15p", True)])
+def test_bf16_only_where_the_apple_gpu_has_it_natively(chip, native):
+    assert load_train("mps").native_bf16(chip) is native
+    mlx_train = pytest.importorskip("mlx.core") and load_train("mlx")
+    assert mlx_train.native_bf16(chip) is native
+
+
+@pytest.mark.parametrize("name,peak", [
+    ("NVIDIA H100 80GB HBM3", 989.5e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989.5e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA H800 PCIe", 756e12), ("NVIDIA H800", 989.5e12),
+    ("NVIDIA GH200 480GB", 989.5e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("NVIDIA L40S", 362e12),
+    ("NVIDIA GeForce RTX 4090", 165.2e12), ("NVIDIA A10G", 70e12), ("Apple M3 Max", None), ("cpu", None)])
+def test_one_peak_flops_table_exact_names_first(name, peak):
+    import prepare
+
+    assert prepare.gpu_peak_flops(name) == peak
+    for backend in ("cuda", "mps", "mlx"):  # no copy of the table left in a train.py
+        assert "989.5e12" not in (ROOT / "backends" / backend / "train.py").read_text()
+
+
+def test_graph_breaks_and_recompiles_are_counted(cuda_train):
+    before = cuda_train.compile_counts()
+
+    def breaks(x):
+        y = x * 2
+        torch._dynamo.graph_break()  # what an FA3 build dynamo cannot trace does to the step
+        return y + 1
+
+    compiled = torch.compile(breaks, dynamic=False, backend="eager")  # dynamo counts; no inductor needed
+    for n in (3, 4):
+        compiled(torch.ones(n))
+    recompiles, graph_breaks = cuda_train.compile_counts()
+    assert graph_breaks - before[1] == 2  # once per shape compiled
+    assert recompiles - before[0] == 2  # the function and the piece after the break, again for the second shape
+
+
+def test_an_evaluator_started_ahead_imports_train_py_only_once_the_job_comes(tmp_path, use_cache):
+    import time
+
+    from autoresearch.evaluate import EvaluatorFailed, start_evaluator
+    from conftest import TINY, make_checkout
+
+    root = make_checkout(tmp_path / "project", backends=("mps",), **TINY)
+    path = root / "backends" / "mps" / "train.py"  # train.py's import says so: on a GPU it may touch the device
+    marker = "import contextlib\nprint('train.py imported', file=sys.stderr)\n"
+    path.write_text(path.read_text().replace("import contextlib\n", marker, 1))
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    child = start_evaluator("mps", root, checkpoint)
+    try:
+        time.sleep(8)  # torch's import is done by now; the child waits for its job
+        assert child.proc.poll() is None and "train.py imported" not in child.lines
+        child.start({"checkpoint": str(checkpoint), "vocab_size": 4096}, timeout=120)
+        with pytest.raises(EvaluatorFailed):  # an empty checkpoint: the build fails, after the import
+            child.hello()
+        assert "train.py imported" in child.lines
+    finally:
+        child.close()

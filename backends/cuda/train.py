@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prepare import load_profile, time_budget, Tokenizer, make_dataloader, save_checkpoint
+from prepare import load_profile, time_budget, Tokenizer, make_dataloader, save_checkpoint, gpu_peak_flops
 
 # ---------------------------------------------------------------------------
 # Device and precision
@@ -49,6 +49,17 @@ exclude_steps = 10 if use_compile else 1  # the first steps (compilation, alloca
 if on_gpu and compute_dtype == torch.float32:
     print(f"precision: sm{capability[0]}{capability[1]} has no bf16; float32 throughout"
           + ("" if use_compile else ", compile off (Triton needs sm70+)"))
+
+
+def compile_counts():
+    """(recompiles, graph breaks) dynamo has counted in this process. A graph break (an op or kernel dynamo cannot
+    trace, such as an FA3 build without a fake implementation) splits the step into pieces and silently costs
+    throughput; a recompile re-traces a function whose guards failed (adamw_step compiles once per shape)."""
+    from torch._dynamo import convert_frame
+    from torch._dynamo.utils import counters
+
+    per_frame = getattr(convert_frame, "FRAME_COMPILE_COUNTER", {})  # compilations of each traced frame
+    return sum(max(0, n - 1) for n in per_frame.values()), sum(counters["graph_break"].values())
 
 
 def autocast_ctx():
@@ -83,21 +94,11 @@ def to_device(array, dev=device):
     return t.long()
 
 
-# Peak dense bf16 tensor-core rate (FLOP/s) by GPU name, for MFU. First match wins: specific names first.
-gpu_peak_flops = [
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("GH200", 989.5e12), ("H200", 989.5e12), ("H100", 989.5e12),
-    ("H800", 989.5e12), ("GB200", 2500e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12),
-    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12), ("A6000", 155e12),
-    ("RTX 5090", 209.5e12), ("RTX 4090", 165.2e12), ("RTX 3090", 71e12),
-]
-
-
 def device_peak_flops():
     """Peak bf16 FLOP/s of this GPU, or None (CPU, unknown GPU): then no MFU is reported."""
     if not on_gpu:
         return None
-    name = device_name()
-    return next((peak for key, peak in gpu_peak_flops if key in name), None)
+    return gpu_peak_flops(device_name())
 
 
 # Attention kernel: the one place that picks it. Flash Attention 3 from the `kernels` hub where a build fits
@@ -643,6 +644,7 @@ def main():
     peak_flops = device_peak_flops()
     t_start_training = time.time()
     smooth_train_loss = 0.0
+    warmup_time = 0.0  # the excluded steps: compiling, mostly
     total_training_time = 0.0
     step = 0
     while True:
@@ -675,6 +677,8 @@ def main():
         dt = time.time() - t0
         if step >= exclude_steps:
             total_training_time += dt
+        else:
+            warmup_time += dt
 
         smooth_train_loss = 0.9 * smooth_train_loss + 0.1 * train_loss_f
         debiased = smooth_train_loss / (1 - 0.9 ** (step + 1))
@@ -716,6 +720,12 @@ def main():
     print(f"depth:            {DEPTH}")
     print("backend:          cuda")
     print(f"device:           {device_name()}")
+    print(f"attention:        {attention_path}")
+    if use_compile:
+        recompiles, graph_breaks = compile_counts()
+        print(f"compile_seconds:  {warmup_time:.1f}")  # the excluded warm-up steps, compiling included
+        print(f"recompiles:       {recompiles}")
+        print(f"graph_breaks:     {graph_breaks}")
     print(f"eval_profile:     {profile.name}")
     print(f"seed:             {seed}")
     print(f"budget_seconds:   {budget:g}")

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 import gc
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -28,7 +29,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from prepare import load_profile, time_budget, Tokenizer, make_dataloader, save_checkpoint
+from prepare import load_profile, time_budget, Tokenizer, make_dataloader, save_checkpoint, gpu_peak_flops
 
 # ---------------------------------------------------------------------------
 # Device and precision
@@ -39,7 +40,6 @@ on_gpu = device.type == mx.DeviceType.gpu
 # Parameters and optimizer state stay float32, so small updates are not rounded away; activations and
 # matmuls run in bf16 where the device is fast at it (Metal, CUDA), in float32 on CPUs, where bf16
 # matmuls crawl. The CPU run is also the float32 reference the conformance test compares.
-compute_dtype = mx.bfloat16 if on_gpu else mx.float32
 use_compile = True  # the whole step as one mx.compile'd graph: fused kernels on GPUs; about even on CPUs (bench/)
 exclude_steps = 1  # step 0 traces and compiles (on CPUs MLX builds C++ kernels, cached on disk): not training time
 
@@ -57,26 +57,26 @@ def device_name():
     return str(info.get("device_name") or info.get("architecture") or "gpu")
 
 
+def native_bf16(chip):
+    """Whether this Apple GPU computes bf16 natively: M2 (GPU family applegpu_g14) and later do; M1 (g13) emulates
+    it, slower than float32. Decided from the chip's name, so the trainer and the evaluator, each in its own
+    process and sandbox, always pick the same dtype (a timing could differ between them)."""
+    return not re.match(r"(Apple M1\b|applegpu_g13)", chip)
+
+
+compute_dtype = mx.bfloat16 if on_gpu and native_bf16(device_name()) else mx.float32
+
+
 def peak_memory_mb():
     return mx.get_peak_memory() / 2**20
 
 
-# Peak dense bf16 tensor-core rate (FLOP/s) by NVIDIA GPU name (mlx[cuda]), for MFU; the same table as
-# backends/cuda/train.py. First match wins: specific names first. Apple publishes no peak rate to measure
-# against, so Metal and CPUs report no MFU.
-gpu_peak_flops = [
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("GH200", 989.5e12), ("H200", 989.5e12), ("H100", 989.5e12),
-    ("H800", 989.5e12), ("GB200", 2500e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12),
-    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12), ("A6000", 155e12),
-    ("RTX 5090", 209.5e12), ("RTX 4090", 165.2e12), ("RTX 3090", 71e12),
-]
-
-
 def device_peak_flops():
+    """Peak bf16 FLOP/s of an NVIDIA GPU (mlx[cuda]) from prepare's table, for MFU; Apple publishes no peak rate
+    to measure against, so Metal and CPUs report none."""
     if not on_gpu:
         return None
-    name = device_name()
-    return next((peak for key, peak in gpu_peak_flops if key in name), None)
+    return gpu_peak_flops(device_name())
 
 
 # Attention kernel: the one place that picks it. mx.fast.scaled_dot_product_attention: full-context
@@ -632,6 +632,7 @@ def main():
     print(f"depth:            {DEPTH}")
     print("backend:          mlx")
     print(f"device:           {device_name()}")
+    print(f"attention:        {attention_path}")
     print(f"eval_profile:     {profile.name}")
     print(f"seed:             {seed}")
     print(f"budget_seconds:   {budget:g}")

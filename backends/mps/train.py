@@ -20,6 +20,7 @@ os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")  # an op missing on MP
 import contextlib
 import gc
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -49,52 +50,24 @@ def mps_bf16_works():
         return False
 
 
-def matmul_seconds(dtype, n=2048, reps=8):
-    """Seconds for reps (n, n) @ (n, n) products under this autocast dtype on MPS, after a warm-up."""
-    a = torch.randn(n, n, device="mps")
-    with torch.amp.autocast(device_type="mps", dtype=dtype, enabled=dtype != torch.float32):
-        a @ a
-        torch.mps.synchronize()
-        start = time.perf_counter()
-        for _ in range(reps):
-            a @ a
-        torch.mps.synchronize()
-    return time.perf_counter() - start
-
-
 def chip_name():
     import subprocess
 
     return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True).stdout.strip()
 
 
-def mps_compute_dtype():
-    """bf16 where it works and beats float32 (M1 has no native bf16 and emulates it), else float32. Timed once
-    per chip and PyTorch version and kept in the prepared cache, so a timing wobble never changes the dtype
-    between two experiments on this machine."""
-    import json
-    import prepare
-
-    path = prepare.cache_dir() / "device" / "mps-compute-dtype.json"
-    choices = json.loads(path.read_text()) if path.exists() else {}
-    key = f"{chip_name()} | torch {torch.__version__}"
-    if key not in choices:
-        bf16 = matmul_seconds(torch.bfloat16) if mps_bf16_works() else math.inf
-        fp32 = matmul_seconds(torch.float32)
-        choices[key] = "bfloat16" if bf16 < fp32 else "float32"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # runs may start side by side: replace atomically
-        tmp.write_text(json.dumps(choices, indent=2) + "\n")
-        tmp.replace(path)
-        print(f"precision: bf16 {bf16 * 1e3:.0f} ms, float32 {fp32 * 1e3:.0f} ms on a matmul: {choices[key]} (kept in {path})")
-    return getattr(torch, choices[key])
+def native_bf16(chip):
+    """Whether this Apple GPU computes bf16 natively: M2 (GPU family applegpu_g14) and later do; M1 (g13) emulates
+    it, slower than float32. Decided from the chip's name, so the trainer and the evaluator, each in its own
+    process and sandbox, always pick the same dtype (a timing could differ between them)."""
+    return not re.match(r"(Apple M1\b|applegpu_g13)", chip)
 
 
 # MPS: fp32 master weights, matmuls under bf16 autocast where it is faster (half the memory traffic, fp32's
 # exponent range, so no loss scaling), else plain float32. Not fp16: without a GradScaler its narrow range
 # overflows in the relu² MLP and flushes small gradients to zero.
 # CPU: plain float32, so the CPU run is also the float32 reference the conformance test compares.
-compute_dtype = mps_compute_dtype() if on_gpu else torch.float32
+compute_dtype = torch.bfloat16 if on_gpu and native_bf16(chip_name()) and mps_bf16_works() else torch.float32
 embed_dtype = torch.float32  # fp32 tables: Adam's small updates survive, and no bf16 in-place ops on MPS
 use_compile = False  # torch.compile on MPS is immature and slow to start; eager mode works everywhere
 exclude_steps = 3 if on_gpu else 1  # the first steps (Metal shader compilation, allocator warm-up) don't count
@@ -693,6 +666,7 @@ def main():
     print(f"depth:            {DEPTH}")
     print("backend:          mps")
     print(f"device:           {device_name()}")
+    print(f"attention:        {attention_path}")
     print(f"eval_profile:     {profile.name}")
     print(f"seed:             {seed}")
     print(f"budget_seconds:   {budget:g}")

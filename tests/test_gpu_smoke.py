@@ -1,0 +1,22 @@
+"""bench/gpu_smoke.sh's dry run: the device check of issue 25, on this CPU with a tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_gpu_smoke_dry_run_writes_its_json(tmp_path):
+    out = tmp_path / "smoke.json"
+    done = subprocess.run([str(ROOT / "bench" / "gpu_smoke.sh"), "--dry-run", "--out", str(out)], capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, PYTHON=sys.executable))
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    assert report["dry_run"] and report["torch"] and report["training"]["attention"] == "sdpa"
+    assert report["training"]["tokens_per_sec"] > 0 and report["training"]["peak_vram_mb"] > 0
+    assert report["evaluation"]["status"] == "ok" and report["evaluation"]["val_bpb"] > 0
+    assert set(report["forward_seconds"]) == {"eager", "compiled"}
+    assert [r["depth"] for r in report["rungs"]] == [1, 2] and all(r["tokens_per_sec"] > 0 for r in report["rungs"])
+    assert report["pick"]["choice"]["DEPTH"] in (1, 2) and "R(C)" in report["pick"]["reason"]
