@@ -63,6 +63,9 @@ PROFILES = {
     "laptop": EvalProfile("laptop", seq_len=1024, vocab_size=8192, eval_tokens=4 * 524288, time_budget=300),
     # CPUs: short context, small vocabulary and eval, so a 5-minute run sees enough steps
     "cpu": EvalProfile("cpu", seq_len=256, vocab_size=4096, eval_tokens=2**16, time_budget=300),
+    # the cpu profile scored on a quarter of its rows (64): for tests and smoke checks, where scoring would take
+    # most of a few-second experiment; its val_bpb is noisier, and a series of its own (the profile is in the key)
+    "smoke": EvalProfile("smoke", seq_len=256, vocab_size=4096, eval_tokens=2**14, time_budget=300),
 }
 
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""

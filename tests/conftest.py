@@ -19,6 +19,10 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 MIXED_EN = SHARED_DATA / "mixed-en"
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 
+# The shared cache's eval profile: the cpu profile's sizes with 64 validation rows, so that scoring does not take
+# most of each few-second experiment (prepare.PROFILES says so too).
+PROFILE = "smoke"
+
 # Small enough that a CPU step takes well under a second, large enough to learn something.
 TINY = {"DEPTH": 2, "ASPECT_RATIO": 32, "HEAD_DIM": 32, "DEVICE_BATCH_SIZE": 8, "TOTAL_BATCH_SIZE": 2048}
 
@@ -32,11 +36,11 @@ def pytest_sessionstart(session):
 
 @pytest.fixture(scope="session")
 def cpu_cache(tmp_path_factory):
-    """A cache prepared from ../shared/data/mixed-en with the cpu profile (shared, read-only)."""
+    """A cache prepared from ../shared/data/mixed-en with PROFILE (shared, read-only)."""
     path = tmp_path_factory.mktemp("cache-cpu")
     mp = pytest.MonkeyPatch()
     mp.setenv("AUTORESEARCH_CACHE", str(path))
-    prepare.prepare(profile="cpu", sources=[MIXED_EN])
+    prepare.prepare(profile=PROFILE, sources=[MIXED_EN])
     mp.undo()
     return path
 

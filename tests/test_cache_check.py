@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import prepare
-from conftest import MIXED_EN
+from conftest import MIXED_EN, PROFILE
 
-REPAIR = f"repair it: autoresearch prepare --force --profile cpu --source {MIXED_EN.resolve()}"
+REPAIR = f"repair it: autoresearch prepare --force --profile {PROFILE} --source {MIXED_EN.resolve()}"
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def test_cache_prepared_before_sizes_were_recorded_still_loads(cache):
     note = prepare.check_cache()
     assert note == ("cache prepared before file sizes were recorded: not checked "
                     f"({REPAIR.removeprefix('repair it: ')} records them)")
-    assert prepare.get_val_rows().shape == (256, 257) and prepare.load_profile().name == "cpu"
+    assert prepare.get_val_rows().shape == (64, 257) and prepare.load_profile().name == PROFILE
 
 
 def test_repair_command_for_a_download():

@@ -13,7 +13,7 @@ from autoresearch.calibrate import Rung, choose
 from autoresearch.experiment import setup
 from autoresearch.hparams import read_constants
 from autoresearch.ledger import read_ledger
-from conftest import TINY, make_checkout
+from conftest import TINY, make_checkout, PROFILE
 
 GB = 24 * 1024
 
@@ -166,7 +166,7 @@ def test_real_ladder_is_cached_and_written_by_setup(tmp_path, use_cache):
     assert any(line.startswith("calibrate: depth  1") for line in lines)
     assert result.choice["DEPTH"] in [r.depth for r in result.rungs]
     assert result.choice["TOTAL_BATCH_SIZE"] % (result.choice["DEVICE_BATCH_SIZE"] * 256) == 0
-    stored = json.loads(cal.cache_path("mlx", "cpu", 30.0).read_text())
+    stored = json.loads(cal.cache_path("mlx", PROFILE, 30.0).read_text())
     assert stored["choice"] == result.choice
     again, cached = cal.calibrate("mlx", root=root, budget=30)
     assert cached and again.choice == result.choice  # the same machine gives the same answer
@@ -178,7 +178,7 @@ def test_real_ladder_is_cached_and_written_by_setup(tmp_path, use_cache):
     repo.git.checkout("main")
     # the 30 s measurements stand in for the 2 s budget, so this setup trains briefly without measuring again;
     # the rule is applied to them for 2 s, so the decision is the cached measurements' for that budget
-    cal.cache_path("mlx", "cpu", 2.0).write_text(cal.cache_path("mlx", "cpu", 30.0).read_text())
+    cal.cache_path("mlx", PROFILE, 2.0).write_text(cal.cache_path("mlx", PROFILE, 30.0).read_text())
     expected, cached = cal.calibrate("mlx", root=root, budget=2)
     assert cached and [r.tokens_per_sec for r in expected.rungs] == [r.tokens_per_sec for r in result.rungs]
     assert expected.choice == cal.choose(result.rungs, 2, 256, TINY["DEVICE_BATCH_SIZE"], 1e9)[0]
@@ -201,7 +201,7 @@ def test_torch_backends_calibrate_through_the_cli_on_this_cpu(tmp_path, use_cach
     if backend == "cuda" and not torch.cuda.is_available():
         assert "no NVIDIA GPU, so cuda/train.py runs on the CPU" in done.stderr
     assert "calibrate: depth  1" in done.stderr  # progress on stderr, the decision on stdout
-    stored = json.loads(cal.cache_path(backend, "cpu", 30.0).read_text())
+    stored = json.loads(cal.cache_path(backend, PROFILE, 30.0).read_text())
     choice = stored["choice"]
     assert f"DEPTH={choice['DEPTH']},TOTAL_BATCH_SIZE={choice['TOTAL_BATCH_SIZE']}" in done.stdout
     assert choice["DEPTH"] in [r["depth"] for r in stored["rungs"]]

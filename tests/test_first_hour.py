@@ -14,7 +14,7 @@ from autoresearch import calibrate as cal
 from autoresearch import hardware
 from autoresearch.ledger import read_ledger
 from autoresearch.progress import LiveProgress
-from conftest import BUDGET, TINY, cli, make_checkout, make_repo
+from conftest import BUDGET, TINY, cli, make_checkout, make_repo, PROFILE
 
 linux_only = pytest.mark.skipif(platform.system() != "Linux", reason="the harness preloads a BLAS on Linux only")
 
@@ -33,11 +33,11 @@ def test_the_blas_is_part_of_the_mlx_cpu_tag_and_calibration_key(monkeypatch):
     optimized = hardware.blas_library()
     if not optimized:
         pytest.skip("no optimized BLAS here (neither the mkl wheel nor OpenBLAS)")
-    tag, torch_tag, key = hardware.hardware_tag("mlx"), hardware.hardware_tag("mps"), cal.cache_path("mlx", "cpu", 30.0)
+    tag, torch_tag, key = hardware.hardware_tag("mlx"), hardware.hardware_tag("mps"), cal.cache_path("mlx", PROFILE, 30.0)
     assert tag.endswith("-" + hardware.blas_name(optimized)) and hardware.blas_name(optimized) in ("mkl", "openblas")
     monkeypatch.setenv("AUTORESEARCH_BLAS", "none")
     assert hardware.hardware_tag("mlx") == tag.rsplit("-", 1)[0] + "-refblas"
-    assert cal.cache_path("mlx", "cpu", 30.0) != key and "-refblas-" in cal.cache_path("mlx", "cpu", 30.0).name
+    assert cal.cache_path("mlx", PROFILE, 30.0) != key and "-refblas-" in cal.cache_path("mlx", PROFILE, 30.0).name
     assert hardware.hardware_tag("mps") == torch_tag  # torch brings its own BLAS, whatever is preloaded for MLX
 
 

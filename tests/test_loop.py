@@ -9,7 +9,7 @@ import textwrap
 import git
 import pytest
 
-from conftest import cli
+from conftest import cli, PROFILE
 from autoresearch.agents import CommandAgent, RandomAgent
 from autoresearch.experiment import Refused, open_repo, run_experiment, setup
 from autoresearch.hardware import hardware_tag
@@ -29,7 +29,7 @@ def check_ledger_and_branch(root, backend, n_rows):
     assert len(rows) == n_rows
     assert rows[0].description == "baseline" and rows[0].status == "keep"
     for r in rows:
-        assert r.hardware == hardware_tag(backend) and r.backend == backend and r.eval_profile == "cpu"
+        assert r.hardware == hardware_tag(backend) and r.backend == backend and r.eval_profile == PROFILE
         assert r.budget == BUDGET and r.seed == 42 and r.timestamp and len(r.train_hash) == 16
         assert r.branch == repo.active_branch.name
         if r.status != "crash":

@@ -12,7 +12,7 @@ import pytest
 import tiktoken
 
 import prepare
-from conftest import MIXED_EN, SHAKESPEARE
+from conftest import MIXED_EN, SHAKESPEARE, PROFILE
 
 
 def test_cache_layout_is_upstreams(use_cache):
@@ -23,7 +23,7 @@ def test_cache_layout_is_upstreams(use_cache):
     assert isinstance(enc, tiktoken.Encoding) and enc.n_vocab == 4096
     assert enc.encode_single_token("<|reserved_0|>") == 4092
     meta = json.loads((use_cache / "profile.json").read_text())
-    assert meta["profile"] == {"name": "cpu", "seq_len": 256, "vocab_size": 4096, "eval_tokens": 65536,
+    assert meta["profile"] == {"name": PROFILE, "seq_len": 256, "vocab_size": 4096, "eval_tokens": 16384,
                                "time_budget": 300}
     assert meta["train_docs"] + meta["val_docs"] == 1030  # every document of the four shards
     assert not list(use_cache.glob(".staging-*"))
@@ -191,7 +191,7 @@ def test_import_formats_and_deterministic_split(tmp_path):
 
 def test_prepare_is_idempotent_and_refuses_other_data(use_cache, cpu_cache):
     before = (cpu_cache / "profile.json").read_text()
-    assert prepare.prepare(profile="cpu", sources=[MIXED_EN])["prepared_at"] == json.loads(before)["prepared_at"]
+    assert prepare.prepare(profile=PROFILE, sources=[MIXED_EN])["prepared_at"] == json.loads(before)["prepared_at"]
     with pytest.raises(prepare.PrepareError, match="--force"):
         prepare.prepare(profile="laptop", sources=[MIXED_EN])
     assert (cpu_cache / "profile.json").read_text() == before

@@ -11,7 +11,7 @@ import sys
 import git
 import pytest
 
-from conftest import cli
+from conftest import cli, PROFILE
 from autoresearch.branch import RunBranch
 from autoresearch.experiment import SLOWED_MARK, SetupFailed, find_repeat, run_experiment, setup
 from autoresearch.gate import judge_pace
@@ -183,5 +183,5 @@ def test_an_experiment_the_machine_slowed_runs_again_and_is_no_repeat(quick_repo
     assert row.description.startswith(f"slow steps {SLOWED_MARK} ") and row.status in ("keep", "discard")
     if row.status == "discard":  # judged at a speed the machine may have imposed: the same program may run again
         train.write_text(slow)
-        branch = RunBranch(git.Repo(quick_repo), "mlx", float(BUDGET), "cpu")
+        branch = RunBranch(git.Repo(quick_repo), "mlx", float(BUDGET), PROFILE)
         assert find_repeat(branch) is None

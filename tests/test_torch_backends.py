@@ -8,7 +8,7 @@ import pytest
 
 import prepare
 from autoresearch.runner import run_training
-from conftest import TINY, make_checkout
+from conftest import TINY, make_checkout, PROFILE
 
 TORCH_BACKENDS = ("cuda", "mps")
 STEP_LOSS = re.compile(r"^step (\d+) .*\| loss: ([0-9.eE+-]+|nan|inf) \|")
@@ -51,7 +51,7 @@ def test_trains_saves_and_reports(backend, use_cache, tmp_path):
     assert s["num_steps"] > 1
     assert s["backend"] == backend
     assert s["device"] == expected_device(backend)
-    assert s["eval_profile"] == "cpu"
+    assert s["eval_profile"] == PROFILE
     assert s["depth"] == TINY["DEPTH"]
     assert s["seed"] == (seed or 42) and s["budget_seconds"] == 4
     assert s["training_seconds"] >= 4 and s["total_seconds"] >= s["training_seconds"]

@@ -36,8 +36,8 @@ def _assert_recorded(rows, meta):
 def test_mixed_en_rows_are_distinct_and_read_once(use_cache):
     rows = np.asarray(prepare.get_val_rows())
     prof, meta = prepare.load_profile(), prepare.load_meta()
-    # mixed-en's 113,164 validation tokens fill the cpu profile's 256 rows in one pass
-    assert rows.shape == (prepare.val_row_count(prof), prof.seq_len + 1) == (256, 257)
+    # mixed-en's 113,164 validation tokens fill the profile's rows in one pass
+    assert rows.shape == (prepare.val_row_count(prof), prof.seq_len + 1) == (prof.eval_tokens // 256, 257)
     _assert_recorded(rows, meta)
     assert meta["val_note"] is None
     assert len(np.unique(rows[:, :64], axis=0)) == len(rows)  # not even two rows begin alike
