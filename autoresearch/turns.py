@@ -23,7 +23,14 @@ class Usage:
 
 
 def _number(value):
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+    """A reported cost, token count or duration: a finite number of at least 0, else None (a negative cost would
+    pay back --max-cost; an integer too large for a float would raise in the sums)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        return value if math.isfinite(value) and value >= 0 and abs(value) < 1e18 else None
+    except OverflowError:
+        return None
 
 
 def _documents(text):

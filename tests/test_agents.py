@@ -189,6 +189,11 @@ def test_usage_is_read_where_the_cli_reports_it():
                                     "total_cost_usd": 0}))
     assert failed.error == "Credit balance is too low" and failed.cost_usd == 0
     assert read_usage("plain text\n{not json").cost_usd is None
+    # what a command agent may print instead: a negative cost (paying back --max-cost), NaN, a number too large
+    # for a float: none of them counts, and none breaks the sums
+    odd = read_usage('{"total_cost_usd": -5, "usage": {"input_tokens": 1' + "0" * 400 + ', "output_tokens": 7}}\n'
+                     '{"total_cost_usd": NaN}\n{"total_cost_usd": 0.25}')
+    assert (odd.cost_usd, odd.input_tokens, odd.output_tokens) == (0.25, None, 7)
 
 
 # ---------------------------------------------------------------------------------------------
