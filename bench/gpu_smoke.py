@@ -1,7 +1,7 @@
 """The one device check of issue 25: on a CUDA GPU, the harness's own training and evaluation at a 60 s budget on
 a gpu-profile cache of ../shared/data/mixed-en, the evaluator's forward timed compiled and eager, two calibration
 rungs (DEPTH 6 and 8) and the rule's pick; everything in one JSON. --dry-run does the same on a CPU with a tiny
-model, the cpu profile and a 2 s budget (CI runs it: tests/test_gpu_smoke.py).
+model, the smoke profile and a 2 s budget (CI runs it: tests/test_gpu_smoke.py).
 
 Usage: bench/gpu_smoke.sh [--dry-run] [--out FILE]   (bench/gpu_smoke.md says what to do with the JSON)"""
 
@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "mixed-en"
 # forward: the validation rows the forward timing runs (None: all) and torch.compile's backend for it
 FULL = {"profile": "gpu", "budget": 60.0, "depths": (6, 8), "constants": {}, "forward": (None, "inductor")}
-TINY = {"profile": "cpu", "budget": 2.0, "depths": (1, 2), "forward": (16, "eager"),
+TINY = {"profile": "smoke", "budget": 2.0, "depths": (1, 2), "forward": (16, "eager"),
         "constants": {"DEPTH": 2, "ASPECT_RATIO": 32, "HEAD_DIM": 32, "DEVICE_BATCH_SIZE": 8, "TOTAL_BATCH_SIZE": 2048}}
 SUMMARY_KEYS = ("attention", "compile_seconds", "recompiles", "graph_breaks", "tokens_per_sec", "mfu_percent",
                 "peak_vram_mb", "training_seconds", "num_steps", "device")
