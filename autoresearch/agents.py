@@ -5,8 +5,10 @@ import os
 import random
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from pathlib import Path
 from . import record, sandbox, train_file
 from .hparams import read_constants, set_constants
 from .ledger import MAX_DESCRIPTION_CHARS, one_line
-from .presets import PRESETS, expand
+from .presets import HOME_STATE, PRESETS, expand
 from .runner import become_subreaper, children, end_orphans
 from .turns import MAX_READ_BYTES, read_usage
 
@@ -24,6 +26,12 @@ NOTES_FILE = "notes.md"  # in .autoresearch/: what the agent keeps for its next 
 MAX_NOTES_BYTES = 1 << 16  # the notes file taken back at most; the prompt carries less (loop.NOTES_CHARS)
 MAX_TRAIN_BYTES = 1 << 20  # a train.py is tens of kilobytes; more is data smuggled in as code
 MAX_DESCRIPTION_BYTES = 1 << 16  # the description file read at most; MAX_DESCRIPTION_CHARS of it kept
+MAX_AGENT_FILE_BYTES = 1 << 28  # any one file the agent writes, its output log included: past it, the turn ends
+# The agent's command starts behind this: no file it writes (its output's log among them) grows past the cap, a
+# write past it ends the process (SIGXFSZ) or fails, instead of filling the disk. An exec, not preexec_fn: the
+# swarm's workers run turns from threads, where preexec_fn may deadlock.
+FILE_LIMIT = "import os, resource, sys; n = int(sys.argv[1]); resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)); " \
+             "os.execvp(sys.argv[2], sys.argv[2:])"
 
 # name: (kind, low, high) — sane ranges around upstream's recipe; "log" values move multiplicatively
 SEARCH_SPACE = {
@@ -130,7 +138,7 @@ class CommandAgent:
         log = Path(root) / ".autoresearch" / "agent.log"
         with scratch_clone(root) as work:
             box = sandbox.active()
-            argv, inside = box.wrap(args, work, agent_policy(root, work))
+            argv, inside = box.wrap([sys.executable, "-c", FILE_LIMIT, str(MAX_AGENT_FILE_BYTES), *args], work, agent_policy(root, work))
             env = dict(os.environ, PWD=str(work), **inside)
             reaping = not box.confined and become_subreaper()  # unconfined, what it leaves running is ended
             before = children() if reaping else set()
@@ -140,8 +148,8 @@ class CommandAgent:
                                           text=True, timeout=timeout)
                 except subprocess.TimeoutExpired:
                     raise AgentFailed(f"agent timed out after {timeout:.0f}s", _tail(log)) from None
-                except OSError as e:
-                    raise AgentFailed(f"agent could not start: {e}") from None
+                except (OSError, ValueError) as e:  # ValueError: a NUL in an argument
+                    raise AgentFailed(f"agent could not start: {one_line(str(e), 200)}") from None
                 finally:
                     if reaping:
                         end_orphans(before)
@@ -150,6 +158,9 @@ class CommandAgent:
             said = read_usage(output).error
             if proc.returncode != 0 or said:
                 why = f", reporting an error: {said}" if said else f": {_last_line(output)}"
+                if proc.returncode in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ) \
+                        or log.stat().st_size >= MAX_AGENT_FILE_BYTES:  # killed, or its write refused (EFBIG)
+                    why = f": it wrote a file or output over {MAX_AGENT_FILE_BYTES >> 20} MiB"
                 raise AgentFailed(f"agent exited with {proc.returncode}{why} (output in .autoresearch/agent.log)",
                                   output, proc.returncode)
             try:
@@ -174,15 +185,15 @@ def _last_line(output):
 
 
 def agent_policy(root, work):
-    """The agent's turn: its scratch clone writable, the network and its own HOME; the real checkout, the cache and
-    the harness's state out of sight."""
+    """The agent's turn: its scratch clone writable, the network, the user's HOME read-only but for the CLIs' own
+    state (presets.HOME_STATE); the real checkout, the cache and the harness's state out of sight."""
     import prepare
 
     tmp = Path(work).parent / "tmp"
     tmp.mkdir(exist_ok=True)
     hidden = (str(Path(root).resolve()), str(prepare.cache_dir()), str(record.state_home()))
     return sandbox.Policy(write=(str(Path(work).parent),), hide=hidden, network=True, private_home=False,
-                          whole_system=True, env={"TMPDIR": str(tmp)})
+                          home_write=HOME_STATE, whole_system=True, env={"TMPDIR": str(tmp)})
 
 
 @contextmanager
@@ -196,7 +207,7 @@ def scratch_clone(root):
                         str(work)], check=True, capture_output=True)
         (work / ".autoresearch").mkdir()
         for name in ("results.tsv", f".autoresearch/{NOTES_FILE}"):
-            if (Path(root) / name).is_file():
+            if regular_file(Path(root) / name):  # never through a link an unconfined train.py made
                 shutil.copyfile(Path(root) / name, work / name)
         yield work
     except subprocess.CalledProcessError as e:
@@ -205,20 +216,37 @@ def scratch_clone(root):
         shutil.rmtree(parent, ignore_errors=True)
 
 
-def _regular_bytes(path, limit):
-    """The bytes of a regular file of at most limit bytes (never through a link), or None where there is none."""
+def regular_file(path):
+    """Whether path is a regular file itself, not a link to one (nor a fifo, a device)."""
     try:
-        info = os.lstat(path)
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _regular_bytes(work, name, limit):
+    """The bytes of the file name in the agent's copy work: a regular file of at most limit bytes, reached through
+    no link (the file's folders included: a link there would fetch a file from anywhere the harness can read), or
+    None where there is none."""
+    path = Path(work) / name
+    if not Path(os.path.realpath(path.parent)).is_relative_to(Path(work).resolve()):
+        raise AgentFailed(f"{name} in the agent's copy lies behind a link out of it")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
-    if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
-        raise AgentFailed(f"{path.name} in the agent's copy is not a regular file of at most {limit:,} bytes")
-    return path.read_bytes()
+    except OSError:
+        raise AgentFailed(f"{name} in the agent's copy is not a regular file of at most {limit:,} bytes") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            raise AgentFailed(f"{name} in the agent's copy is not a regular file of at most {limit:,} bytes")
+        return f.read(limit + 1)[:limit]
 
 
 def take_back(work, root, backend):
     """The agent's train.py into the real checkout: a regular file's bytes, nothing else of what it did."""
-    edited = _regular_bytes(train_file(backend, Path(work)), MAX_TRAIN_BYTES)
+    edited = _regular_bytes(work, f"backends/{backend}/train.py", MAX_TRAIN_BYTES)
     if edited is None:
         raise AgentFailed(f"the agent deleted backends/{backend}/train.py")
     target = train_file(backend, Path(root))
@@ -230,7 +258,7 @@ def take_back_notes(work, root):
     """The agent's notes file into the real checkout's state folder (git ignores it: no reset or stash touches
     it), replaced whole; none written leaves the last one."""
     try:
-        data = _regular_bytes(Path(work) / ".autoresearch" / NOTES_FILE, MAX_NOTES_BYTES)
+        data = _regular_bytes(work, f".autoresearch/{NOTES_FILE}", MAX_NOTES_BYTES)
     except AgentFailed:
         return  # a link or a huge file: not notes, and no reason to fail an edit
     if data is None:
@@ -244,7 +272,7 @@ def take_back_notes(work, root):
 def read_description(work):
     """The agent's one-line description, as text whatever its bytes (not UTF-8, NULs, escape sequences, many
     lines): one printable line of at most MAX_DESCRIPTION_CHARS, or None."""
-    data = _regular_bytes(Path(work) / ".autoresearch" / DESCRIPTION_FILE, MAX_DESCRIPTION_BYTES)
+    data = _regular_bytes(work, f".autoresearch/{DESCRIPTION_FILE}", MAX_DESCRIPTION_BYTES)
     text = one_line(data.decode("utf-8", "replace"), MAX_DESCRIPTION_CHARS) if data else ""
     return text or None  # None: the loop describes the change from the hyperparameters
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import train_file
-from .agents import NOTES_FILE, AgentFailed
+from .agents import NOTES_FILE, AgentFailed, regular_file
 from .gate import Gate, load_noise, spread
 from .branch import changed_files, open_branch, refuse_dirty
 from .experiment import (STATE_DIR, Refused, Settings, check_budget, check_cache, check_candidate, experiment,
@@ -15,6 +15,7 @@ from .hardware import hardware_tag
 from .hparams import read_constants
 from .ledger import LEDGER_NAME, MAX_DESCRIPTION_CHARS, git_identity, now, one_line, read_ledger
 from .memory import MEMORY_CHARS, Facts, render
+from .plain import plain
 from .turns import capped, load_turns, new_id, read_usage, save_turn
 
 NOTES_CHARS = 4_000  # of the agent's notes carried into the next prompt
@@ -57,17 +58,20 @@ def memory_facts(root, branch):
     if rows:
         stored = load_noise(root, rows[0].hardware, rows[0].eval_profile, rows[0].budget)
         sigma = stored["spread"] if stored else spread(rows[0].values())
-    records = [t for t in load_turns(root, branch) if t.get("commit")]
-    return Facts(tuple(rows), sigma, {t["commit"]: t.get("changed") or [] for t in records},
-                 {t["commit"]: t.get("result") or "" for t in records})
+    records = [t for t in load_turns(root, branch) if isinstance(t.get("commit"), str) and t["commit"]]
+    changed = {t["commit"]: [c for c in t.get("changed") or [] if isinstance(c, str)]
+               if isinstance(t.get("changed"), list) else [] for t in records}
+    return Facts(tuple(rows), sigma, changed,
+                 {t["commit"]: t["result"] if isinstance(t.get("result"), str) else "" for t in records})
 
 
 def read_notes(root):
     """The agent's notes for the next prompt, at most NOTES_CHARS of them, or None."""
     path = Path(root) / STATE_DIR / NOTES_FILE
-    if not path.is_file():
+    if not regular_file(path):  # a link an unconfined train.py made would carry any file into the prompt
         return None
-    text = path.read_bytes()[: 4 * NOTES_CHARS].decode("utf-8", "replace").strip()
+    with open(path, "rb") as f:
+        text = f.read(4 * NOTES_CHARS).decode("utf-8", "replace").strip()
     return (text[:NOTES_CHARS] + "\n[notes cut: keep them shorter]") if len(text) > NOTES_CHARS else text or None
 
 
@@ -102,7 +106,8 @@ def build_prompt(root, backend, budget, last_turn=None):
               f"{STATE_DIR}/description. Do not run training yourself: the harness runs it after you exit. You may "
               f"keep notes for your next turns in {STATE_DIR}/{NOTES_FILE} (rewrite it whole; its first "
               f"{NOTES_CHARS:,} characters come back in the next prompt)."]
-    return "\n".join(lines)
+    # a NUL (from the notes, a crash's log) cannot go in a command line's argument, and means nothing in a prompt
+    return "\n".join(lines).replace("\0", "\ufffd")
 
 
 def changed_constants(before, after):
@@ -209,8 +214,8 @@ def run_loop(root, backend, agent, max_experiments=None, budget=None, seed=42, a
     log = state_dir(root) / "loop.log"
 
     def event(text):
-        with open(log, "a") as f:
-            f.write(f"{time.strftime('%H:%M:%S')} {text}\n")
+        with open(log, "a") as f:  # plain: `tail -f` on the log must not act on what an agent wrote
+            f.write(f"{time.strftime('%H:%M:%S')} {plain(text)}\n")
         on_event(text)
 
     check_cache()

@@ -21,8 +21,9 @@ _SPACES = re.compile(r"[\t\n\r\v\f]")
 
 def _shown(char):
     """Whether a character left after the sequences are gone is one a terminal shows: not a control (Cc), and not
-    a format character that reorders or hides text (bidi overrides and isolates, Cf)."""
-    return unicodedata.category(char) not in ("Cc", "Cf") or char == "\u200d"  # ZWJ joins emoji
+    a format character that reorders or hides text (bidi overrides and isolates, Cf), and not half of a surrogate
+    pair (Cs: no encoding can write one alone)."""
+    return unicodedata.category(char) not in ("Cc", "Cf", "Cs") or char == "\u200d"  # ZWJ joins emoji
 
 
 def plain(text):

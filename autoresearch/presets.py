@@ -47,6 +47,12 @@ PRESETS = {p.name: p for p in (
 )}
 
 
+# What the presets' CLIs write in HOME (credentials, sessions, settings): the only parts of HOME an agent's turn
+# may write, where they exist (a CLI run once by hand, logged in, has made them). The rest of HOME is read-only.
+HOME_STATE = (".claude", ".claude.json", ".codex", ".gemini", ".config/opencode", ".local/share/opencode",
+              ".local/state/opencode", ".cache/opencode")
+
+
 def expand(spec):
     """The command line an --agent value runs: a preset's, or the value itself."""
     preset = PRESETS.get(spec)

@@ -37,10 +37,21 @@ class Policy:
     write: tuple = ()  # bound read-write at the same path
     hide: tuple = ()  # covered by an empty directory (the real cache, the harness's state)
     network: bool = False
-    private_home: bool = True  # HOME is an empty directory in the private /tmp; False: the user's own, writable
+    private_home: bool = True  # HOME is an empty directory in the private /tmp; False: the user's own, read-only
+    home_write: tuple = ()  # with private_home False: what in the user's HOME stays writable (relative paths)
     whole_system: bool = False  # everything else read-only too, as an agent's tools expect (else only the system)
     binds: tuple = ()  # (folder here, path inside) pairs, writable: a run's copy of its compile cache
     env: dict = field(default_factory=dict)  # set inside
+
+
+def _home_writes(policy):
+    """The user's HOME's writable parts for a policy without a private HOME: the rest of HOME is read-only, so
+    nothing run there can plant a program on the user's PATH (~/bin, ~/.local/bin) or a git config that the
+    harness, unconfined, would run next."""
+    home = os.environ.get("HOME")
+    if policy.private_home or not home:
+        return []
+    return [str(Path(home) / p) for p in policy.home_write]
 
 
 def _existing(paths):
@@ -104,8 +115,7 @@ def bwrap_argv(argv, cwd, policy):
     mounts = [("/", "--ro-bind")] if policy.whole_system else []
     mounts += [(p, "--ro-bind") for p in _existing((*system, *interpreter_paths(), *policy.read))]
     mounts += [(p, "--bind") for p in _existing(policy.write)]
-    if not policy.private_home and os.environ.get("HOME"):
-        mounts.append((os.environ["HOME"], "--bind"))
+    mounts += [(p, "--bind") for p in _existing(_home_writes(policy))]
     # what is hidden needs covering only where it lies inside something bound
     mounts += [(p, "--tmpfs") for p in _existing(policy.hide) if any(Path(p).is_relative_to(m) for m, _ in mounts)]
     # Parents first, so a deeper bind lands inside a shallower one; on one path the stricter entry comes last.
@@ -133,8 +143,7 @@ def seatbelt_profile(policy, home):
              '(allow file-write* (subpath "/dev") (subpath "/private/var/folders"))',
              f"(allow file-write* (subpath {quote(home)}))"]
     lines += [f"(allow file-write* (subpath {quote(p)}))" for p in policy.write]
-    if not policy.private_home and os.environ.get("HOME"):
-        lines.append(f"(allow file-write* (subpath {quote(os.environ['HOME'])}))")
+    lines += [f"(allow file-write* (subpath {quote(p)}))" for p in _existing(_home_writes(policy))]
     lines += [f"(deny file-read* file-write* (subpath {quote(p)}))" for p in policy.hide]
     lines += [f"(deny file-write* (subpath {quote(p)}))" for p in policy.read]
     if not policy.network:

@@ -32,6 +32,7 @@ from .experiment import (CacheBroken, Measurement, Settings, Timing, check_budge
 from .experiment import setup as setup_run_branch
 from .gate import decide, load_noise, noise_path, save_noise
 from .hardware import hardware_tag
+from .plain import plain
 from .progress import describe_step
 from .ledger import LEDGER_NAME, NOTES_REF, UNJUDGED, append_row, git_identity, replace_ledger
 from .loop import NoEdit, agent_edit, check_turns, close_turn
@@ -528,8 +529,8 @@ def run_swarm(root, backend, budget, settings, plan, on_event=print):
     log = state_dir(root) / "swarm.log"
 
     def logged(text):
-        with open(log, "a") as f:
-            f.write(f"{time.strftime('%H:%M:%S')} {text}\n")
+        with open(log, "a") as f:  # plain: `tail -f` on the log must not act on what an agent wrote
+            f.write(f"{time.strftime('%H:%M:%S')} {plain(text)}\n")
 
     def event(text):
         logged(text)

@@ -4,13 +4,17 @@ took, its outcome and, where its CLI reports them, the tokens and the cost."""
 import json
 import math
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .ledger import one_line
+
 TURNS_DIR = "turns"  # in .autoresearch/
 MAX_OUTPUT_CHARS = 20_000  # of the agent's output kept in its record: the head and the end, where errors are
 MAX_READ_BYTES = 4 << 20  # of agent.log read for the usage: a CLI's JSON result comes last
+MAX_RECORD_BYTES = 4 << 20  # a turn record holds a capped prompt and output: a larger file is none of the harness's
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ def _documents(text):
     try:
         whole = json.loads(text)
         return [whole] if isinstance(whole, dict) else []
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
         pass
     found = []
     for line in text.splitlines():
@@ -46,7 +50,7 @@ def _documents(text):
         if line.startswith("{"):
             try:
                 doc = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             if isinstance(doc, dict):
                 found.append(doc)
@@ -77,7 +81,7 @@ def read_usage(text):
                 tokens_in = _add(tokens_in, tokens.get("prompt"))
                 tokens_out = _add(tokens_out, tokens.get("candidates"))
         if doc.get("is_error") is True:
-            error = " ".join(str(doc.get("result") or doc.get("subtype") or "error").split())[:300]
+            error = one_line(str(doc.get("result") or doc.get("subtype") or "error"), 300)
     return Usage(cost, tokens_in, tokens_out, error)
 
 
@@ -114,9 +118,13 @@ def load_turns(root, branch=None):
     folder = turns_dir(root)
     found = []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
+        try:  # a regular file of a record's size, never a fifo or a link (a train.py run unconfined may plant one)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    continue
+                record = json.loads(f.read(MAX_RECORD_BYTES + 1))  # past the cap: cut, so no JSON
+        except (OSError, ValueError, RecursionError):
             continue
         if isinstance(record, dict) and (branch is None or record.get("branch") == branch):
             found.append(record)

@@ -4,6 +4,7 @@ and a broken agent that stops the loop instead of spinning."""
 
 import json
 import math
+import os
 import sys
 import textwrap
 
@@ -12,11 +13,12 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import BUDGET, cli, make_repo
-from autoresearch.agents import make_agent
+from autoresearch import agents, sandbox
+from autoresearch.agents import AgentFailed, make_agent
 from autoresearch.branch import open_repo
 from autoresearch.cli import app
 from autoresearch.ledger import Row, read_ledger
-from autoresearch.loop import BACKOFF_MAX, TurnRules
+from autoresearch.loop import BACKOFF_MAX, TurnRules, build_prompt, memory_facts
 from autoresearch.memory import Facts, render
 from autoresearch.presets import PRESETS, missing_binary
 from autoresearch.report import results_summary
@@ -250,3 +252,119 @@ def test_a_memory_of_100_experiments_stays_under_its_cap_and_names_every_change(
     dead = [line for line in full.splitlines() if "a dead end so far" in line]
     assert dead and all("keep" not in line.split(" tries (")[1] for line in dead)
     assert "- code: add qk-norm before attention: 2 tries (2 discard)" in full
+
+
+# ---------------------------------------------------------------------------------------------
+# A hostile agent: what it leaves for the harness, which runs unconfined after it
+
+
+HOSTILE = '''
+import os, sys
+from pathlib import Path
+home = Path(os.environ["HOME"])
+tried = {}
+for target in (home / "bin" / "git", home / ".gitconfig", home / ".claude" / "session.json"):
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("#!/bin/sh\\necho planted\\n")
+        tried[target.name] = "written"
+    except OSError as e:
+        tried[target.name] = type(e).__name__
+print(tried)
+mode = sys.argv[1]
+if mode == "nul":
+    Path(".autoresearch/notes.md").write_text("a note \\0 with a NUL\\n")
+elif mode == "linked":  # the state folder a link to a folder the agent cannot see, whose notes.md it wants
+    os.rename(".autoresearch", ".autoresearch-real")
+    os.symlink(sys.argv[2], ".autoresearch")
+elif mode == "flood":
+    chunk = "x" * (1 << 20) + "\\n"
+    while True:
+        sys.stdout.write(chunk)
+elif mode == "deep":
+    print("[" * 100000)
+    print('{"is_error": true, "result": "quota \\\\ud800 exceeded"}')
+train = Path("backends/mlx/train.py")
+train.write_text(train.read_text().replace("MATRIX_LR = 0.04", "MATRIX_LR = 0.05", 1))
+'''
+
+
+@pytest.fixture
+def hostile(tmp_path, monkeypatch):
+    """A project, a HOME with a logged-in CLI's folder (~/.claude), and a hostile command agent's script."""
+    root = make_repo(tmp_path / "project", backends=("mlx",))
+    home = tmp_path / "home"
+    (home / ".claude").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    open_repo(root)
+    (root / ".autoresearch").mkdir()
+    script = tmp_path / "hostile.py"
+    script.write_text(HOSTILE)
+    return root, home, script
+
+
+def test_an_agent_writes_only_its_clis_state_in_home(hostile):
+    """A program on the user's PATH (~/bin/git) or a git config the harness would run next, unconfined: neither can
+    be planted; the CLI's own folder stays writable (its credentials, its sessions)."""
+    root, home, script = hostile
+    if not sandbox.active().confined:
+        pytest.skip("needs a sandbox (bubblewrap)")
+    reply = make_agent(f"{sys.executable} {script} plain").edit(root, "mlx", "edit", 60)
+    assert "{'git': 'OSError', '.gitconfig': 'OSError', 'session.json': 'written'}" in reply.output.replace(
+        "PermissionError", "OSError"), reply.output
+    assert not (home / "bin").exists() and not (home / ".gitconfig").exists()
+    assert (home / ".claude" / "session.json").exists()
+    assert "MATRIX_LR = 0.05" in (root / "backends/mlx/train.py").read_text()
+
+
+def test_what_an_agent_leaves_never_crashes_the_next_prompt_or_the_harness(hostile, tmp_path):
+    root, home, script = hostile
+    # a NUL in the notes: the next prompt carries it as a replacement character, and an argument can hold it
+    make_agent(f"{sys.executable} {script} nul").edit(root, "mlx", "edit", 60)
+    assert "\0" in (root / ".autoresearch/notes.md").read_text()
+    git.Repo(root).git.checkout("--", ".")
+    prompt = build_prompt(root, "mlx", 3.0)
+    assert "a note \ufffd with a NUL" in prompt and "\0" not in prompt
+    reply = make_agent(f"{sys.executable} {script} plain --prompt={{prompt}}").edit(root, "mlx", prompt, 60)
+    assert reply.exit == 0
+    # the notes behind a link to a folder out of the agent's sight: not fetched, the old notes kept
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "notes.md").write_text("a file the agent chose\n")
+    git.Repo(root).git.checkout("--", ".")
+    with pytest.raises(AgentFailed, match="behind a link out of it"):
+        make_agent(f"{sys.executable} {script} linked {secret}").edit(root, "mlx", "edit", 60)
+    assert "a file the agent chose" not in (root / ".autoresearch/notes.md").read_text()
+    # output nested too deep for a JSON parser, and half a surrogate pair in a reported error: read, not raised
+    git.Repo(root).git.checkout("--", ".")
+    with pytest.raises(AgentFailed, match=r"reporting an error: quota (\ufffd )?exceeded") as failed:
+        make_agent(f"{sys.executable} {script} deep").edit(root, "mlx", "edit", 60)
+    str(failed.value).encode()  # nothing left that the log or a terminal cannot write
+
+
+def test_an_agent_flooding_its_output_is_stopped_at_the_file_cap(hostile, monkeypatch):
+    root, home, script = hostile
+    monkeypatch.setattr(agents, "MAX_AGENT_FILE_BYTES", 8 << 20)
+    with pytest.raises(AgentFailed, match="over 8 MiB"):
+        make_agent(f"{sys.executable} {script} flood").edit(root, "mlx", "edit", 60)
+    assert (root / ".autoresearch/agent.log").stat().st_size <= 8 << 20
+
+
+def test_records_and_notes_planted_by_an_unconfined_train_py_are_skipped(tmp_path):
+    """With --sandbox off, train.py can write into .autoresearch/: a fifo, a deep or ill-typed record, notes that
+    link elsewhere. The turn records skip them and the prompt carries no linked file."""
+    root = make_repo(tmp_path / "project", backends=("mlx",))
+    open_repo(root)
+    turns = root / ".autoresearch" / "turns"
+    turns.mkdir(parents=True)
+    os.mkfifo(turns / "fifo.json")
+    (turns / "deep.json").write_text("[" * 100000)
+    (turns / "typed.json").write_text(json.dumps({"commit": [1], "changed": "DEPTH", "branch": "main"}))
+    (turns / "good.json").write_text(json.dumps({"commit": "abc1234", "changed": ["DEPTH"], "branch": "main"}))
+    assert sorted(map(str, (r["commit"] for r in load_turns(root)))) == ["[1]", "abc1234"]
+    secret = tmp_path / "secret.txt"
+    secret.write_text("a file train.py chose\n")
+    (root / ".autoresearch" / "notes.md").symlink_to(secret)
+    prompt = build_prompt(root, "mlx", 3.0)
+    assert "a file train.py chose" not in prompt and "\0" not in prompt
+    assert memory_facts(root, "main").changed == {"abc1234": ["DEPTH"]}

@@ -768,8 +768,9 @@ attempt "noise floor" sh -c "mkdir -p $REAL/.autoresearch && \\
 echo '{\\"forged\\": {\\"samples\\": [0.0], \\"spread\\": -5, \\"commit\\": \\"x\\"}}' > $REAL/.autoresearch/noise.json"
 attempt "hook" sh -c "mkdir -p $REAL/.git/hooks && \\
 printf '#!/bin/sh\\ntouch $HOOK_RAN\\n' > $REAL/.git/hooks/post-commit"
-# the agent's HOME is its own and writable (credentials): git configuration there that would run code in the
-# harness's git commands, were they to obey it
+# the agent's HOME is the user's, read-only but for the CLIs' own state: git configuration there would run code
+# in the harness's git commands, were they to obey it (and a program planted on the user's PATH, were they to run
+# it): refused at the source
 attempt "home gitconfig" sh -c "mkdir -p $HOME/hooks && \\
 printf '[core]\\n\\thooksPath = %s\\n\\tfsmonitor = touch %s\\n' \\
 $HOME/hooks $FSMONITOR_RAN >> $HOME/.gitconfig && for h in post-commit post-checkout reference-transaction; do \\
@@ -813,7 +814,7 @@ def test_an_agent_turn_changes_nothing_of_the_real_checkout(repo_dir, use_cache,
         left = processes_with(mark)
         assert proc.returncode == 0 and "loop ended: 1 experiments" in proc.stdout, proc.stdout + proc.stderr
         found = agent_probes(repo_dir)
-        assert found["background"] == "started" and found["home gitconfig"] == "ok", found
+        assert found["background"] == "started" and found["home gitconfig"] == "refused", found
         assert found["see checkout"] == found["see cache"] == "refused", found
         assert not left, f"the agent's background processes outlived its turn: {left}"
         time.sleep(3)
