@@ -9,7 +9,7 @@ from autoresearch.experiment import find_repeat, run_experiment, setup, verify
 from autoresearch.gate import Gate, decide, load_noise, spread
 from autoresearch.hparams import set_constants
 from autoresearch.ledger import read_ledger
-from conftest import make_repo
+from conftest import PROFILE, make_repo
 
 SIGMA = 0.01
 
@@ -69,7 +69,7 @@ def test_noise_floor_never_repeat_and_verify(branch):
     assert out.status == "keep" and "noise floor" in out.message
     base = read_ledger(branch / "results.tsv")[0]
     assert len(base.values()) == 2 and base.seed == 42
-    noise = load_noise(branch, base.hardware, "cpu", budget)
+    noise = load_noise(branch, base.hardware, PROFILE, budget)
     assert noise["spread"] == pytest.approx(spread(base.values()), abs=1e-6) and noise["commit"] == base.commit
     assert base.val_bpb == pytest.approx(sum(base.values()) / 2, abs=1e-6)
 

@@ -13,7 +13,7 @@ import prepare
 from autoresearch.evaluate import make_loss_fn
 from autoresearch.runner import run_training
 import reference
-from conftest import ROOT, TINY, make_checkout
+from conftest import PROFILE, ROOT, TINY, make_checkout
 from reference import val_batch
 
 mx = pytest.importorskip("mlx.core")
@@ -69,7 +69,7 @@ def test_trains_saves_and_reports(train, use_cache, tmp_path):
     assert sum(w.size for w in weights.values()) == model.num_params()
     assert abs(model.num_params() / 1e6 - s["num_params_M"]) < 1e-3
     assert s["num_steps"] > 1
-    assert (s["backend"], s["device"], s["eval_profile"]) == ("mlx", "cpu", "cpu")
+    assert (s["backend"], s["device"], s["eval_profile"]) == ("mlx", "cpu", PROFILE)
     assert s["depth"] == TINY["DEPTH"] and s["seed"] == 42 and s["budget_seconds"] == 4
     assert s["training_seconds"] >= 4 and s["total_seconds"] >= s["training_seconds"]
     assert s["peak_vram_mb"] > 0 and s["tokens_per_sec"] > 0

@@ -84,7 +84,7 @@ def invoke(*args):
 
 EXPECTED_MLX = {
     "hardware": MLX, "backend": "mlx", "eval_profile": "cpu", "budget": 300.0, "branch": BRANCH[MLX],
-    "sandbox": "none",
+    "sandbox": "none", "agent": None,  # no turn records: the random agent, or none
     "config": "DEPTH=4,TOTAL_BATCH_SIZE=16384",
     "baseline": {"commit": "a000001", "val_bpb": 1.5},
     "best": {"commit": "a000005", "val_bpb": 1.4, "description": "WARMUP_RATIO 0.0 -> 0.1", "memory_gb": 3.5,

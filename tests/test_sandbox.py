@@ -27,6 +27,7 @@ import pytest
 
 import prepare
 from autoresearch import sandbox
+from autoresearch.experiment import SLOWED_MARK
 from autoresearch.ledger import read_ledger
 from autoresearch.runner import start_time
 from conftest import BUDGET, SHARED_DATA, cli, edit
@@ -202,7 +203,8 @@ def honest_run_is_judged(root, message="honest lr", **constants):
         proc.stdout[-3000:] + proc.stderr[-3000:]
     row = read_ledger(root / "results.tsv")[-1]
     assert row.status in ("keep", "discard") and row.sandbox == "bwrap" and row.startup_seconds > 0
-    assert row.step_seconds > 0 and row.harness_seconds > 0 and row.description == message
+    # on a busy machine the row may say the machine slowed it (issue 24): that is the harness's note, not a verdict
+    assert row.step_seconds > 0 and row.harness_seconds > 0 and row.description.split(f" {SLOWED_MARK} ")[0] == message
     return row
 
 
