@@ -122,8 +122,9 @@ class RandomAgent:
 
 class CommandAgent:
     """Any agent CLI, started fresh per experiment, in a scratch clone of the checkout: the harness takes back only
-    backends/<backend>/train.py and the description. In the sandbox it keeps its network and HOME (credentials),
-    and never sees the real checkout, the cache or the harness's state. The prompt goes on stdin, or replaces
+    backends/<backend>/train.py and the description. In the sandbox it keeps its network and sees HOME read-only
+    but for its CLI's own state (credentials, sessions), and never sees the real checkout, the cache or the
+    harness's state. The prompt goes on stdin, or replaces
     {prompt}. Its notes file goes in with the clone and comes back, whatever became of its edit."""
 
     def __init__(self, command, name=None):
@@ -138,7 +139,8 @@ class CommandAgent:
         log = Path(root) / ".autoresearch" / "agent.log"
         with scratch_clone(root) as work:
             box = sandbox.active()
-            argv, inside = box.wrap([sys.executable, "-c", FILE_LIMIT, str(MAX_AGENT_FILE_BYTES), *args], work, agent_policy(root, work))
+            limited = [sys.executable, "-I", "-S", "-c", FILE_LIMIT, str(MAX_AGENT_FILE_BYTES), *args]
+            argv, inside = box.wrap(limited, work, agent_policy(root, work))
             env = dict(os.environ, PWD=str(work), **inside)
             reaping = not box.confined and become_subreaper()  # unconfined, what it leaves running is ended
             before = children() if reaping else set()
