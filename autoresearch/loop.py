@@ -13,7 +13,7 @@ from .experiment import (STATE_DIR, Refused, Settings, check_budget, check_cache
                          open_repo, state_dir)
 from .hardware import hardware_tag
 from .hparams import read_constants
-from .ledger import LEDGER_NAME, MAX_DESCRIPTION_CHARS, git_identity, now, one_line, read_ledger
+from .ledger import LEDGER_NAME, MAX_DESCRIPTION_CHARS, best_kept, git_identity, now, one_line, read_ledger
 from .memory import MEMORY_CHARS, Facts, render
 from .plain import plain
 from .turns import capped, load_turns, new_id, read_usage, save_turn
@@ -41,7 +41,8 @@ class TurnRules:
 
     def wait(self, failed):
         """Seconds to wait before the next turn after `failed` failed turns in a row."""
-        return min(BACKOFF_MAX, self.backoff * 2 ** (failed - 1)) if failed else 0.0
+        # the exponent capped: past 2 ** 30 the wait is BACKOFF_MAX anyway, and a huge power overflows a float
+        return min(BACKOFF_MAX, self.backoff * 2 ** min(failed - 1, 30)) if failed else 0.0
 
 
 class AgentBroken(Exception):
@@ -88,8 +89,7 @@ def build_prompt(root, backend, budget, last_turn=None):
     lines = [program, "", "## This experiment", "",
              f"- backend: {backend}; the file to edit: backends/{backend}/train.py (nothing else)",
              f"- hardware: {tag}; run branch: {branch}; training budget: {budget:g} s"]
-    kept = [r for r in rows if r.status == "keep"]
-    best = min(kept, key=lambda r: r.val_bpb) if kept else None
+    best = best_kept(rows, rows[0].key()) if rows else None  # the ledger's one definition of the best
     if best:
         lines.append(f"- best kept so far: val_bpb {best.val_bpb:.6f} at commit {best.commit} ({best.description})")
     if rows:
