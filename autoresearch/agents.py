@@ -26,6 +26,7 @@ NOTES_FILE = "notes.md"  # in .autoresearch/: what the agent keeps for its next 
 MAX_NOTES_BYTES = 1 << 16  # the notes file taken back at most; the prompt carries less (loop.NOTES_CHARS)
 MAX_TRAIN_BYTES = 1 << 20  # a train.py is tens of kilobytes; more is data smuggled in as code
 MAX_DESCRIPTION_BYTES = 1 << 16  # the description file read at most; MAX_DESCRIPTION_CHARS of it kept
+SESSION_BUSES = ("/run/user", "/run/dbus")  # (/var/run is a link to /run)
 MAX_AGENT_FILE_BYTES = 1 << 28  # any one file the agent writes, its output log included: past it, the turn ends
 # The agent's command starts behind this: no file it writes (its output's log among them) grows past the cap, a
 # write past it ends the process (SIGXFSZ) or fails, instead of filling the disk. An exec, not preexec_fn: the
@@ -193,7 +194,9 @@ def agent_policy(root, work):
 
     tmp = Path(work).parent / "tmp"
     tmp.mkdir(exist_ok=True)
-    hidden = (str(Path(root).resolve()), str(prepare.cache_dir()), str(record.state_home()))
+    # and the user's session bus and the system's (/run/user/<uid>/bus, /run/dbus): through them `systemd-run
+    # --user` or a desktop's services would start a process outside the sandbox
+    hidden = (str(Path(root).resolve()), str(prepare.cache_dir()), str(record.state_home()), *SESSION_BUSES)
     return sandbox.Policy(write=(str(Path(work).parent),), hide=hidden, network=True, private_home=False,
                           home_write=HOME_STATE, whole_system=True, env={"TMPDIR": str(tmp)})
 

@@ -368,3 +368,16 @@ def test_records_and_notes_planted_by_an_unconfined_train_py_are_skipped(tmp_pat
     prompt = build_prompt(root, "mlx", 3.0)
     assert "a file train.py chose" not in prompt and "\0" not in prompt
     assert memory_facts(root, "main").changed == {"abc1234": ["DEPTH"]}
+
+
+def test_an_agent_sees_no_session_bus(hostile, tmp_path):
+    """systemd-run --user (or a desktop's services) through the user's D-Bus would start a process outside the
+    sandbox: /run/user and /run/dbus are empty inside it."""
+    root, home, _ = hostile
+    if not sandbox.active().confined:
+        pytest.skip("needs a sandbox (bubblewrap)")
+    script = tmp_path / "look.py"
+    script.write_text("import os\nfor d in ('/run/user', '/run/dbus'):\n    print(d, os.listdir(d) if os.path.isdir(d) "
+                      "else 'absent')\n")
+    said = make_agent(f"{sys.executable} {script}").edit(root, "mlx", "edit", 60).output
+    assert "/run/user [] " in said.replace("\n", " ") or "/run/user absent" in said, said
