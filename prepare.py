@@ -12,6 +12,8 @@ Cache layout (upstream autoresearch's, plus our own files beside it):
         tokens/shard_XXXXX.npy        the shard tokenized, BOS before every document (uint16/uint32)
         tokens/shard_XXXXX.offsets.npy  start of every document in the line above, plus the end
         tokens/val_rows.npy           the fixed validation rows, (N, seq_len + 1)
+        tokens/holdout_rows.npy       the holdout: rows of other validation documents, scored beside them, never
+                                      read by a keep decision (its val_bpb is a check on the selection)
         profile.json                  eval profile, provenance, file sizes and the val_rows hash (check_cache);
                                       written last, marks the cache ready
         trainer-view/                 the cache as training sees it, without the validation split (trainer_view)
@@ -54,18 +56,23 @@ class EvalProfile:
     vocab_size: int  # BPE vocabulary, special tokens included
     eval_tokens: int  # validation tokens scored by evaluate_bpb
     time_budget: float  # training seconds, startup and compilation excluded
+    holdout_tokens: int = 0  # tokens of the holdout rows, from validation documents the val rows do not hold
 
 
 PROFILES = {
     # upstream autoresearch's values, for H100-class GPUs
-    "gpu": EvalProfile("gpu", seq_len=2048, vocab_size=8192, eval_tokens=40 * 524288, time_budget=300),
+    "gpu": EvalProfile("gpu", seq_len=2048, vocab_size=8192, eval_tokens=40 * 524288, time_budget=300,
+                       holdout_tokens=40 * 524288),
     # Apple Silicon laptops and small GPUs
-    "laptop": EvalProfile("laptop", seq_len=1024, vocab_size=8192, eval_tokens=4 * 524288, time_budget=300),
+    "laptop": EvalProfile("laptop", seq_len=1024, vocab_size=8192, eval_tokens=4 * 524288, time_budget=300,
+                          holdout_tokens=4 * 524288),
     # CPUs: short context, small vocabulary and eval, so a 5-minute run sees enough steps
-    "cpu": EvalProfile("cpu", seq_len=256, vocab_size=4096, eval_tokens=2**16, time_budget=300),
-    # the cpu profile scored on a quarter of its rows (64): for tests and smoke checks, where scoring would take
-    # most of a few-second experiment; its val_bpb is noisier, and a series of its own (the profile is in the key)
-    "smoke": EvalProfile("smoke", seq_len=256, vocab_size=4096, eval_tokens=2**14, time_budget=300),
+    "cpu": EvalProfile("cpu", seq_len=256, vocab_size=4096, eval_tokens=2**16, time_budget=300, holdout_tokens=2**16),
+    # the cpu profile scored on a quarter of its rows (64), and a holdout of 16: for tests and smoke checks, where
+    # scoring would take most of a few-second experiment; its val_bpb is noisier, and a series of its own (the
+    # profile is in the key)
+    "smoke": EvalProfile("smoke", seq_len=256, vocab_size=4096, eval_tokens=2**14, time_budget=300,
+                         holdout_tokens=2**12),
 }
 
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -833,26 +840,58 @@ def _by_pass(rows, split_tokens):
         trained += batch[:, 1:].size
 
 
-def build_val_rows(profile, directory=None):
-    """
-    The fixed validation rows: up to eval_tokens // seq_len rows packed from one pass over the val split,
-    cropped tails kept, so no document's tokens are scored twice. A split too small for the profile gives
-    fewer rows (prepare says so); one too small for a single row is a PrepareError.
-    """
-    n_rows = val_row_count(profile)
-    packer = _RowPacker(_documents("val", directory, passes=1), keep_remainders=True)
-    rows = np.empty((n_rows, profile.seq_len + 1), dtype=np.int32)
+def _pack_all(documents, n_rows, seq_len):
+    """Up to n_rows rows packed from a finite documents stream, cropped tails kept: no token is scored twice."""
+    packer = _RowPacker(documents, keep_remainders=True)
+    rows = np.empty((n_rows, seq_len + 1), dtype=np.int32)
     for r in range(n_rows):
         if not packer.fill(rows[r]):
-            rows = rows[:r]
+            return rows[:r]
+    return rows
+
+
+def _split_documents(profile, directory):
+    """The validation split's documents in two: the first ones, until they hold the val rows' tokens with room to
+    spare for the packing, for the val rows; the rest, but for copies of those (the same text twice in a split),
+    for the holdout rows. The val rows come first, so a small split gives the holdout what they leave."""
+    row = profile.seq_len + 1
+    need, need_holdout = val_row_count(profile) * row * 1.1, holdout_row_count(profile) * row * 1.1
+    val, holdout, seen, held, held_out = [], [], set(), 0, 0
+    for doc, _ in _documents("val", directory, passes=1):
+        digest = hashlib.blake2b(doc[1:].tobytes(), digest_size=16).digest()  # doc[0] is its BOS
+        if held < need:
+            val.append(doc)
+            seen.add(digest)
+            held += len(doc)
+        elif held_out >= need_holdout:
             break
+        elif digest not in seen:
+            holdout.append(doc)
+            held_out += len(doc)
+    return val, holdout
+
+
+def build_eval_rows(profile, directory=None):
+    """
+    (validation rows, holdout rows): up to eval_tokens // seq_len rows, and holdout_tokens // seq_len, each packed
+    from its own documents of one pass over the val split (_split_documents), cropped tails kept. A split too
+    small gives fewer rows (prepare says so); one too small for a single validation row is a PrepareError.
+    """
+    val_docs, holdout_docs = _split_documents(profile, directory)
+    rows = _pack_all(((d, 1) for d in val_docs), val_row_count(profile), profile.seq_len)
     if not len(rows):
         offsets = _load_tokens(Path(VAL_FILENAME).stem, directory)[1]
         docs = f"{len(offsets) - 1:,} document" + ("s" if len(offsets) != 2 else "")
         raise PrepareError(f"the validation split holds {int(offsets[-1]):,} tokens in {docs}, "
                            f"too few for one row of {profile.seq_len + 1:,} tokens (profile {profile.name}); "
                            "give it more text (for --source, a larger --val-fraction)")
-    return rows
+    holdout = _pack_all(((d, 1) for d in holdout_docs), holdout_row_count(profile), profile.seq_len)
+    return rows, holdout
+
+
+def build_val_rows(profile, directory=None):
+    """The fixed validation rows (build_eval_rows)."""
+    return build_eval_rows(profile, directory)[0]
 
 
 def val_row_count(profile):
@@ -860,9 +899,21 @@ def val_row_count(profile):
     return max(1, profile.eval_tokens // profile.seq_len)
 
 
+def holdout_row_count(profile):
+    """The holdout rows a profile asks for (0: none)."""
+    return profile.holdout_tokens // profile.seq_len
+
+
 def get_val_rows():
     require_validation()
     return np.load(tokens_dir() / "val_rows.npy", mmap_mode="r")
+
+
+def get_holdout_rows():
+    """The holdout rows, or None for a cache prepared before there was a holdout (prepare --force adds one)."""
+    require_validation()
+    path = tokens_dir() / "holdout_rows.npy"
+    return np.load(path, mmap_mode="r") if path.exists() else None
 
 
 def require_validation():
@@ -981,7 +1032,8 @@ def _link_or_copy(src, dest):
 
 def trainer_view():
     """
-    The cache as training sees it: every file but the validation shard, its tokens and val_rows.npy, hard-linked
+    The cache as training sees it: every file but the validation shard, its tokens and the rows made of them
+    (val_rows.npy, holdout_rows.npy), hard-linked
     (copied where links fail; the tokenizer and its byte counts always copied) into <cache>/trainer-view, whose
     profile.json carries a `trainer_view` marker (the
     hash of the cache's own profile.json, which every prepare rewrites: a changed cache rebuilds the view).
@@ -1002,7 +1054,7 @@ def trainer_view():
     except (OSError, ValueError):
         pass
     val_stem = Path(VAL_FILENAME).stem
-    hidden = {VAL_FILENAME, f"{val_stem}.npy", f"{val_stem}.offsets.npy", "val_rows.npy"}
+    hidden = {VAL_FILENAME, f"{val_stem}.npy", f"{val_stem}.offsets.npy", "val_rows.npy", "holdout_rows.npy"}
     staging, old = root / f".view-staging-{os.getpid()}", root / f".view-old-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -1074,13 +1126,17 @@ def check_cache():
     val_rows = root / "tokens" / "val_rows.npy"
     if not problems and _sha256(val_rows) != meta.get("val_rows_sha256"):
         problems.append("tokens/val_rows.npy does not hold the rows prepare wrote (its hash differs)")
+    holdout = root / "tokens" / "holdout_rows.npy"
+    if not problems and meta.get("holdout_rows_sha256") not in (None, _sha256(holdout)):
+        problems.append("tokens/holdout_rows.npy does not hold the rows prepare wrote (its hash differs)")
     token_bytes = root / "tokenizer" / "token_bytes.npy"
     if not problems and meta.get("token_bytes_sha256") not in (None, _sha256(token_bytes)):
         problems.append("tokenizer/token_bytes.npy does not hold the byte counts prepare wrote (its hash differs)")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise PrepareError(f"the cache {root} is damaged: {problems[0]}{more}; repair it: {repair_command(meta)}")
-    return f"cache ok: {len(recorded)} files at their recorded sizes, val_rows.npy and token_bytes.npy hashes match"
+    rows = "val_rows.npy, holdout_rows.npy" if meta.get("holdout_rows_sha256") else "val_rows.npy"
+    return f"cache ok: {len(recorded)} files at their recorded sizes, {rows} and token_bytes.npy hashes match"
 
 
 # ---------------------------------------------------------------------------
@@ -1101,6 +1157,12 @@ def _dataset_shards(dataset, num_shards, workers, base_url, progress, other_data
             found[path.name] = path
     val = found.pop(VAL_FILENAME)
     return [found[n] for n in sorted(found)], val
+
+
+def _same_profile(recorded, prof):
+    """Whether a cache's recorded profile is prof: one recorded before the holdout existed matches too."""
+    fields_then = {k: v for k, v in asdict(prof).items() if k != "holdout_tokens"}
+    return recorded == asdict(prof) or recorded == fields_then
 
 
 def _check_writable(directory):
@@ -1132,8 +1194,8 @@ def prepare(profile="cpu", dataset=None, sources=None, num_shards=10, workers=8,
     if _meta_path().exists():
         old = load_meta()
         other_data = any(old.get(k) != v for k, v in origin.items())
-        if not force and old["profile"] == asdict(prof) and not other_data:
-            return old
+        if not force and _same_profile(old["profile"], prof) and not other_data:
+            return old  # a cache from before the holdout stays as it is: --force adds one
         if not force:
             raise PrepareError(f"{root} was prepared with profile {old['profile']['name']!r} from other data; "
                                "use --force to rebuild it, or AUTORESEARCH_CACHE for a second cache")
@@ -1166,14 +1228,21 @@ def prepare(profile="cpu", dataset=None, sources=None, num_shards=10, workers=8,
             counts[path.name] = tokenize_shard(tokenizer, path, staging / "tokens")
             if progress:
                 progress("tokenize", 1, None)
-        val_rows = build_val_rows(prof, staging / "tokens")
+        val_rows, holdout_rows = build_eval_rows(prof, staging / "tokens")
         np.save(staging / "tokens" / "val_rows.npy", val_rows)
+        np.save(staging / "tokens" / "holdout_rows.npy", holdout_rows)
         val_tokens = counts[VAL_FILENAME]
         wanted = val_row_count(prof)
         val_note = None
         if len(val_rows) < wanted:  # fewer rows, never repeated ones: in profile.json, and the CLI says it
             val_note = (f"validation: {len(val_rows):,} rows of {prof.seq_len + 1:,} tokens, fewer than the profile's "
                         f"{wanted:,} rows: the split holds only {val_tokens:,} tokens, and no document is scored twice")
+        holdout_wanted = holdout_row_count(prof)
+        holdout_note = None
+        if len(holdout_rows) < holdout_wanted:
+            holdout_note = (f"holdout: {len(holdout_rows):,} rows, fewer than the profile's {holdout_wanted:,}: the "
+                            "validation rows take the split's documents first" + (
+                                " (for --source, a larger --val-fraction gives the holdout more)" if sources else ""))
         distinct = len(np.unique(val_rows, axis=0))
         meta = {
             "profile": asdict(prof),
@@ -1185,10 +1254,13 @@ def prepare(profile="cpu", dataset=None, sources=None, num_shards=10, workers=8,
             "val_distinct_rows": distinct,
             "val_repeats": distinct < len(val_rows),  # from the rows themselves: only duplicate documents repeat
             "val_note": val_note,
+            "holdout_rows": len(holdout_rows),
+            "holdout_note": holdout_note,
             "vocab_size": enc.n_vocab,
             "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "files": _file_sizes(staging),  # check_cache compares these before every run
             "val_rows_sha256": _sha256(staging / "tokens" / "val_rows.npy"),
+            "holdout_rows_sha256": _sha256(staging / "tokens" / "holdout_rows.npy"),
             "token_bytes_sha256": _sha256(staging / "tokenizer" / "token_bytes.npy"),
         }
         # commit: replace what a previous prepare left, then write profile.json last

@@ -283,7 +283,11 @@ def read_description(work):
 
 
 def make_agent(spec, seed=0):
-    """random, a preset's name (presets.PRESETS), or a command line."""
+    """random, tpe, a preset's name (presets.PRESETS), or a command line."""
     if spec == "random":
         return RandomAgent(seed)
+    if spec == "tpe":
+        from .tpe import TPEAgent  # Optuna is an optional extra
+
+        return TPEAgent(seed)
     return CommandAgent(expand(spec), spec if spec in PRESETS else None)

@@ -164,9 +164,14 @@ def prepare_cmd(
     p = meta["profile"]
     console.print(f"ready: profile {p['name']} (seq_len {p['seq_len']}, vocab {meta['vocab_size']}, "
                   f"eval {p['eval_tokens']:,} tokens), {meta['train_tokens']:,} training tokens, "
-                  f"{meta['val_tokens']:,} validation tokens", highlight=False, soft_wrap=True)
-    if meta.get("val_note"):
-        console.print(meta["val_note"], highlight=False, soft_wrap=True)
+                  f"{meta['val_tokens']:,} validation tokens; {meta['val_rows']:,} validation rows and "
+                  f"{meta.get('holdout_rows', 0):,} holdout rows", highlight=False, soft_wrap=True)
+    for note in (meta.get("val_note"), meta.get("holdout_note")):
+        if note:
+            console.print(note, highlight=False, soft_wrap=True)
+    if "holdout_rows" not in meta:
+        console.print(f"note: this cache has no holdout rows (prepared before there were any); "
+                      f"{prepare.repair_command(meta)} adds them", highlight=False, soft_wrap=True)
     if meta.get("val_repeats"):  # rows are packed from one pass: only documents that repeat in the split repeat
         console.print(f"note: {meta['val_rows'] - meta['val_distinct_rows']:,} of the {meta['val_rows']:,} "
                       "validation rows repeat others (the split holds the same documents more than once)",
@@ -318,7 +323,8 @@ def run_cmd(
                       budget=budget, seed=seed, timeout=timeout, gate=gate)
 
 
-AgentOption = typer.Option(..., "--agent", "-a", help="random, a preset (claude, codex, gemini, opencode: "
+AgentOption = typer.Option(..., "--agent", "-a", help="random (random search), tpe (Optuna's TPE over the "
+                           "hyperparameter block, fitted to the series' rows), a preset (claude, codex, gemini, opencode: "
                            "`autoresearch agents` shows what each runs), or a command: prompt on stdin, or in place "
                            "of {prompt}")
 
@@ -330,7 +336,7 @@ def loop_cmd(
     agent: str = AgentOption,
     max_experiments: Optional[int] = typer.Option(None, "--max-experiments", "-n", help="stop after N agent turns"),
     agent_timeout: float = typer.Option(900, "--agent-timeout", help="seconds an agent may take per edit"),
-    agent_seed: int = typer.Option(0, "--agent-seed", help="seed of the random agent"),
+    agent_seed: int = typer.Option(0, "--agent-seed", help="seed of the random or tpe agent"),
     max_failed: int = typer.Option(5, "--max-failed-turns", help="stop (exit 7) after N agent turns in a row "
                                    "without an experiment"),
     backoff: float = typer.Option(10.0, "--agent-backoff", help="seconds to wait after a failed agent turn, "
@@ -407,7 +413,7 @@ def swarm_cmd(
     max_experiments: Optional[int] = typer.Option(None, "--max-experiments", "-n",
                                                   help="stop after N turns, all workers together"),
     agent_timeout: float = typer.Option(900, "--agent-timeout", help="seconds an agent may take per edit"),
-    agent_seed: int = typer.Option(0, "--agent-seed", help="seed of worker 0's random agent (worker i: + i)"),
+    agent_seed: int = typer.Option(0, "--agent-seed", help="seed of worker 0's random or tpe agent (worker i: + i)"),
     restart_timeout: float = typer.Option(180, "--restart-timeout", help="seconds a worker that died has to be "
                                           "back (Ray restarts it) before it is given up"),
     budget: Optional[float] = BudgetOption, seed: int = SeedOption, timeout: Optional[float] = TimeoutOption,

@@ -62,6 +62,7 @@ class DashboardError(Exception):
 def _row(r, index):
     scored = r.status in SCORED and math.isfinite(r.val_bpb)
     return {"index": index, "commit": r.commit, "status": r.status, "val_bpb": r.val_bpb if scored else None,
+            "holdout_bpb": r.holdout_bpb if scored and r.holdout_bpb > 0 else None,
             "description": r.description, "seed": r.seed, "seeds": len(r.values()), "timestamp": r.timestamp,
             "training_seconds": r.training_seconds, "memory_gb": r.memory_gb, "num_steps": r.num_steps,
             "tokens_per_sec": report.throughput(r), "gate": r.gate, "worker": r.worker}
@@ -86,7 +87,8 @@ def series_data(s, label, root):
     if sigma is None:
         sigma = (summary["noise"] or {}).get("spread")
     base = s.baseline
-    kept = ([{"commit": base.commit, "description": base.description, "val_bpb": base.val_bpb, "delta": None}]
+    kept = ([{"commit": base.commit, "description": base.description, "val_bpb": base.val_bpb, "delta": None,
+              "holdout_bpb": summary["baseline"]["holdout_bpb"]}]
             if base else []) + summary_kept
     return {"key": "|".join(map(str, (s.hardware, s.eval_profile, s.budget, s.branch, s.sandbox))), "label": label,
             "summary": summary, "rows": rows, "running_best": running, "noise_spread": sigma, "kept": kept}

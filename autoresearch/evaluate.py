@@ -69,6 +69,7 @@ class Evaluation:
     reason: str  # one line: the result, the failed probe's numbers, or why it crashed
     seconds: float  # the whole evaluation: process start, model build, scoring and probes
     log: str
+    holdout_bpb: float | None = None  # the holdout rows' bits per byte, scored in the same pass; no decision reads it
 
 
 class EvaluatorFailed(Exception):
@@ -135,10 +136,10 @@ def evaluate(backend, root, checkpoint, timeout=None, on_line=None, env=None, st
         if on_line:
             on_line(line)
 
-    def result(status, val_bpb, reason):
+    def result(status, val_bpb, reason, holdout_bpb=None):
         seconds = time.time() - start
         note(f"evaluation: {status} in {seconds:.1f}s: {reason}")
-        return Evaluation(status, val_bpb, reason, seconds, "\n".join(lines))
+        return Evaluation(status, val_bpb, reason, seconds, "\n".join(lines), holdout_bpb)
 
     try:
         if not (Path(checkpoint) / "config.json").exists():
@@ -146,6 +147,8 @@ def evaluate(backend, root, checkpoint, timeout=None, on_line=None, env=None, st
                 child.close()
             return result("crash", None, f"train.py saved no checkpoint in {checkpoint}")
         rows = np.ascontiguousarray(prepare.get_val_rows(), dtype=np.int32)
+        holdout = prepare.get_holdout_rows()
+        holdout = np.ascontiguousarray(holdout, dtype=np.int32) if holdout is not None else rows[:0]
         vocab = len(prepare.get_token_bytes())
         job = {"checkpoint": str(Path(checkpoint).resolve()), "vocab_size": vocab}
         children = [child or start_evaluator(backend, root, checkpoint, env, state),
@@ -154,7 +157,7 @@ def evaluate(backend, root, checkpoint, timeout=None, on_line=None, env=None, st
             c.scoring = scoring
             c.listen(note if c.name == EVALUATOR else lambda line: note(f"[{REFERENCE}] {line}"))
             c.start(job, timeout)
-        return result(*score(*children, rows, vocab, note))
+        return result(*score(*children, (rows, holdout), vocab, note))
     except EvaluatorFailed as e:
         return result("crash", None, str(e))
     except BaseException:  # Ctrl-C, SIGTERM: the children go at once
@@ -166,18 +169,23 @@ def evaluate(backend, root, checkpoint, timeout=None, on_line=None, env=None, st
             c.close()
 
 
-def score(main, reference, rows, vocab, note):
-    """(status, val_bpb, reason) from two started children: every row in the scoring process, in an order drawn now,
-    then the probes' rows in the reference process; val_bpb from the scoring process's logits."""
+def score(main, reference, sets, vocab, note):
+    """(status, val_bpb, reason, holdout_bpb) from two started children: sets is (validation rows, holdout rows);
+    every row of both in the scoring process, mixed in an order drawn now, then the probes' rows (validation rows)
+    in the reference process; both figures from the scoring process's logits."""
+    val, holdout = sets
+    rows = np.concatenate([val, holdout]) if len(holdout) else val
     hello, ref_hello = main.hello(), reference.hello()
     b, dtype = hello["rows_per_chunk"], hello["dtype"]
     tol = TOLERANCE.get(dtype, LOW_PRECISION_TOLERANCE)
     note(f"evaluator: model built in {hello['seconds']:.2f}s on {hello['device']} ({dtype}); "
-         f"{len(rows)} validation rows in chunks of {b}; {REFERENCE} process built in {ref_hello['seconds']:.2f}s")
+         f"{len(val)} validation and {len(holdout)} holdout rows in chunks of {b}; {REFERENCE} process built in "
+         f"{ref_hello['seconds']:.2f}s")
     rng = np.random.default_rng()  # fresh every evaluation: nothing in train.py can be tuned to it
-    probes = Probes.draw(rows, vocab, rng)
+    probes = Probes.draw(val, vocab, rng)
     t0 = time.time()
     # The scoring process first: it has committed every output before any probe row exists outside the harness.
+    # The holdout rows go in among the validation rows: nothing tells the model which of them a decision reads.
     order, T = rng.permutation(len(rows)), rows.shape[1] - 1
     nats = np.empty((len(rows), T), dtype=np.float32)
     compared = {int(r): int(cut) for r, cut in zip(probes.rows, probes.cuts)}
@@ -200,13 +208,15 @@ def score(main, reference, rows, vocab, note):
             seen = Disagreement.of(kept.pop(r), logits, r, compared[r])
             worst[seen.cut == T] = max(worst[seen.cut == T], seen)
     scored = time.time() - t0
-    val_bpb = prepare.evaluate_bpb(in_order(nats), b, rows=rows)
+    val_bpb = prepare.evaluate_bpb(in_order(nats[: len(val)]), b, rows=val)
+    held = prepare.evaluate_bpb(in_order(nats[len(val) :]), b, rows=holdout) if len(holdout) else None
     # purity first: a model whose outputs drift fails the causality comparison too, and would be misnamed
     problem = worst[True].problem(tol, dtype, T) or worst[False].problem(tol, dtype, T)
     if problem:
         return "invalid", None, f"{problem} (not scored; it would have been val_bpb {val_bpb:.6f})"
-    return "ok", val_bpb, (f"val_bpb {val_bpb:.6f} ({len(rows)} rows scored in {scored:.1f}s; purity and causality "
-                           f"probes on {len(probes.rows)} rows passed)")
+    also = f"; holdout {held:.6f} on {len(holdout)} rows" if held is not None else ""
+    return "ok", val_bpb, (f"val_bpb {val_bpb:.6f} ({len(val)} rows scored in {scored:.1f}s{also}; purity and "
+                           f"causality probes on {len(probes.rows)} rows passed)"), held
 
 
 def in_order(nats):

@@ -24,7 +24,7 @@ from . import record as harness_record
 from .clock import Clock
 from .gate import Gate, decide, judge_pace, load_noise, save_noise, spread
 from .hardware import hardware_tag
-from .hparams import set_constants
+from .hparams import block_json, set_constants
 from .ledger import (LEDGER_NAME, MAX_DESCRIPTION_CHARS, MISSING_NUMBER, NOTES_REF, SCORED, UNJUDGED, LedgerError,
                      Row, append_row, format_row, now, one_line, write_note)
 from .runner import COMPILE_CACHE_ENV, CappedLog, Interrupted, default_timeout, run_training
@@ -98,6 +98,7 @@ class Measurement:
     compiled: Path | None = None  # the run's copy of the compile cache: the branch's if the program is kept
     rerun: str = ""  # where this is a seed's second run: why the first did not count (slowed by the machine)
     slowed: str = ""  # where this run itself trained far slower than its series' typical rate: the numbers
+    holdout_bpb: float | None = None  # the holdout rows' score (prepare.get_holdout_rows), never a decision's input
 
 
 def throughput(summary):
@@ -379,7 +380,8 @@ def measure(branch, seed, settings, on_line=None):
                 on_line(text)
 
         line(f"=== {branch.backend} seed {seed} budget {branch.budget:g}s ===")
-        compiled = kernels.checkout(branch.name) if sandbox.active().confined else None
+        program = kernels.program_key(train_file(branch.backend, root).read_text())
+        compiled = kernels.checkout(branch.name, program) if sandbox.active().confined else None
         try:
             result, ev, stop = train_and_evaluate(root, branch.backend, branch.budget, seed, settings.timeout, line,
                                                   Guard(check, compiled, clock.evaluation))
@@ -394,7 +396,7 @@ def measure(branch, seed, settings, on_line=None):
     if ev.status != "ok":
         (state_dir(root) / "last_crash.log").write_text(ev.log[-20000:] + "\n")
         return Measurement(ev.status, 0.0, result.summary, timing, f"evaluation: {ev.reason}", compiled)
-    return Measurement("ok", ev.val_bpb, result.summary, timing, "", compiled)
+    return Measurement("ok", ev.val_bpb, result.summary, timing, "", compiled, holdout_bpb=ev.holdout_bpb)
 
 
 def manual_run(root, backend, budget, on_line=None):
@@ -427,6 +429,8 @@ def make_row(branch, runs, status, commit, description, settings, source):
     """The ledger row of a program's runs (several seeds where the gate asked for them)."""
     good = [m.val_bpb for m in runs if m.status == "ok"]
     scored = status in SCORED
+    held = [m.holdout_bpb for m in runs if m.status == "ok"]
+    holdout = statistics.fmean(held) if scored and held and None not in held else 0.0
     s = runs[-1].summary or {}
     tokens = s.get("total_tokens_M", 0.0) * 1e6  # a huge count overflows to inf: a number the row cannot hold
     return Row(
@@ -441,7 +445,8 @@ def make_row(branch, runs, status, commit, description, settings, source):
         harness_seconds=round(runs[-1].timing.training, 1), pin=pin_of(branch.repo, commit),
         sandbox=runs[-1].timing.sandbox, startup_seconds=round(max(m.timing.startup for m in runs), 2),
         step_seconds=round(max(m.timing.step for m in runs), 3),
-        eval_seconds=round(max(m.timing.evaluation for m in runs), 2),
+        eval_seconds=round(max(m.timing.evaluation for m in runs), 2), holdout_bpb=round(holdout, 6),
+        params=block_json(source),
     )
 
 
@@ -523,6 +528,8 @@ def train_and_record(branch, description, base, commit, settings, on_line=None, 
         outcome = _decide(trial, runs, decision)
         if outcome.status == "keep" and runs[-1].compiled:
             kernels.promote(branch.name, runs[-1].compiled)  # a kept program's kernels are the next runs'
+            if baseline_runs:  # and a baseline's, the next branch's of the same program
+                kernels.promote(kernels.program_key(source), runs[-1].compiled)
         return outcome
     finally:
         for m in runs:
@@ -761,5 +768,8 @@ def verify(root, backend, runs=3, budget=None, seed=1000, timeout=None, on_line=
                    + (f" ({gate.k:g} x spread {sigma:.6f})" if sigma is not None else " (no noise floor)"))
         row = make_row(branch, measurements, "verify", best.commit, f"verify {best.commit}: {best.description}",
                    settings, train_file(backend, branch.root).read_text())
+        if best.holdout_bpb and row.holdout_bpb:  # the holdout the keep was never selected on, both times
+            message += (f"; holdout: recorded {best.holdout_bpb:.6f}, re-run {row.holdout_bpb:.6f} (selected on "
+                        f"val_bpb {best.val_bpb:.6f}: {best.holdout_bpb - best.val_bpb:+.6f} apart)")
         record(branch.repo, row, branch.repo.head.commit)
         return Outcome(status, row, best, message)

@@ -1,6 +1,9 @@
 """Read and rewrite the plain-constant hyperparameter block of a train.py, as an agent would."""
 
 import ast
+import json
+
+MAX_PARAMS_CHARS = 2000  # a row's copy of the block (Row.params): numbers and short names, never a file's worth
 
 
 def _constant_assigns(source):
@@ -36,3 +39,30 @@ def set_constants(source, updates):
         end = len(line.encode()[: node.end_col_offset].decode())
         lines[node.lineno - 1] = line[:start] + repr(updates[name]) + line[end:]
     return "".join(lines)
+
+
+def block_json(source):
+    """The block's numbers, short strings and tuples of them as one line of JSON (Row.params: what TPE fits), "-"
+    where the source does not parse. Anything else an agent bound to a name is left out, and so is what passes
+    MAX_PARAMS_CHARS."""
+    def plain(v):
+        if isinstance(v, bool) or v is None:
+            return True
+        if isinstance(v, (int, float)):
+            return abs(v) < 1e300
+        if isinstance(v, str):
+            return len(v) <= 32 and v.isprintable()
+        return isinstance(v, tuple) and len(v) <= 8 and all(plain(x) for x in v)
+
+    try:
+        constants = read_constants(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return "-"
+    kept = {}
+    for name, value in constants.items():
+        if plain(value) and len(name) <= 64:
+            kept[name] = value
+            if len(json.dumps(kept, separators=(",", ":"))) > MAX_PARAMS_CHARS:
+                del kept[name]
+                break
+    return json.dumps(kept, separators=(",", ":")) if kept else "-"

@@ -3,7 +3,9 @@
 A sandboxed trainer's /tmp is empty at every start, so without this every run would compile every kernel again
 (MLX on a CPU: 40-70 s for step 0 instead of 1 s). A cache a run can write is also a way to plant code in a later
 run, so each run gets a copy of its run branch's cache, and only a kept run's copy becomes the branch's: what a
-later run loads was left by a commit on the branch's own history, never by a discarded, crashed or invalid one."""
+later run loads was left by a commit on the branch's own history, never by a discarded, crashed or invalid one.
+A new branch has no cache yet: its baseline starts from the cache a kept baseline of the very same train.py left
+(program_key), which only a run of that program wrote, so it loads nothing another program could have planted."""
 
 import hashlib
 import os
@@ -22,14 +24,22 @@ def _home(key):
     return prepare.cache_dir() / "compile" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def checkout(key):
-    """A fresh, private copy of the cache of key (a run branch's name) for one run; remove it with discard()."""
+def program_key(source):
+    """The key of one program's own cache: a baseline of exactly this train.py, on whatever run branch."""
+    return "program " + hashlib.sha256(source.encode()).hexdigest()
+
+
+def checkout(key, fallback=None):
+    """A fresh, private copy of the cache of key (a run branch's name) for one run, or of fallback's where key
+    has none yet; remove it with discard()."""
     import prepare
 
     runs = prepare.cache_dir() / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="compile-", dir=runs))
     home = _home(key)
+    if fallback and not home.exists():
+        home = _home(fallback)
     for sub in ("mlx", "torch"):
         if (home / sub).is_dir():
             shutil.copytree(home / sub, run_dir / sub, symlinks=True)

@@ -57,6 +57,10 @@ class Row:
     startup_seconds: float = 0.0  # from the trainer's spawn to its first progress line, by the harness's clock
     step_seconds: float = 0.0  # the median time between its progress lines, by the harness's clock
     eval_seconds: float = 0.0  # the harness's evaluation: model build, scoring, probes
+    # the holdout rows' val_bpb, scored in the same pass as val_bpb (the mean where several seeds ran); no decision
+    # reads it, so beside val_bpb it shows what selecting on val_bpb cost. 0.0 where none was scored
+    holdout_bpb: float = 0.0
+    params: str = "-"  # its train.py's hyperparameter block as one line of JSON (hparams.block_json), "-" if none
 
     def values(self):
         return [float(v) for v in self.samples.split(",")] if self.samples not in ("", "-") else []

@@ -1,6 +1,7 @@
 """The agent CLIs `--agent NAME` knows: for each, the non-interactive command line that lets it read and edit files
 in its scratch clone without asking, and nothing more (the harness, not the agent, runs training)."""
 
+import importlib.util
 import shlex
 import shutil
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ def missing_binary(spec):
     else None: said before any experiment, not once per turn."""
     if spec == "random":
         return None
+    if spec == "tpe":
+        return None if importlib.util.find_spec("optuna") else "--agent tpe needs Optuna: pip install -e '.[tpe]'"
     try:
         args = shlex.split(expand(spec))
     except ValueError as e:

@@ -146,7 +146,8 @@ def summarize(s, plateau_k=PLATEAU_K, root=None):
     kept, prev = [], base
     for r in s.kept:
         kept.append({"commit": r.commit, "description": r.description, "val_bpb": _r(r.val_bpb),
-                     "delta": _r(r.val_bpb - prev.val_bpb) if prev is not None else None})
+                     "delta": _r(r.val_bpb - prev.val_bpb) if prev is not None else None,
+                     "holdout_bpb": _holdout(r)})
         prev = r
     experiments = s.experiments
     keeps = [i for i, r in enumerate(experiments) if r.status == "keep"]
@@ -172,11 +173,14 @@ def summarize(s, plateau_k=PLATEAU_K, root=None):
     return {
         "hardware": s.hardware, "backend": s.backend, "eval_profile": s.eval_profile, "budget": s.budget,
         "branch": s.branch, "sandbox": s.sandbox, "config": s.config,
-        "baseline": {"commit": base.commit, "val_bpb": _r(base.val_bpb)} if base else None,
-        "best": {"commit": best.commit, "val_bpb": _r(best.val_bpb), "description": best.description,
+        "baseline": {"commit": base.commit, "val_bpb": _r(base.val_bpb), "holdout_bpb": _holdout(base)}
+        if base else None,
+        "best": {"commit": best.commit, "val_bpb": _r(best.val_bpb), "holdout_bpb": _holdout(best),
+                 "description": best.description,
                  "memory_gb": best.memory_gb, "training_seconds": best.training_seconds, "tokens": best.tokens,
                  "tokens_per_sec": throughput(best), "num_params_M": best.num_params_M} if best else None,
         "improvement": improvement,
+        "holdout": holdout_gap(base, best),
         "counts": counts,
         "keep_rate": _r(counts["keep"] / len(trials), 4) if trials else None,
         "kept": kept,
@@ -184,6 +188,24 @@ def summarize(s, plateau_k=PLATEAU_K, root=None):
         "noise": noise,
         "agent": agent,
     }
+
+
+def _holdout(row):
+    """A row's holdout val_bpb, None where none was scored (0.0 in the ledger)."""
+    return _r(row.holdout_bpb) if row is not None and row.holdout_bpb > 0 else None
+
+
+def holdout_gap(base, best):
+    """The run's gain measured on the holdout beside the gain on the rows it was selected on: their difference is
+    the selection bias, how much of the val_bpb gain is the luck of picking the best of many. None without a holdout
+    on both rows (a cache prepared before there was one), or without a gain to check."""
+    if base is None or best is None or best is base or _holdout(base) is None or _holdout(best) is None:
+        return None
+    val_gain, holdout_gain = base.val_bpb - best.val_bpb, base.holdout_bpb - best.holdout_bpb
+    if not math.isfinite(val_gain):
+        return None
+    return {"baseline": _holdout(base), "best": _holdout(best), "val_gain": _r(val_gain),
+            "holdout_gain": _r(holdout_gain), "selection_bias": _r(val_gain - holdout_gain)}
 
 
 def results_summary(rows, plateau_k=PLATEAU_K, root=None, ledger=None):
@@ -220,6 +242,11 @@ def print_results(summary, console):
                      if best else "-")
         if imp:
             grid.add_row("improvement", f"{_fmt(imp['abs'])} ({_fmt(imp['pct'], '.2f')}%)")
+        h = g["holdout"]
+        if h:
+            grid.add_row("holdout", f"baseline {h['baseline']:.6f}, best {h['best']:.6f}: a gain of "
+                         f"{h['holdout_gain']:+.6f} where val_bpb gained {h['val_gain']:+.6f}; selection bias "
+                         f"{h['selection_bias']:+.6f} (rows no decision read)")
         rate = f", keep rate {g['keep_rate'] * 100:.1f}%" if g["keep_rate"] is not None else ""
         grid.add_row("experiments", f"{c['experiments']}: {c['keep']} keep, {c['discard']} discard, "
                      f"{c['crash']} crash{rate}" + (f" (+{c['verify']} verify)" if c["verify"] else ""))
@@ -240,11 +267,11 @@ def print_results(summary, console):
         if g["kept"]:
             table = Table(title="kept changes", title_justify="left")
             for col, kw in (("#", {"justify": "right"}), ("commit", {}), ("val_bpb", {"justify": "right"}),
-                            ("delta", {"justify": "right"}), ("description", {})):
+                            ("delta", {"justify": "right"}), ("holdout", {"justify": "right"}), ("description", {})):
                 table.add_column(col, **kw)
             for i, k in enumerate(g["kept"], 1):
                 table.add_row(str(i), plain_text(k["commit"]), f"{k['val_bpb']:.6f}", _fmt(k["delta"], "+.6f"),
-                              plain_text(k["description"]))
+                              _fmt(k["holdout_bpb"]), plain_text(k["description"]))
             console.print(table)
         console.print()
     for note in summary["notes"]:
@@ -471,6 +498,7 @@ def hardware_table(series):
             "baseline": g["baseline"]["val_bpb"] if g["baseline"] else None,
             "best": g["best"]["val_bpb"] if g["best"] else None,
             "improvement_pct": g["improvement"]["pct"] if g["improvement"] else None,
+            "holdout": g["holdout"],
             "experiments": g["counts"]["experiments"], "keep": g["counts"]["keep"],
             "discard": g["counts"]["discard"], "crash": g["counts"]["crash"],
             "tokens_per_sec": g["best"]["tokens_per_sec"] if g["best"] else None,
@@ -560,6 +588,20 @@ def render_markdown(sources, rows, series, table, matrix, notes, png_name="progr
             "Experiments/hour and overhead come from the wall time between consecutive rows (medians, so pauses "
             "between sessions do not count; – with fewer than four rows): overhead is the time per experiment "
             "beyond training (startup, evaluation, the agent's turn).", ""]
+    checked = [t for t in table if t["holdout"]]
+    if checked:
+        out += ["## Holdout", "",
+                "The best's gain over the baseline on the validation rows the loop selected it on, and on the "
+                "holdout rows no decision ever read (prepare sets them aside from other validation documents). "
+                "Their difference is the selection bias: how much of the gain is the luck of keeping the best of "
+                "many noisy results.", "",
+                "| hardware | baseline holdout | best holdout | val_bpb gain | holdout gain | selection bias |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for t in checked:
+            h = t["holdout"]
+            out.append(f"| {md_cell(t['label'])} | {h['baseline']:.6f} | {h['best']:.6f} | {h['val_gain']:+.6f} | "
+                       f"{h['holdout_gain']:+.6f} | {h['selection_bias']:+.6f} |")
+        out.append("")
     out += ["## Findings", "",
             "Each kept change (rows) against each series (columns): kept / discarded / crashed / untested, "
             "with the val_bpb change against that series' best before it (its previous keep where the change "
@@ -589,7 +631,8 @@ def render_markdown(sources, rows, series, table, matrix, notes, png_name="progr
         prev = s.baseline
         for r in kept:
             delta = f"{r.val_bpb - prev.val_bpb:+.6f}" if prev else "–"
-            out.append(f"1. {md_cell(r.commit)} {r.val_bpb:.6f} ({delta}) {md_cell(r.description)}")
+            held = f", holdout {r.holdout_bpb:.6f}" if r.holdout_bpb > 0 else ""
+            out.append(f"1. {md_cell(r.commit)} {r.val_bpb:.6f} ({delta}{held}) {md_cell(r.description)}")
             prev = r
         out.append("")
     return "\n".join(out).rstrip() + "\n"

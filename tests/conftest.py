@@ -81,6 +81,25 @@ def run_repo(tmp_path, use_cache):
     return make_repo(tmp_path / "project")
 
 
+def commit_edit(root, message, old, new):
+    """Change the mlx train.py on the checked-out branch and commit it, as the project's own code."""
+    train = root / "backends/mlx/train.py"
+    text = train.read_text()
+    assert text.count(old) == 1
+    train.write_text(text.replace(old, new))
+    repo = git.Repo(root)
+    repo.index.add(["backends/mlx/train.py"])
+    repo.index.commit(message)
+
+
+@pytest.fixture
+def quick_repo(run_repo):
+    """The project with the trainer's step compile off (MLX builds C++ kernels for it on a CPU, a minute and more on
+    a fresh run branch): about as fast on a CPU, and a run takes seconds from its start."""
+    commit_edit(run_repo, "no compile", "use_compile = True", "use_compile = False")
+    return run_repo
+
+
 def cli(root, *args, env=None, timeout=600):
     """The real command line, in a fresh process, in checkout root."""
     return subprocess.run([sys.executable, "-m", "autoresearch", *map(str, args)], cwd=root, capture_output=True,

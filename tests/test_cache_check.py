@@ -32,7 +32,7 @@ def damaged(cache):
 def test_a_sound_cache_passes(cache):
     meta = prepare.load_meta()
     assert "tokens/val_rows.npy" in meta["files"] and "tokenizer/tokenizer.pkl" in meta["files"]
-    assert prepare.check_cache() == f"cache ok: {len(meta['files'])} files at their recorded sizes, val_rows.npy and token_bytes.npy hashes match"
+    assert prepare.check_cache() == f"cache ok: {len(meta['files'])} files at their recorded sizes, val_rows.npy, holdout_rows.npy and token_bytes.npy hashes match"
 
 
 def test_truncated_token_shard(cache):

@@ -21,7 +21,7 @@ OTHER = f"autoresearch/b-{HW}"
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 HEADER = "\t".join(COLUMNS) + "\n"
 OLD = COLUMNS[:COLUMNS.index("harness_seconds")]  # the first version's columns
-ADDED_DEFAULTS = "\t0\t-\t-\t-\t0\t0\t0"  # harness_seconds, pin, worker, sandbox, startup, step, eval seconds
+ADDED_DEFAULTS = "\t0\t-\t-\t-\t0\t0\t0\t0\t-"  # harness_seconds, pin, worker, sandbox, startup, step, eval seconds, holdout, params
 
 
 def make_row(i, branch=BRANCH, status="keep", **extra):

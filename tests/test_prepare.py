@@ -24,7 +24,7 @@ def test_cache_layout_is_upstreams(use_cache):
     assert enc.encode_single_token("<|reserved_0|>") == 4092
     meta = json.loads((use_cache / "profile.json").read_text())
     assert meta["profile"] == {"name": PROFILE, "seq_len": 256, "vocab_size": 4096, "eval_tokens": 16384,
-                               "time_budget": 300}
+                               "time_budget": 300, "holdout_tokens": 4096}
     assert meta["train_docs"] + meta["val_docs"] == 1030  # every document of the four shards
     assert not list(use_cache.glob(".staging-*"))
 

@@ -41,14 +41,16 @@ def row(hw, i, commit, status, val, description, training_seconds=300.0, tokens=
 def fixture_rows():
     return [
         # mlx: ties (a discard equal to the best, a later keep equal to the best), a crash, a verify row
-        row(MLX, 0, "a000001", "keep", 1.5, "baseline", tokens=3_000_000, memory_gb=2.0),
-        row(MLX, 1, "a000002", "keep", 1.45, "DEPTH 4 -> 6", tokens=2_400_000, memory_gb=3.0),
+        # with holdout figures: the best gained 0.1 on the rows it was selected on, 0.08 on the holdout
+        row(MLX, 0, "a000001", "keep", 1.5, "baseline", tokens=3_000_000, memory_gb=2.0, holdout_bpb=1.52),
+        row(MLX, 1, "a000002", "keep", 1.45, "DEPTH 4 -> 6", tokens=2_400_000, memory_gb=3.0, holdout_bpb=1.48),
         row(MLX, 2, "a000003", "discard", 1.46, "MATRIX_LR 0.04 -> 0.06"),
         row(MLX, 3, "a000004", "crash", 0.0, "bad init"),
-        row(MLX, 4, "a000005", "keep", 1.4, "WARMUP_RATIO 0.0 -> 0.1", tokens=3_150_000, memory_gb=3.5),
+        row(MLX, 4, "a000005", "keep", 1.4, "WARMUP_RATIO 0.0 -> 0.1", tokens=3_150_000, memory_gb=3.5,
+            holdout_bpb=1.44),
         row(MLX, 5, "a000005", "verify", 1.401, "verify a000005: WARMUP_RATIO 0.0 -> 0.1"),
         row(MLX, 6, "a000006", "discard", 1.4, "tie, discarded"),
-        row(MLX, 7, "a000007", "keep", 1.4, "tie, kept by the seeds gate"),
+        row(MLX, 7, "a000007", "keep", 1.4, "tie, kept by the seeds gate", holdout_bpb=1.43),
         # mps: two transfers from mlx (one discarded, one kept), then a plateau of three
         row(MPS, 0, "b000001", "keep", 2.0, "baseline", tokens=540_000),
         row(MPS, 1, "b000002", "discard", 2.01, "transfer a000002: DEPTH 4 -> 6"),
@@ -86,15 +88,20 @@ EXPECTED_MLX = {
     "hardware": MLX, "backend": "mlx", "eval_profile": "cpu", "budget": 300.0, "branch": BRANCH[MLX],
     "sandbox": "none", "agent": None,  # no turn records: the random agent, or none
     "config": "DEPTH=4,TOTAL_BATCH_SIZE=16384",
-    "baseline": {"commit": "a000001", "val_bpb": 1.5},
-    "best": {"commit": "a000005", "val_bpb": 1.4, "description": "WARMUP_RATIO 0.0 -> 0.1", "memory_gb": 3.5,
+    "baseline": {"commit": "a000001", "val_bpb": 1.5, "holdout_bpb": 1.52},
+    "best": {"commit": "a000005", "val_bpb": 1.4, "holdout_bpb": 1.44, "description": "WARMUP_RATIO 0.0 -> 0.1",
+             "memory_gb": 3.5,
              "training_seconds": 300.0, "tokens": 3150000, "tokens_per_sec": 10500.0, "num_params_M": 11.5},
     "improvement": {"abs": 0.1, "pct": 6.6667},
+    "holdout": {"baseline": 1.52, "best": 1.44, "val_gain": 0.1, "holdout_gain": 0.08, "selection_bias": 0.02},
     "counts": {"experiments": 6, "keep": 3, "discard": 2, "crash": 1, "verify": 1},
     "keep_rate": 0.5,
-    "kept": [{"commit": "a000002", "description": "DEPTH 4 -> 6", "val_bpb": 1.45, "delta": -0.05},
-             {"commit": "a000005", "description": "WARMUP_RATIO 0.0 -> 0.1", "val_bpb": 1.4, "delta": -0.05},
-             {"commit": "a000007", "description": "tie, kept by the seeds gate", "val_bpb": 1.4, "delta": 0.0}],
+    "kept": [{"commit": "a000002", "description": "DEPTH 4 -> 6", "val_bpb": 1.45, "delta": -0.05,
+              "holdout_bpb": 1.48},
+             {"commit": "a000005", "description": "WARMUP_RATIO 0.0 -> 0.1", "val_bpb": 1.4, "delta": -0.05,
+              "holdout_bpb": 1.44},
+             {"commit": "a000007", "description": "tie, kept by the seeds gate", "val_bpb": 1.4, "delta": 0.0,
+              "holdout_bpb": 1.43}],
     "plateau": {"k": 3, "since_last_keep": 0, "plateau": False},
     "noise": {"spread": 0.01, "runs": 3, "commit": "a000001", "improvement_in_spreads": 10.0},
 }
@@ -108,13 +115,14 @@ def test_results_json_exact(ledger):
     assert [g["hardware"] for g in data["groups"]] == [MLX, MPS, H100]
     mlx, mps, h100 = data["groups"]
     assert mlx == EXPECTED_MLX
-    assert mps["baseline"] == {"commit": "b000001", "val_bpb": 2.0}
+    assert mps["baseline"] == {"commit": "b000001", "val_bpb": 2.0, "holdout_bpb": None}  # rows without a holdout
+    assert mps["holdout"] is None
     assert mps["best"]["commit"] == "b000003" and mps["best"]["tokens_per_sec"] == 2000.0
     assert mps["improvement"] == {"abs": 0.1, "pct": 5.0}
     assert mps["counts"] == {"experiments": 5, "keep": 1, "discard": 3, "crash": 1, "verify": 0}
     assert mps["keep_rate"] == 0.2
     assert mps["kept"] == [{"commit": "b000003", "description": "transfer a000005: WARMUP_RATIO 0.0 -> 0.1",
-                            "val_bpb": 1.9, "delta": -0.1}]
+                            "val_bpb": 1.9, "delta": -0.1, "holdout_bpb": None}]
     assert mps["plateau"] == {"k": 3, "since_last_keep": 3, "plateau": True}
     assert mps["noise"] is None  # no noise floor stored for this hardware
     assert h100["eval_profile"] == "gpu" and h100["config"] == "-"
@@ -135,7 +143,8 @@ def test_results_default_plateau_and_text(ledger):
     text = result.stdout
     for expected in (MLX, MPS, H100, "1.500000", "1.400000", "6.67%", "keep rate 50.0%", "keep rate 20.0%",
                      "+0.000000", "-0.050000", "spread 0.010000 over 3 seeds", "10,500 tokens/s",
-                     "(+1 verify)", "different eval profiles"):
+                     "(+1 verify)", "different eval profiles",
+                     "baseline 1.520000, best 1.440000", "selection bias +0.020000"):
         assert expected in text, expected
 
 
@@ -171,15 +180,15 @@ def test_results_errors(tmp_path):
 EXPECTED_TABLE = [
     {"label": MLX, "hardware": MLX, "backend": "mlx", "config": "DEPTH=4,TOTAL_BATCH_SIZE=16384",
      "eval_profile": "cpu", "budget": 300.0, "branch": BRANCH[MLX], "sandbox": "none", "baseline": 1.5, "best": 1.4,
-     "improvement_pct": 6.6667, "experiments": 6, "keep": 3, "discard": 2, "crash": 1, "tokens_per_sec": 10500.0,
+     "improvement_pct": 6.6667, "holdout": EXPECTED_MLX["holdout"], "experiments": 6, "keep": 3, "discard": 2, "crash": 1, "tokens_per_sec": 10500.0,
      # 6 minutes between rows (12 across the verify re-run): median 360 s; overheads 60 (360 for the crash)
      "experiments_per_hour": 10.0, "overhead_s": 60.0},
     {"label": MPS, "hardware": MPS, "backend": "mps", "config": "DEPTH=4,TOTAL_BATCH_SIZE=16384",
      "eval_profile": "cpu", "budget": 300.0, "branch": BRANCH[MPS], "sandbox": "none", "baseline": 2.0, "best": 1.9,
-     "improvement_pct": 5.0, "experiments": 5, "keep": 1, "discard": 3, "crash": 1, "tokens_per_sec": 2000.0,
+     "improvement_pct": 5.0, "holdout": None, "experiments": 5, "keep": 1, "discard": 3, "crash": 1, "tokens_per_sec": 2000.0,
      "experiments_per_hour": 10.0, "overhead_s": 60.0},
     {"label": H100, "hardware": H100, "backend": "cuda", "config": "-", "eval_profile": "gpu", "budget": 300.0,
-     "branch": BRANCH[H100], "sandbox": "none", "baseline": 1.0, "best": 0.98, "improvement_pct": 2.0,
+     "branch": BRANCH[H100], "sandbox": "none", "baseline": 1.0, "best": 0.98, "improvement_pct": 2.0, "holdout": None,
      "experiments": 2, "keep": 1, "discard": 0, "crash": 1, "tokens_per_sec": None,
      "experiments_per_hour": None, "overhead_s": None},  # two intervals only: too few for a pace
 ]
@@ -231,6 +240,10 @@ def test_bench_report_from_ledgers_dedupes_and_notes(tmp_path):
     # escaped, so that 2**19 -> 2**18 does not turn bold
     assert "| TOTAL_BATCH_SIZE 2\\*\\*19 -> 2\\*\\*18 | c000003 | untested | untested | **kept** -0.0200 (c000003) |" in md
     assert "![progress](progress.png)" in md
+    # the holdout: the mlx series only (the others' rows carry none)
+    assert f"| {MLX} | 1.520000 | 1.440000 | +0.100000 | +0.080000 | +0.020000 |" in md
+    holdout = md.split("## Holdout")[1].split("\n## ")[0]
+    assert holdout.count(" |\n") == 2 and "1. a000005 1.400000 (-0.050000, holdout 1.440000)" in md
 
 
 def test_bench_report_errors(tmp_path):

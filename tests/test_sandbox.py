@@ -593,7 +593,8 @@ def test_nothing_a_run_leaves_reaches_the_next_one(repo_dir, use_cache, baseline
 READ_ATTACK = '''
 import socket
 view = Path(os.environ["AUTORESEARCH_CACHE"])
-hidden = {"val_rows.npy", @VAL_FILE@, Path(@VAL_FILE@).stem + ".npy", Path(@VAL_FILE@).stem + ".offsets.npy"}
+hidden = {"val_rows.npy", "holdout_rows.npy", @VAL_FILE@, Path(@VAL_FILE@).stem + ".npy",
+          Path(@VAL_FILE@).stem + ".offsets.npy"}
 # walk up from the view: every folder it sits in, and everything under them
 seen = []
 for folder in [view, *view.parents][:-1]:
@@ -602,7 +603,8 @@ for folder in [view, *view.parents][:-1]:
         seen += [str(Path(here) / f) for f in files if f in hidden]
 probe("walk found", sorted(set(seen)) or "none")
 probe("root holds", sorted(os.listdir("/")))
-for rel in ("tokens/val_rows.npy", "data/" + @VAL_FILE@, "tokens/" + Path(@VAL_FILE@).stem + ".npy", "profile.json"):
+for rel in ("tokens/val_rows.npy", "tokens/holdout_rows.npy", "data/" + @VAL_FILE@,
+            "tokens/" + Path(@VAL_FILE@).stem + ".npy", "profile.json"):
     try:
         probe(f"read real {rel}", f"{len(Path(@CACHE@, rel).read_bytes())} bytes")
     except Exception as e:
@@ -685,7 +687,7 @@ def test_validation_data_other_processes_and_the_network_are_out_of_reach(repo_d
     finally:
         listener.close()
     assert found["walk found"] == "none", found
-    for rel in ("tokens/val_rows.npy", "data/" + prepare.VAL_FILENAME, "profile.json"):
+    for rel in ("tokens/val_rows.npy", "tokens/holdout_rows.npy", "data/" + prepare.VAL_FILENAME, "profile.json"):
         assert found[f"read real {rel}"] == "FileNotFoundError", found
     assert found["loader val rows"] == "PrepareError", found
     assert found["shared data"] == found["shared data relative"] == "absent", found

@@ -11,7 +11,7 @@ import sys
 import git
 import pytest
 
-from conftest import cli, PROFILE
+from conftest import PROFILE, cli, commit_edit, quick_repo  # noqa: F401 (a fixture)
 from autoresearch.branch import RunBranch
 from autoresearch.experiment import SLOWED_MARK, SetupFailed, find_repeat, run_experiment, setup
 from autoresearch.gate import judge_pace
@@ -21,25 +21,6 @@ from autoresearch.record import record_dir
 
 BUDGET = 3
 STEP = "        t0 = time.time()\n"  # the first line of the mlx trainer's step loop
-
-
-def commit_edit(root, message, old, new):
-    """Change the mlx train.py on the checked-out branch and commit it, as the project's own code."""
-    train = root / "backends/mlx/train.py"
-    text = train.read_text()
-    assert text.count(old) == 1
-    train.write_text(text.replace(old, new))
-    repo = git.Repo(root)
-    repo.index.add(["backends/mlx/train.py"])
-    repo.index.commit(message)
-
-
-@pytest.fixture
-def quick_repo(run_repo):
-    """The project with the trainer's step compile off (MLX builds C++ kernels for it on a CPU, a minute and more on
-    a fresh run branch): about as fast on a CPU, and a run takes seconds from its start."""
-    commit_edit(run_repo, "no compile", "use_compile = True", "use_compile = False")
-    return run_repo
 
 
 def nothing_left(root, tag, branch="main"):

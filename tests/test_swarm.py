@@ -21,6 +21,7 @@ from autoresearch.experiment import Settings, train_hash
 from autoresearch.gate import Gate
 from autoresearch.hparams import read_constants, set_constants
 from autoresearch.ledger import format_row, notes_rows, read_ledger
+from autoresearch.turns import load_turns
 from test_faults import alive
 
 pytest.importorskip("ray")
@@ -288,3 +289,23 @@ def test_claims_keep_two_workers_off_one_program():
     assert claims.claim("h2", "w0", "depth", "src2") is None
     assert claims.lost("w0") == [("h2", "depth", "src2")] and claims.lost("w0") == []
     assert claims.claim("h2", "w1", "depth", "src2") is None
+
+
+def test_tpe_workers_share_one_study(swarm_dir):
+    """Two workers proposing with TPE: each turn's study is the driver's ledger, other workers' rows in it."""
+    proc = cli(swarm_dir, *swarm_args("--agent", "tpe", "-n", 4))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [r for r in check_driver(swarm_dir) if r.worker != "-" and r.status != "lost"]
+    assert len(rows) == 4 and all(r.description.startswith("tpe: ") and r.params != "-" for r in rows), proc.stdout
+    assert len({r.train_hash for r in rows}) == 4
+    clones = {line.split(":")[0]: Path(line.split("clone ")[1].strip())
+              for line in proc.stdout.splitlines() if line.startswith(("w0: pid", "w1: pid"))}
+    studies = {}  # worker -> what each of its turns' study held, by worker
+    for name, clone in clones.items():
+        for turn in load_turns(clone):
+            held = turn["output"].split("(")[1].split(")")[0]
+            studies.setdefault(name, []).append(dict(part.split(": ") for part in held.split(", ")))
+    # the baseline row is the driver's ("here"); a worker's later turn fitted rows the other worker recorded
+    assert all("here" in s for turns in studies.values() for s in turns), studies
+    assert any(other in s for name, turns in studies.items() for s in turns
+               for other in ("w0", "w1") if other != name), studies

@@ -88,3 +88,37 @@ def test_a_split_shorter_than_one_row_is_one_line_and_writes_nothing(tmp_path, m
         prepare.prepare(profile="cpu", sources=[src], force=True)
     assert {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()} == before
     assert prepare.check_cache().startswith("cache ok")
+
+
+def test_the_holdout_is_other_documents_and_out_of_the_trainers_view(use_cache):
+    val, holdout = np.asarray(prepare.get_val_rows()), np.asarray(prepare.get_holdout_rows())
+    prof, meta = prepare.load_profile(), prepare.load_meta()
+    assert holdout.shape == (prepare.holdout_row_count(prof), prof.seq_len + 1) and meta["holdout_rows"] == len(holdout)
+    # together they carry no token of the split more often than it holds it: no text scored in both
+    _assert_read_once(np.concatenate([val, holdout]), use_cache)
+    val_docs, holdout_docs = prepare._split_documents(prof, use_cache / "tokens")
+    digests = [{bytes(d[1:]) for d in docs} for docs in (val_docs, holdout_docs)]
+    assert digests[0] and digests[1] and not digests[0] & digests[1]
+    assert all(np.array_equal(a, b) for a, b in zip(prepare.build_eval_rows(prof), (val, holdout)))
+    # the trainer's view holds neither the split nor the rows made of it; asked there, the loader refuses
+    view = prepare.trainer_view()
+    assert not list(view.rglob("holdout_rows.npy")) and not list(view.rglob("val_rows.npy"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AUTORESEARCH_CACHE", str(view))
+        with pytest.raises(prepare.PrepareError, match="not available to training"):
+            prepare.get_holdout_rows()
+
+
+def test_a_changed_holdout_is_a_damaged_cache(tmp_path, monkeypatch, cpu_cache):
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(cpu_cache, cache, ignore=shutil.ignore_patterns("trainer-view", "runs", "compile", "swarm"))
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
+    assert "holdout_rows.npy" in prepare.check_cache()
+    path = cache / "tokens" / "holdout_rows.npy"
+    rows = np.load(path)
+    rows[0, 1] ^= 1
+    np.save(path, rows)
+    with pytest.raises(prepare.PrepareError, match="holdout_rows.npy does not hold the rows prepare wrote"):
+        prepare.check_cache()

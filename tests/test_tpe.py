@@ -1,0 +1,145 @@
+"""--agent tpe: Optuna's TPE fitted to the series' rows, on a fixture ledger (a known objective, no training) and
+through the real loop (a restart continues the study)."""
+
+import json
+import math
+import random
+import statistics
+
+import git
+import pytest
+
+from conftest import BUDGET, ROOT, cli, make_repo, quick_repo  # noqa: F401 (a fixture)
+from autoresearch.agents import make_agent
+from autoresearch.hparams import block_json, read_constants
+from autoresearch.ledger import LEDGER_NAME, Row, append_row, read_ledger
+from autoresearch.turns import load_turns
+from autoresearch.tpe import LOG_SPAN, TPEAgent, distributions, flatten
+
+BRANCH = "autoresearch/t-mlx-cpu"
+TRAIN = "backends/mlx/train.py"
+
+
+def objective(c):
+    """A made-up val_bpb: lower with a higher MATRIX_LR, a little noise from the rest, nothing else matters."""
+    return 2.0 - 0.3 * math.log(c["MATRIX_LR"] / 0.04) + 0.001 * c["WEIGHT_DECAY"]
+
+
+def ledger_row(i, constants, status="discard", description=None, worker="-"):
+    value = objective(flatten(constants)) if status != "crash" else 0.0
+    return Row(commit=f"{i:07x}", val_bpb=value, memory_gb=1.0, status=status,
+               description=description or f"trial {i}", hardware="mlx-cpu", backend="mlx", eval_profile="smoke",
+               budget=3.0, seed=42, timestamp=f"2026-01-01T00:{i:02d}:00+0000", training_seconds=3.0, num_steps=10,
+               num_params_M=0.9, tokens=1000, config="-", gate="greedy", train_hash=f"h{i}", branch=BRANCH,
+               samples=f"{value:.6f}" if status != "crash" else "-", worker=worker,
+               params=json.dumps(constants, separators=(",", ":")))
+
+
+@pytest.fixture
+def study_repo(tmp_path, use_cache):
+    """A checkout on a run branch whose ledger holds a baseline and nothing else yet."""
+    root = make_repo(tmp_path / "project", backends=("mlx",))
+    repo = git.Repo(root)
+    repo.git.checkout("-b", BRANCH)
+    base = read_constants((root / TRAIN).read_text())
+    append_row(root / LEDGER_NAME, ledger_row(0, base, "keep", "baseline"))
+    return root, base
+
+
+def propose(root, seed=0):
+    """One TPE turn: its edit read back, then undone (the caller records it as a row)."""
+    path = root / TRAIN
+    before = path.read_text()
+    reply = TPEAgent(seed).edit(root, "mlx", "prompt", 60)
+    after = read_constants(path.read_text())
+    path.write_text(before)
+    return after, reply
+
+
+def test_proposals_move_where_the_ledger_says_it_is_better(study_repo):
+    root, base = study_repo
+    rng = random.Random(1)
+    low, high = base["MATRIX_LR"] / LOG_SPAN, base["MATRIX_LR"] * LOG_SPAN
+    # history another agent left: 12 rows spread over the box at random, one direction clearly better
+    for i in range(1, 13):
+        c = dict(base, MATRIX_LR=round(math.exp(rng.uniform(math.log(low), math.log(high))), 5),
+                 WEIGHT_DECAY=round(rng.uniform(0, 0.45), 3))
+        append_row(root / LEDGER_NAME, ledger_row(i, c, worker="w1"))
+    proposed = []
+    for i in range(13, 25):  # the loop: each proposal run (by the objective) and recorded before the next
+        after, reply = propose(root)
+        proposed.append(after["MATRIX_LR"])
+        assert "study: " in reply.output and reply.description.startswith("tpe: ")
+        append_row(root / LEDGER_NAME, ledger_row(i, after))
+    middle = math.sqrt(low * high)  # the box's centre, log scale: random search lands above it half the time
+    above = sum(v > middle for v in proposed)
+    assert above >= 10, f"TPE's proposals did not follow the better direction: {proposed}"
+    assert statistics.median(proposed) > 2 * middle, proposed
+    assert all(low <= v <= high for v in proposed), proposed
+
+
+def test_same_ledger_and_seed_same_proposal_and_never_a_repeat(study_repo):
+    root, base = study_repo
+    first, _ = propose(root, seed=3)
+    again, _ = propose(root, seed=3)
+    other, _ = propose(root, seed=4)
+    assert first == again and first != other
+    # every proposal of a 10-trial run differs from every program before it, the batch rule kept
+    seen = {json.dumps(flatten(base), sort_keys=True)}
+    for i in range(1, 11):
+        after, _ = propose(root, seed=3)
+        key = json.dumps(flatten(after), sort_keys=True)
+        assert key not in seen
+        seen.add(key)
+        assert after["TOTAL_BATCH_SIZE"] % (after["DEVICE_BATCH_SIZE"] * 256) == 0
+        append_row(root / LEDGER_NAME, ledger_row(i, after))
+
+
+def test_the_box_and_what_a_row_carries(use_cache):
+    source = (ROOT / TRAIN).read_text()
+    constants = read_constants(source)
+    dists = distributions(flatten(constants), step_tokens=16 * 256)
+    assert dists["MATRIX_LR"].low == pytest.approx(constants["MATRIX_LR"] / LOG_SPAN) and dists["MATRIX_LR"].log
+    assert "ADAM_BETAS.0" in dists and "FINAL_LR_FRAC" in dists  # the file's constants beyond random's space
+    assert dists["ASPECT_RATIO"].choices == (48, 64, 96) and len(dists["WINDOW_PATTERN"].choices) == 4
+    assert dists["TOTAL_BATCH_SIZE.log2"].low >= 12  # never below one device batch of 16 x 256 tokens
+    assert json.loads(block_json(source)) == json.loads(json.dumps(constants))
+    hostile = source.replace("DEPTH = 4", "DEPTH = 4\nJUNK = 'x' * 1\nBLOB = '" + "y" * 5000 + "'\nTAB = 'a\\tb'")
+    carried = json.loads(block_json(hostile))
+    assert "BLOB" not in carried and "\t" not in block_json(hostile)
+    assert block_json("def (") == "-"
+
+
+def test_a_branch_without_a_baseline_is_one_line(study_repo):
+    root, _ = study_repo
+    (root / LEDGER_NAME).unlink()
+    with pytest.raises(Exception, match="no baseline row"):
+        propose(root)
+    assert isinstance(make_agent("tpe", 5), TPEAgent)
+
+
+def test_loop_tpe_resumes_after_a_restart(quick_repo):
+    """Two loops of one turn each on one branch: the second continues the first's study, no program twice. (The
+    step compile off: every size TPE tries would compile its kernels anew, half a minute each on a CPU.)"""
+    repo_dir = quick_repo
+    proc = cli(repo_dir, "--backend", "mlx", "setup", "--tag", "tpe", "--budget", BUDGET, "--noise-runs", 1,
+               "--no-calibrate")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for _ in range(2):
+        proc = cli(repo_dir, "--backend", "mlx", "loop", "--agent", "tpe", "-n", 1, "--budget", BUDGET)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [r for r in read_ledger(repo_dir / LEDGER_NAME) if r.description != "baseline"]
+    assert len(rows) == 2 and all(r.description.startswith("tpe: ") for r in rows), [r.description for r in rows]
+    # a larger model TPE tried may overrun a 3 s budget (invalid): a result the study does not fit, nothing else
+    assert rows[0].train_hash != rows[1].train_hash and all(r.status != "crash" for r in rows), rows
+    assert all(json.loads(r.params)["DEPTH"] >= 1 for r in rows)  # every row carries its program's block
+    # every scored row carries the holdout's figure beside the one it was judged on; results shows it
+    scored_rows = [r for r in read_ledger(repo_dir / LEDGER_NAME) if r.status in ("keep", "discard")]
+    assert all(r.holdout_bpb > 0 and r.holdout_bpb != r.val_bpb for r in scored_rows)
+    assert all(r.holdout_bpb == 0 for r in rows if r.status not in ("keep", "discard"))
+    summary = json.loads(cli(repo_dir, "results", "--json").stdout)["groups"][0]
+    assert summary["baseline"]["holdout_bpb"] == round(scored_rows[0].holdout_bpb, 6)
+    # each turn's study held every scored row before it: the second loop's first turn saw the first loop's rows
+    turns = load_turns(repo_dir, rows[0].branch)
+    counts = [int(t["output"].split("study: ")[1].split()[0]) for t in turns]
+    assert counts == [1, 1 + (rows[0].status in ("keep", "discard"))], (counts, [r.status for r in rows])
