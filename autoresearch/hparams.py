@@ -42,17 +42,17 @@ def set_constants(source, updates):
 
 
 def block_json(source):
-    """The block's numbers, short strings and tuples of them as one line of JSON (Row.params: what TPE fits), "-"
+    """The block's numbers, short strings and flat tuples of them as one line of JSON (Row.params: what TPE fits), "-"
     where the source does not parse. Anything else an agent bound to a name is left out, and so is what passes
     MAX_PARAMS_CHARS."""
-    def plain(v):
+    def plain(v, nested=False):
         if isinstance(v, bool) or v is None:
             return True
         if isinstance(v, (int, float)):
             return abs(v) < 1e300
         if isinstance(v, str):
             return len(v) <= 32 and v.isprintable()
-        return isinstance(v, tuple) and len(v) <= 8 and all(plain(x) for x in v)
+        return isinstance(v, tuple) and not nested and len(v) <= 8 and all(plain(x, True) for x in v)
 
     try:
         constants = read_constants(source)

@@ -161,7 +161,7 @@ def row_params(row, repo, backend):
     if row.params not in ("", "-"):
         try:
             return flatten(json.loads(row.params))
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError, RecursionError):  # a row from elsewhere, not the harness's
             return None
     try:
         return flatten(read_constants(repo.git.show(f"{row.commit}:backends/{backend}/train.py")))
@@ -223,10 +223,15 @@ class TPEAgent:
                 break
         else:
             raise AgentFailed(f"--agent tpe drew {RETRIES} proposals, each one already run or off the batch rule")
-        updates = unflatten({k: v for k, v in values.items() if flatten(constants).get(k) != v}, constants)
+        # only what the file still has (an LLM's edit may have dropped a constant the baseline had)
+        current = flatten(constants)
+        updates = unflatten({k: v for k, v in values.items() if k in current and current[k] != v}, constants)
         if not updates:
             raise AgentFailed("--agent tpe proposed the program already checked out")
-        path.write_text(set_constants(source, updates))
+        try:
+            path.write_text(set_constants(source, updates))
+        except (KeyError, ValueError) as e:  # a constant spread over several lines
+            raise AgentFailed(f"--agent tpe cannot rewrite the hyperparameter block: {e}") from None
         workers = ", ".join(f"{w if w != '-' else 'here'}: {c}" for w, c in sorted(by.items()))
         phase = "random, until the model starts" if n < STARTUP_TRIALS else "TPE"
         description = "tpe: " + ", ".join(f"{k} {constants[k]} -> {v}" for k, v in updates.items())

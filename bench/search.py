@@ -2,7 +2,8 @@
 Search study: does TPE beat random search here, and by more than the noise? (and, with --agent CMD, any agent
 against both)
 
-One run branch is set up once on one core (a 3-seed baseline: the noise floor). Each arm (random, tpe, CMD) and
+One run branch is set up once on one core (sized by calibration for the budget there, then a 3-seed baseline: the
+noise floor). Each arm (random, tpe, CMD) and
 each repeat (another agent seed) gets a copy of that checkout, so every arm starts from the same baseline row
 and noise floor, and runs `autoresearch loop -n N` pinned to one core. Arms run side by side, one per core, so
 whatever else loads the machine loads them alike. Afterwards every keep is run once more with a fresh seed
@@ -83,12 +84,14 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--agent", action="append", default=[], help="another arm: an agent command or preset")
     parser.add_argument("--k", type=float, default=2.0, help="the noise gate's k, and verify's")
+    parser.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                        help="the file's sizes, not the ones calibrated for the budget on one core")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     started = time.time()
     base = scratch_repo()
     proc = harness(base, 0, "setup", "--tag", "search", "--budget", args.budget, "--noise-runs", 3,
-                   "--no-calibrate")
+                   *(() if args.calibrate else ("--no-calibrate",)))
     log(finish(proc, "setup").strip().splitlines()[-1])
     repo = git.Repo(base)
     branch = repo.active_branch.name

@@ -2,6 +2,7 @@
 seconds, a worker's process killed mid-run, the driver stopped by SIGTERM. The merge rules of the driver's branch
 are also tested without Ray, on real repositories."""
 
+import json
 import os
 import re
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 import git
 import pytest
 
-from conftest import BUDGET, cli, copy_checkout, make_repo
+from conftest import BUDGET, cli, commit_edit, copy_checkout, make_repo
 from autoresearch.branch import open_branch
 from autoresearch.experiment import Settings, train_hash
 from autoresearch.gate import Gate
@@ -291,13 +292,22 @@ def test_claims_keep_two_workers_off_one_program():
     assert claims.claim("h2", "w1", "depth", "src2") is None
 
 
-def test_tpe_workers_share_one_study(swarm_dir):
-    """Two workers proposing with TPE: each turn's study is the driver's ledger, other workers' rows in it."""
-    proc = cli(swarm_dir, *swarm_args("--agent", "tpe", "-n", 4))
+def test_tpe_workers_share_one_study(run_repo):
+    """Two workers proposing with TPE: each turn's study is the driver's ledger, other workers' rows in it. (The
+    step compile off: every size TPE tries would compile its kernels anew, half a minute each on one core.)"""
+    swarm_dir = run_repo
+    commit_edit(swarm_dir, "no compile", "use_compile = True", "use_compile = False")
+    proc = cli(swarm_dir, *swarm_args("--agent", "tpe", "--tag", "tpe", "--noise-runs", 1, "--no-calibrate", "-n", 4))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [r for r in check_driver(swarm_dir) if r.worker != "-" and r.status != "lost"]
     assert len(rows) == 4 and all(r.description.startswith("tpe: ") and r.params != "-" for r in rows), proc.stdout
     assert len({r.train_hash for r in rows}) == 4
+    # every scored row carries the holdout's figure beside the one it was judged on; results shows it
+    scored = [r for r in read_ledger(swarm_dir / "results.tsv") if r.status in ("keep", "discard")]
+    assert all(r.holdout_bpb > 0 and r.holdout_bpb != r.val_bpb for r in scored)
+    assert all(r.holdout_bpb == 0 for r in rows if r.status not in ("keep", "discard"))
+    summary = json.loads(cli(swarm_dir, "results", "--json").stdout)["groups"][0]
+    assert summary["baseline"]["holdout_bpb"] == round(scored[0].holdout_bpb, 6)
     clones = {line.split(":")[0]: Path(line.split("clone ")[1].strip())
               for line in proc.stdout.splitlines() if line.startswith(("w0: pid", "w1: pid"))}
     studies = {}  # worker -> what each of its turns' study held, by worker

@@ -1,5 +1,6 @@
-"""--agent tpe: Optuna's TPE fitted to the series' rows, on a fixture ledger (a known objective, no training) and
-through the real loop (a restart continues the study)."""
+"""--agent tpe: Optuna's TPE fitted to the series' rows, on a fixture ledger (a known objective, no training). Each
+proposal is a fresh agent's, as after a restart: the study is the ledger. The real CLI with real training, two
+swarm workers sharing the study, is tests/test_swarm.py's."""
 
 import json
 import math
@@ -9,11 +10,10 @@ import statistics
 import git
 import pytest
 
-from conftest import BUDGET, ROOT, cli, make_repo, quick_repo  # noqa: F401 (a fixture)
+from conftest import ROOT, make_repo
 from autoresearch.agents import make_agent
 from autoresearch.hparams import block_json, read_constants
-from autoresearch.ledger import LEDGER_NAME, Row, append_row, read_ledger
-from autoresearch.turns import load_turns
+from autoresearch.ledger import LEDGER_NAME, Row, append_row
 from autoresearch.tpe import LOG_SPAN, TPEAgent, distributions, flatten
 
 BRANCH = "autoresearch/t-mlx-cpu"
@@ -79,6 +79,7 @@ def test_proposals_move_where_the_ledger_says_it_is_better(study_repo):
 
 
 def test_same_ledger_and_seed_same_proposal_and_never_a_repeat(study_repo):
+    """A fresh agent per turn, as a restarted loop has: it continues the study without running a trial twice."""
     root, base = study_repo
     first, _ = propose(root, seed=3)
     again, _ = propose(root, seed=3)
@@ -116,30 +117,3 @@ def test_a_branch_without_a_baseline_is_one_line(study_repo):
     with pytest.raises(Exception, match="no baseline row"):
         propose(root)
     assert isinstance(make_agent("tpe", 5), TPEAgent)
-
-
-def test_loop_tpe_resumes_after_a_restart(quick_repo):
-    """Two loops of one turn each on one branch: the second continues the first's study, no program twice. (The
-    step compile off: every size TPE tries would compile its kernels anew, half a minute each on a CPU.)"""
-    repo_dir = quick_repo
-    proc = cli(repo_dir, "--backend", "mlx", "setup", "--tag", "tpe", "--budget", BUDGET, "--noise-runs", 1,
-               "--no-calibrate")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    for _ in range(2):
-        proc = cli(repo_dir, "--backend", "mlx", "loop", "--agent", "tpe", "-n", 1, "--budget", BUDGET)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = [r for r in read_ledger(repo_dir / LEDGER_NAME) if r.description != "baseline"]
-    assert len(rows) == 2 and all(r.description.startswith("tpe: ") for r in rows), [r.description for r in rows]
-    # a larger model TPE tried may overrun a 3 s budget (invalid): a result the study does not fit, nothing else
-    assert rows[0].train_hash != rows[1].train_hash and all(r.status != "crash" for r in rows), rows
-    assert all(json.loads(r.params)["DEPTH"] >= 1 for r in rows)  # every row carries its program's block
-    # every scored row carries the holdout's figure beside the one it was judged on; results shows it
-    scored_rows = [r for r in read_ledger(repo_dir / LEDGER_NAME) if r.status in ("keep", "discard")]
-    assert all(r.holdout_bpb > 0 and r.holdout_bpb != r.val_bpb for r in scored_rows)
-    assert all(r.holdout_bpb == 0 for r in rows if r.status not in ("keep", "discard"))
-    summary = json.loads(cli(repo_dir, "results", "--json").stdout)["groups"][0]
-    assert summary["baseline"]["holdout_bpb"] == round(scored_rows[0].holdout_bpb, 6)
-    # each turn's study held every scored row before it: the second loop's first turn saw the first loop's rows
-    turns = load_turns(repo_dir, rows[0].branch)
-    counts = [int(t["output"].split("study: ")[1].split()[0]) for t in turns]
-    assert counts == [1, 1 + (rows[0].status in ("keep", "discard"))], (counts, [r.status for r in rows])
