@@ -192,37 +192,11 @@ class TPEAgent:
         dists = distributions(row_params(base, repo, backend) or flatten(constants), step_tokens)
         if not dists:
             raise AgentFailed("--agent tpe: the hyperparameter block has none of the names it searches")
-        study = optuna.create_study(direction="minimize")
-        seen, by = set(), {}
-        for r in rows:
-            flat = row_params(r, repo, backend)
-            if flat is None:
-                continue
-            params = to_space(flat, dists)
-            seen.add(_point(params))
-            scored = r.status in ("keep", "discard") and math.isfinite(r.val_bpb) and r.val_bpb > 0
-            if not params or not scored:  # a crash, an invalid run: no value for the model, still no repeat
-                continue
-            study.add_trial(optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
-                                                      value=r.val_bpb))
-            by[r.worker] = by.get(r.worker, 0) + 1
-        n = len(study.trials)
-        for attempt in range(RETRIES):
-            # the seed, the study's size and the attempt: the same ledger always gives the same proposal
-            digest = hashlib.sha256(f"{self.seed}:{n}:{attempt}".encode()).digest()
-            study.sampler = optuna.samplers.TPESampler(seed=int.from_bytes(digest[:4], "little"),
-                                                       n_startup_trials=STARTUP_TRIALS, multivariate=True,
-                                                       group=True, constant_liar=True)
-            trial = study.ask(dists)
-            values = from_space(trial.params, dists)
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)  # only asked: it must not count as a trial
-            total = values.get("TOTAL_BATCH_SIZE", constants.get("TOTAL_BATCH_SIZE"))
-            if total is not None and step_tokens and total % step_tokens:
-                continue
-            if _point(to_space(flatten(values), dists)) not in seen:
-                break
-        else:
-            raise AgentFailed(f"--agent tpe drew {RETRIES} proposals, each one already run or off the batch rule")
+        try:
+            study, seen, by = fitted(optuna, rows, dists, lambda r: row_params(r, repo, backend))
+            values = self.propose(optuna, study, dists, seen, step_tokens)
+        except (ValueError, TypeError, RuntimeError) as e:  # what Optuna raises at what it cannot use
+            raise AgentFailed(f"--agent tpe: {type(e).__name__}: {e}") from None
         # only what the file still has (an LLM's edit may have dropped a constant the baseline had)
         current = flatten(constants)
         updates = unflatten({k: v for k, v in values.items() if k in current and current[k] != v}, constants)
@@ -232,10 +206,52 @@ class TPEAgent:
             path.write_text(set_constants(source, updates))
         except (KeyError, ValueError) as e:  # a constant spread over several lines
             raise AgentFailed(f"--agent tpe cannot rewrite the hyperparameter block: {e}") from None
+        n = sum(by.values())
         workers = ", ".join(f"{w if w != '-' else 'here'}: {c}" for w, c in sorted(by.items()))
         phase = "random, until the model starts" if n < STARTUP_TRIALS else "TPE"
         description = "tpe: " + ", ".join(f"{k} {constants[k]} -> {v}" for k, v in updates.items())
         return Reply(description, f"study: {n} scored trials of the series ({workers}); proposal {phase}\n")
+
+
+    def propose(self, optuna, study, dists, seen, step_tokens):
+        """The block's values TPE proposes next: the first draw that is no program of the series already and keeps
+        the batch a whole number of device batches. Seeded by the agent's seed, the study's size and the draw, so
+        the same ledger always gives the same proposal."""
+        n = len(study.trials)
+        for attempt in range(RETRIES):
+            digest = hashlib.sha256(f"{self.seed}:{n}:{attempt}".encode()).digest()
+            study.sampler = optuna.samplers.TPESampler(seed=int.from_bytes(digest[:4], "little"),
+                                                       n_startup_trials=STARTUP_TRIALS, multivariate=True,
+                                                       group=True, constant_liar=True)
+            trial = study.ask(dists)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)  # only asked: it must not count as a trial
+            values = from_space(trial.params, dists)
+            total = values.get("TOTAL_BATCH_SIZE")
+            if total is not None and step_tokens and total % step_tokens:
+                continue
+            if _point(to_space(flatten(values), dists)) not in seen:
+                return values
+        raise AgentFailed(f"--agent tpe drew {RETRIES} proposals, each one already run or off the batch rule")
+
+
+def fitted(optuna, rows, dists, params_of):
+    """(study, seen, by): a study holding every scored row of rows inside the box as a finished trial; the points
+    of every row with params (a crash, an invalid run too: never proposed again); the trials by worker."""
+    study = optuna.create_study(direction="minimize")
+    seen, by = set(), {}
+    for r in rows:
+        flat = params_of(r)
+        if flat is None:
+            continue
+        params = to_space(flat, dists)
+        seen.add(_point(params))
+        scored = r.status in ("keep", "discard") and math.isfinite(r.val_bpb) and r.val_bpb > 0
+        if not params or not scored:
+            continue
+        study.add_trial(optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
+                                                  value=r.val_bpb))
+        by[r.worker] = by.get(r.worker, 0) + 1
+    return study, seen, by
 
 
 def _point(params):

@@ -184,6 +184,9 @@ def test_page_follows_a_real_loop(project, dashboard, cpu_cache, browser):
         assert page.inner_text(".best") == f"{best_kept(project):.6f}"
         assert page.locator("table.ledger tbody tr").count() == 1
         assert page.locator(".chart .scatterlayer .point").count() >= 1  # plotly drew the baseline
+        # the baseline's holdout, in its row and in the kept commits' list, beside the val_bpb
+        assert f"{row.holdout_bpb:.6f}" in page.inner_text("table.ledger tbody tr") and row.holdout_bpb > 0
+        assert f"holdout {row.holdout_bpb:.6f}" in page.inner_text("details.kept summary")
         # remember this page (a reload would forget) and every text the live panel shows
         page.evaluate("""() => { window.__same = 1; window.__live = [];
             new MutationObserver(() => window.__live.push(document.getElementById('live').textContent))

@@ -97,5 +97,7 @@ def test_noise_floor_never_repeat_and_verify(branch):
     assert rows[-1].status == "verify" and len(rows[-1].values()) == 2 and rows[-1].seed == 1000
     best = min((r for r in rows if r.status == "keep"), key=lambda r: r.val_bpb)
     assert rows[-1].commit == best.commit
+    # beside it, the holdout the keep was never selected on, recorded and re-run
+    assert f"holdout: recorded {best.holdout_bpb:.6f}, re-run {rows[-1].holdout_bpb:.6f}" in out.message
     regression = rows[-1].val_bpb - best.val_bpb
     assert (out.status == "holds") == (regression <= 2 * noise["spread"] + 1e-9)

@@ -11,7 +11,7 @@ import git
 import pytest
 
 from conftest import ROOT, make_repo
-from autoresearch.agents import make_agent
+from autoresearch.agents import AgentFailed, make_agent
 from autoresearch.hparams import block_json, read_constants
 from autoresearch.ledger import LEDGER_NAME, Row, append_row
 from autoresearch.tpe import LOG_SPAN, TPEAgent, distributions, flatten
@@ -117,3 +117,28 @@ def test_a_branch_without_a_baseline_is_one_line(study_repo):
     with pytest.raises(Exception, match="no baseline row"):
         propose(root)
     assert isinstance(make_agent("tpe", 5), TPEAgent)
+
+
+def test_hostile_rows_and_an_edited_block_cost_a_turn_at_most(study_repo):
+    """Rows merged from elsewhere with params no harness wrote, and a block an LLM rewrote: TPE proposes around
+    them or fails its turn in one line (AgentFailed), never the loop."""
+    root, base = study_repo
+    hostile = [ledger_row(1, base), ledger_row(2, base), ledger_row(3, base), ledger_row(4, base)]
+    hostile[0].params = "[" * 100_000 + "]" * 100_000  # nested past the recursion limit
+    hostile[1].params = json.dumps({"DEPTH": "4", "MATRIX_LR": True, "WINDOW_PATTERN": 7, "ADAM_BETAS": {"a": 1}})
+    hostile[2].params = "{not json"
+    hostile[3].params = json.dumps(dict(base, MATRIX_LR=float("1e308") * 10))  # Infinity
+    for r in hostile:
+        append_row(root / LEDGER_NAME, r)
+    after, reply = propose(root)
+    assert "study: 2 scored trials" in reply.output  # the baseline, and the one row whose other values were usable
+    # an LLM dropped a constant the baseline had and split another over two lines
+    path = root / TRAIN
+    text = path.read_text()
+    path.write_text(text.replace("FINAL_LR_FRAC = 0.0", "").replace("ADAM_BETAS = (0.8, 0.95)",
+                                                                    "ADAM_BETAS = (0.8,\n              0.95)"))
+    with pytest.raises(AgentFailed, match="cannot rewrite the hyperparameter block"):
+        TPEAgent(0).edit(root, "mlx", "prompt", 60)
+    path.write_text(text.replace("FINAL_LR_FRAC = 0.0", ""))
+    after, _ = propose(root)
+    assert "FINAL_LR_FRAC" not in after and after["MATRIX_LR"] != base["MATRIX_LR"]
