@@ -14,10 +14,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import prepare
+
 from . import record, sandbox, train_file
 from .hparams import read_constants, set_constants
 from .ledger import MAX_DESCRIPTION_CHARS, one_line
-from .presets import HOME_STATE, PRESETS, expand
+from .presets import HOME_STATE
 from .runner import become_subreaper, children, end_orphans
 from .turns import MAX_READ_BYTES, read_usage
 
@@ -114,8 +116,6 @@ class RandomAgent:
         self.rng = random.Random(seed)
 
     def edit(self, root, backend, prompt, timeout):
-        import prepare
-
         source = read_constants(train_file(backend, root).read_text())
         step_tokens = source.get("DEVICE_BATCH_SIZE", 1) * prepare.load_profile().seq_len
         return Reply(random_edit(train_file(backend, root), self.rng, min_tokens_per_step=step_tokens))
@@ -190,8 +190,6 @@ def _last_line(output):
 def agent_policy(root, work):
     """The agent's turn: its scratch clone writable, the network, the user's HOME read-only but for the CLIs' own
     state (presets.HOME_STATE); the real checkout, the cache and the harness's state out of sight."""
-    import prepare
-
     tmp = Path(work).parent / "tmp"
     tmp.mkdir(exist_ok=True)
     # and the user's session bus and the system's (/run/user/<uid>/bus, /run/dbus): through them `systemd-run
@@ -280,14 +278,3 @@ def read_description(work):
     data = _regular_bytes(work, f".autoresearch/{DESCRIPTION_FILE}", MAX_DESCRIPTION_BYTES)
     text = one_line(data.decode("utf-8", "replace"), MAX_DESCRIPTION_CHARS) if data else ""
     return text or None  # None: the loop describes the change from the hyperparameters
-
-
-def make_agent(spec, seed=0):
-    """random, tpe, a preset's name (presets.PRESETS), or a command line."""
-    if spec == "random":
-        return RandomAgent(seed)
-    if spec == "tpe":
-        from .tpe import TPEAgent  # Optuna is an optional extra
-
-        return TPEAgent(seed)
-    return CommandAgent(expand(spec), spec if spec in PRESETS else None)

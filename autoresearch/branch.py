@@ -6,19 +6,20 @@ import fcntl
 import hashlib
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import git
 
-from . import BACKENDS, record, sandbox
+from . import BACKENDS, record
 from .clock import Clock
 from .gate import load_noise
 from .hardware import available_backends, hardware_tag
-from .ledger import LEDGER_NAME, best_kept, git_identity, read_ledger, restore_missing
-from .runner import stop_leftover
+from .ledger import LEDGER_NAME, baseline_of, best_kept, read_ledger, restore_missing
+from .runner import STATE_DIR, stop_leftover
+from .settings import Run
 
-STATE_DIR = ".autoresearch"  # untracked: run.log, last_crash.log, the lock, the agent's description
 BRANCH_PREFIX = "autoresearch/"
 LOCK_FILE = "lock"
 STRAY_REFS = "refs/autoresearch/stray/"  # commits found on a run branch that no row kept
@@ -71,6 +72,11 @@ def branch_backend(root):
     if not name.startswith(BRANCH_PREFIX):
         return None
     return next((b for b in BACKENDS if b in available_backends() and name.endswith("-" + hardware_tag(b))), None)
+
+
+def run_branch_name(tag, hardware):
+    """setup's branch for a --tag on a hardware tag: autoresearch/<tag>-<hardware>."""
+    return f"{BRANCH_PREFIX}{tag}-{hardware}"
 
 
 def state_dir(root):
@@ -186,9 +192,7 @@ class Lock:
 @dataclass
 class RunBranch:
     repo: git.Repo
-    backend: str
-    budget: float
-    profile: str
+    run: Run  # the series its experiments measure and how each run goes
     say: object = print  # one-line notices: recovery, restored rows
     calibrated: str | None = None  # setup's calibrated config, before the baseline row records it
     tag: str | None = None  # the hardware its rows are measured on, where not this process's (a swarm's workers)
@@ -196,6 +200,18 @@ class RunBranch:
     @property
     def root(self):
         return Path(self.repo.working_tree_dir)
+
+    @property
+    def backend(self):
+        return self.run.backend
+
+    @property
+    def budget(self):
+        return self.run.budget
+
+    @property
+    def profile(self):
+        return self.run.profile
 
     @property
     def name(self):
@@ -211,7 +227,7 @@ class RunBranch:
 
     @property
     def sandbox(self):
-        return sandbox.active().kind
+        return self.run.sandbox
 
     def key(self):
         """Results compare only within one run branch, hardware, eval profile, budget and sandbox."""
@@ -233,9 +249,8 @@ class RunBranch:
         return noise["spread"] if noise else None
 
     def baseline(self):
-        """The branch's first baseline row (it carries the pin), or None."""
-        return next((r for r in self.rows() if r.branch == self.name and r.status == "keep"
-                     and r.description == "baseline"), None)
+        """The branch's baseline row (it carries the pin), or None."""
+        return baseline_of(self.rows(), self.name)
 
     def config(self):
         """The calibrated config the run branch started from (its baseline row's), or None."""
@@ -339,39 +354,20 @@ class RunBranch:
         return f"interrupted: experiment {commit.hexsha[:7]} not measured (kept as {ref}); reset to {base.hexsha[:7]}"
 
 
-def open_branch(root, backend, budget, command, say=None, hardware=None):
+@contextmanager
+def open_branch(run, command, say=None, hardware=None):
     """Lock the checkout, then the checked-out run branch, its ledger restored and HEAD at its last keep.
     hardware: the tag its experiments run on, where that is not this process's. Use as `with open_branch(...) as
     branch:`."""
-    return _Opened(root, backend, budget, command, say, hardware)
-
-
-class _Opened:
-    def __init__(self, root, backend, budget, command, say, hardware):
-        self.args = (root, backend, budget, command, say, hardware)
-        self.lock = None
-
-    def __enter__(self):
-        import prepare
-
-        root, backend, budget, command, say, hardware = self.args
-        repo = open_repo(root)
-        if repo.head.is_detached or not repo.active_branch.name.startswith(BRANCH_PREFIX):
-            raise Refused("not on a run branch: start one with `autoresearch setup --tag TAG --backend "
-                          f"{backend}`, or check out an existing autoresearch/... branch")
-        self.lock = Lock(root, command).__enter__()
-        try:
-            branch = RunBranch(repo, backend, float(budget), prepare.load_profile().name,
-                               say or (lambda text: print(text, file=sys.stderr, flush=True)), tag=hardware)
-            branch.check_record()
-            branch.restore_ledger()
-            branch.recover()
-            branch.check_series()
-            branch.check_pin()
-        except BaseException:
-            self.lock.__exit__(None, None, None)
-            raise
-        return branch
-
-    def __exit__(self, *exc):
-        self.lock.__exit__(*exc)
+    repo = open_repo(run.root)
+    if repo.head.is_detached or not repo.active_branch.name.startswith(BRANCH_PREFIX):
+        raise Refused("not on a run branch: start one with `autoresearch setup --tag TAG --backend "
+                      f"{run.backend}`, or check out an existing autoresearch/... branch")
+    with Lock(run.root, command):
+        branch = RunBranch(repo, run, say or (lambda text: print(text, file=sys.stderr, flush=True)), tag=hardware)
+        branch.check_record()
+        branch.restore_ledger()
+        branch.recover()
+        branch.check_series()
+        branch.check_pin()
+        yield branch

@@ -46,8 +46,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import prepare
+
 from . import kernels, repo_root, sandbox, train_file
-from .hardware import hardware_tag, memory_gb
+from .hardware import apple_working_set_mb, cuda_capability, cuda_device, hardware_tag, memory_gb
 from .hparams import read_constants, set_constants
 from .runner import COMPILE_CACHE_ENV, run_training
 
@@ -134,19 +136,16 @@ class Calibration:
 
 
 def cache_path(backend, profile_name, budget):
-    import prepare
-
     return prepare.cache_dir() / "calibration" / f"{hardware_tag(backend)}-{profile_name}-{budget:g}s.json"
 
 
-def measure(backend, source, depth, device_batch, budget, seq_len, scratch, timeout=RUNG_TIMEOUT):
+def measure(backend, source, depth, device_batch, budget, scratch, timeout=RUNG_TIMEOUT):
     """One rung: a few real training steps of train.py at this depth and device batch, one forward/backward
     per optimizer step (throughput is per token; whole accumulated steps of a large total batch would only
     make the ladder slower), run from a scratch copy of train.py's source. Returns (rung, error tail)."""
-    sizes = {"DEPTH": depth, "DEVICE_BATCH_SIZE": device_batch, "TOTAL_BATCH_SIZE": device_batch * seq_len}
+    sizes = {"DEPTH": depth, "DEVICE_BATCH_SIZE": device_batch,
+             "TOTAL_BATCH_SIZE": device_batch * prepare.load_profile().seq_len}
     train_file(backend, scratch).write_text(set_constants(source, sizes))
-    import prepare
-
     env = dict(os.environ, AUTORESEARCH_CALIBRATE_STEPS=str(CALIBRATE_STEPS),
                AUTORESEARCH_CACHE=str(prepare.trainer_view()))
     key = f"calibration {hardware_tag(backend)}"
@@ -192,8 +191,6 @@ def reaches_rule(rung, budget):
 
 def first_depth(backend):
     """The ladder's first rung: GPU_FIRST_DEPTH on a CUDA GPU with bf16 (compute capability 8.0 or newer), else 1."""
-    from .hardware import cuda_capability
-
     capability = cuda_capability() if backend == "cuda" else None
     return GPU_FIRST_DEPTH if capability and capability >= (8, 0) else DEPTH_LADDER[0]
 
@@ -201,8 +198,6 @@ def first_depth(backend):
 def memory_limit_mb(backend):
     """Memory a rung may peak at: Metal's recommended working set on an Apple GPU (the budget Metal itself keeps
     to; above it, it pages), else MEMORY_FRACTION of the CUDA GPU's memory or of system memory."""
-    from .hardware import apple_working_set_mb
-
     working_set = apple_working_set_mb(backend)
     return working_set if working_set else MEMORY_FRACTION * device_memory_mb(backend)
 
@@ -238,8 +233,6 @@ def choose(rungs, budget, seq_len, device_batch, memory_limit_mb, train_tokens=N
 
 def calibrate(backend, root=None, force=False, budget=None, on_line=None, time_limit=TIME_LIMIT):
     """The cached choice for this hardware, profile and budget, or measure the ladder and choose."""
-    import prepare
-
     root = Path(root or repo_root())
     profile = prepare.load_profile()
     budget = float(budget) if budget is not None else prepare.time_budget(profile)
@@ -268,11 +261,11 @@ def calibrate(backend, root=None, force=False, budget=None, on_line=None, time_l
             # a deeper rung's steps take at least as long as the last one's: starting it would overrun the limit
             say(f"calibrate: depth {depth} would end past the {time_limit:g}s limit; stopping")
             break
-        rung, error = measure(backend, source, depth, batch, budget, profile.seq_len, scratch, timeout)
+        rung, error = measure(backend, source, depth, batch, budget, scratch, timeout)
         while batch > 1 and (out_of_memory(error) or (rung and rung.peak_mb > memory_limit)):
             batch //= 2  # the largest device batch that fits: deeper rungs start from it
             say(f"calibrate: depth {depth} does not fit at device batch {batch * 2}; trying {batch}")
-            rung, error = measure(backend, source, depth, batch, budget, profile.seq_len, scratch, timeout)
+            rung, error = measure(backend, source, depth, batch, budget, scratch, timeout)
         if rung is None:
             say(f"calibrate: depth {depth} failed ({error.splitlines()[-1] if error else 'no output'}); stopping")
             break
@@ -309,8 +302,6 @@ def calibrate(backend, root=None, force=False, budget=None, on_line=None, time_l
 def device_memory_mb(backend):
     """Memory a model may use: the GPU's for cuda, else system memory (unified on Apple Silicon)."""
     if backend == "cuda":
-        from .hardware import cuda_device
-
         gpu = cuda_device()
         if gpu:
             return gpu[1]

@@ -1,22 +1,38 @@
 """The `autoresearch` command line."""
 
+import json
 import platform
 import re
 import sys
 from pathlib import Path
 from typing import List, Optional
 
+import git
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
-from . import repo_root
-from .calibrate import TIME_LIMIT
-from .experiment import EXIT
-from .hardware import (BLAS_HINT, available_backends, blas_library, device_name, hardware_tag,
-                       is_apple_silicon, pick_backend)
+import prepare
+
+from . import record, repo_root, sandbox
+from .auto_pick import auto_plan, cpu_measurement, cpu_paths, pick_backend
+from .branch import Lock, branch_backend, open_repo
+from .calibrate import TIME_LIMIT, calibrate
+from .dashboard import DashboardError, serve
+from .experiment import EXIT, CacheBroken, Refused, SetupFailed, check_cache, manual_run, run_experiment, setup, verify
+from .gate import Gate
+from .hardware import BLAS_HINT, available_backends, blas_library, device_name, hardware_tag, is_apple_silicon
+from .ledger import LEDGER_NAME, LedgerError, read_ledger, rebuild_ledger, series_of
+from .loop import AgentBroken, TurnRules, make_agent, run_loop
 from .plain import markup, plain, text as plain_text
+from .presets import PRESETS, missing_binary
 from .progress import LiveProgress
+from .report import ReportError, bench_report, finite, plot_progress, print_results, results_summary
+from .runner import Interrupted, handle_signals
+from .settings import Run
+from .swarm import Plan, SwarmError, run_swarm
+from .transfer import target_budget, transfer
 
 app = typer.Typer(add_completion=False, no_args_is_help=False,
                   help="Autonomous LLM research on any hardware. With no command: one training run.")
@@ -34,8 +50,6 @@ def fail(message, code=1):
 
 
 def resolve_backend(requested):
-    from .branch import branch_backend
-
     say = lambda line: console.print(plain(line), highlight=False, markup=False, soft_wrap=True)  # noqa: E731
     on_branch = branch_backend(repo_root()) if requested == "auto" else None
     try:
@@ -61,13 +75,10 @@ def main_callback(
     use_sandbox(sandbox_mode, ctx.invoked_subcommand)
     if ctx.invoked_subcommand is not None:
         return
-    from .experiment import CacheBroken, check_cache, manual_run
-
-    name = resolve_backend(backend)
-    budget = check_prepared(budget)
+    run = resolve_run(ctx, None)
     try:
         check_cache()
-        status, text = manual_run(repo_root(), name, budget, on_line=print)
+        status, text = manual_run(run, on_line=print)
     except CacheBroken as e:
         fail(str(e))
     print(text)
@@ -80,8 +91,6 @@ UNTRUSTED_COMMANDS = (None, "setup", "run", "loop", "swarm", "calibrate", "verif
 
 def use_sandbox(mode, command):
     """--sandbox, resolved once for the command; said once where the command runs untrusted code."""
-    from . import sandbox
-
     try:
         box = sandbox.use(mode)
     except ValueError as e:
@@ -92,22 +101,24 @@ def use_sandbox(mode, command):
         console.print(f"sandbox: {box.kind} ({box.reason})", markup=False, highlight=False, soft_wrap=True)
 
 
-def check_prepared(budget=None):
-    """The cache is prepared and the budget (--budget, else AUTORESEARCH_BUDGET) is valid: else one line."""
-    import os
-
-    import prepare
-
-    from .experiment import check_budget
-
-    if budget is not None:
-        try:
-            check_budget(budget)
-        except ValueError as e:
-            fail(str(e), code=EXIT["refused"])
-        os.environ["AUTORESEARCH_BUDGET"] = str(budget)
+def check_prepared():
+    """The cache is prepared: else one line."""
     try:
-        return prepare.time_budget(prepare.load_profile())
+        prepare.load_profile()
+    except prepare.PrepareError as e:
+        fail(str(e))
+
+
+def resolve_run(ctx, backend, budget=None, fallback=None, **how):
+    """The command's Run, resolved once: the backend (--backend here, else before the command), the budget (--budget
+    here, else before the command, else Run.resolve's), how each run goes (seed, timeout, gate). A bad option or an
+    unprepared cache: one line."""
+
+    name = resolve_backend(backend or ctx.obj["backend"])
+    try:
+        return Run.resolve(repo_root(), name, budget if budget is not None else ctx.obj["budget"], fallback, **how)
+    except ValueError as e:
+        fail(str(e), code=EXIT["refused"])
     except prepare.PrepareError as e:
         fail(str(e))
 
@@ -125,8 +136,6 @@ def prepare_cmd(
     force: bool = typer.Option(False, "--force", help="rebuild a cache prepared differently"),
 ):
     """Download or import data, train the tokenizer, tokenize, fix the eval profile."""
-    import prepare
-
     if profile == "auto":
         profile = default_profile()
         console.print(f"profile: {profile} (auto for this machine; --profile to choose)", highlight=False)
@@ -193,9 +202,6 @@ def hardware_cmd(
                                  "train.py), replacing any cached figures"),
 ):
     """This machine's hardware tag per installed backend, and what `--backend auto` picks or will do."""
-    import prepare
-
-    from .hardware import auto_plan, cpu_measurement, cpu_paths
 
     found = available_backends()
     if not found:
@@ -229,11 +235,6 @@ def hardware_cmd(
         print(f"blas for mlx: {blas_library() or 'reference (slow): ' + BLAS_HINT}")
 
 
-def seed_runs(gate):
-    """Runs one experiment may take: the seeds gate's most, else one."""
-    return gate.seeds if gate.kind == "seeds" else 1
-
-
 def run_with_progress(fn, live, **kwargs):
     with live:
         outcome = guarded(fn, on_line=live.line, **kwargs)
@@ -243,9 +244,6 @@ def run_with_progress(fn, live, **kwargs):
 
 def guarded(fn, **kwargs):
     """fn(**kwargs), its refusals and errors as one line and the exit code the contract gives them."""
-    from .experiment import CacheBroken, Refused, SetupFailed
-    from .ledger import LedgerError
-
     try:
         return fn(**kwargs)
     except ValueError as e:  # an option out of range, caught before anything was committed
@@ -271,8 +269,6 @@ ConfidenceOption = typer.Option(0.9, "--confidence", help="seeds gate: P(better)
 
 
 def make_gate(kind, k, seeds, confidence):
-    from .gate import Gate
-
     try:
         return Gate(kind, k, seeds, confidence)
     except ValueError as e:
@@ -292,13 +288,9 @@ def setup_cmd(
 ):
     """Create the run branch for this hardware and record the baseline (with its noise floor). A baseline that
     crashed or is invalid sets up nothing: one line, the exit code of its status (4 crash, 6 invalid)."""
-    from .experiment import setup
-
-    backend = resolve_backend(backend_opt or ctx.obj["backend"])
-    budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
-    live = LiveProgress(console, budget, "baseline", noise_runs, verbose)
-    run_with_progress(setup, live, root=repo_root(), tag=tag, backend=backend, budget=budget,
-                      seed=seed, timeout=timeout, noise_runs=noise_runs, calibrate=calibrate,
+    run = resolve_run(ctx, backend_opt, budget, seed=seed, timeout=timeout)
+    live = LiveProgress(console, run.budget, "baseline", noise_runs, verbose)
+    run_with_progress(setup, live, run=run, tag=tag, noise_runs=noise_runs, calibrate=calibrate,
                       force_calibration=force_calibration)
 
 
@@ -313,14 +305,9 @@ def run_cmd(
 ):
     """One experiment: commit the edited train.py, train, keep (exit 0) or reset (3 discard, 4 crash, 6 invalid:
     caught breaking the rules; 2 refused; 5 the same program was already run; 1 error: the cache or the disk)."""
-    from .experiment import run_experiment
-
-    backend = resolve_backend(backend_opt or ctx.obj["backend"])
-    budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
-    gate = make_gate(gate, k, seeds, confidence)
-    live = LiveProgress(console, budget, "experiment", seed_runs(gate), verbose)
-    run_with_progress(run_experiment, live, root=repo_root(), backend=backend, description=message,
-                      budget=budget, seed=seed, timeout=timeout, gate=gate)
+    run = resolve_run(ctx, backend_opt, budget, seed=seed, timeout=timeout, gate=make_gate(gate, k, seeds, confidence))
+    live = LiveProgress(console, run.budget, "experiment", run.gate.most_runs(), verbose)
+    run_with_progress(run_experiment, live, run=run, description=message)
 
 
 AgentOption = typer.Option(..., "--agent", "-a", help="random (random search), tpe (Optuna's TPE over the "
@@ -349,21 +336,15 @@ def loop_cmd(
 ):
     """Never stop: the agent edits train.py, the harness runs the experiment, repeat (Ctrl-C to end). Exit 7:
     stopped after --max-failed-turns agent turns in a row without an experiment (the last one's error said)."""
-    from .agents import make_agent
-    from .loop import AgentBroken, TurnRules, run_loop
-    from .presets import missing_binary
-
-    backend = resolve_backend(backend_opt or ctx.obj["backend"])
-    budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
-    gate = make_gate(gate, k, seeds, confidence)
+    run = resolve_run(ctx, backend_opt, budget, seed=seed, timeout=timeout, gate=make_gate(gate, k, seeds, confidence))
     try:
-        rules = TurnRules(max_failed, backoff, max_cost)
+        rules = TurnRules(max_failed, backoff, max_cost, max_experiments, agent_timeout)
     except ValueError as e:
         fail(str(e), code=EXIT["refused"])
     missing = missing_binary(agent)
     if missing:
         fail(missing, code=EXIT["refused"])
-    live = LiveProgress(console, budget, "experiment", seed_runs(gate), verbose)
+    live = LiveProgress(console, run.budget, "experiment", run.gate.most_runs(), verbose)
 
     def on_event(text):
         live.close()
@@ -373,9 +354,8 @@ def loop_cmd(
             live.experiment(f"experiment {turn[1]}")
 
     try:
-        outcomes = guarded(run_loop, root=repo_root(), backend=backend, agent=make_agent(agent, agent_seed),
-                           max_experiments=max_experiments, budget=budget, seed=seed, agent_timeout=agent_timeout,
-                           timeout=timeout, on_event=on_event, on_line=live.line, gate=gate, rules=rules)
+        outcomes = guarded(run_loop, run=run, agent=make_agent(agent, agent_seed), rules=rules, on_event=on_event,
+                           on_line=live.line)
     except AgentBroken as e:
         live.close()
         fail(str(e), code=EXIT["agent"])
@@ -389,8 +369,6 @@ def loop_cmd(
 def agents_cmd():
     """The agent presets `--agent NAME` expands to: the exact command each runs, how the prompt reaches it, what
     the harness reads from it, and how to install it."""
-    from .presets import PRESETS
-
     for p in PRESETS.values():
         print(f"{p.name}: {p.command}")
         print(f"  prompt on {p.prompt_via}; {p.why}")
@@ -421,24 +399,17 @@ def swarm_cmd(
 ):
     """Several workers run the loop on one run branch at once, on Ray; this checkout holds the merged branch and
     the one ledger, every row tagged with its worker (Ctrl-C to end)."""
-    from .experiment import Settings
-    from .presets import missing_binary
-    from .swarm import Plan, SwarmError, run_swarm
-
-    backend = resolve_backend(backend_opt or ctx.obj["backend"])
-    budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
+    run = resolve_run(ctx, backend_opt, budget, seed=seed, timeout=timeout, gate=make_gate(gate, k, seeds, confidence))
     missing = missing_binary(agent) if address is None else None  # a cluster's nodes have their own PATH
     if missing:
         fail(missing, code=EXIT["refused"])
     try:
-        settings = Settings(seed, timeout, make_gate(gate, k, seeds, confidence))
         plan = Plan(workers, agent, agent_seed, agent_timeout, max_experiments, address, tag, noise_runs, calibrate,
                     restart_timeout)
     except ValueError as e:
         fail(str(e), code=EXIT["refused"])
     try:
-        rows = guarded(run_swarm, root=repo_root(), backend=backend, budget=budget, settings=settings, plan=plan,
-                       on_event=lambda line: print(plain(line), flush=True))
+        rows = guarded(run_swarm, run=run, plan=plan, on_event=lambda line: print(plain(line), flush=True))
     except SwarmError as e:
         fail(str(e), code=EXIT["error"])
     counts = {s: sum(r.status == s for r in rows) for s in ("keep", "discard", "crash", "invalid", "lost")}
@@ -454,12 +425,9 @@ def calibrate_cmd(
     time_limit: float = typer.Option(TIME_LIMIT, "--time-limit", help="seconds of training steps for the whole ladder (startup and compiling not counted)"),
 ):
     """Measure a ladder of model sizes here and pick the one for the budget (cached per hardware tag)."""
-    from .calibrate import calibrate
-
-    backend = resolve_backend(backend_opt or ctx.obj["backend"])
-    budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
+    run = resolve_run(ctx, backend_opt, budget)
     try:
-        result, cached = calibrate(backend, root=repo_root(), force=force, budget=budget, time_limit=time_limit,
+        result, cached = calibrate(run.backend, root=run.root, force=force, budget=run.budget, time_limit=time_limit,
                                    on_line=lambda text: console.print(text, highlight=False, markup=False, soft_wrap=True))
     except RuntimeError as e:
         fail(str(e))
@@ -477,13 +445,9 @@ def verify_cmd(
     timeout: Optional[float] = TimeoutOption, verbose: bool = VerboseOption, k: float = KOption,
 ):
     """Re-run the branch's best with fresh seeds: does its recorded val_bpb hold? (exit 0 holds, 3 regressed)"""
-    from .experiment import verify
-
-    backend = resolve_backend(backend_opt or ctx.obj["backend"])
-    budget = check_prepared(budget if budget is not None else ctx.obj["budget"])
-    live = LiveProgress(console, budget, "verify", runs, verbose)
-    run_with_progress(verify, live, root=repo_root(), backend=backend, runs=runs, budget=budget,
-                      seed=seed, timeout=timeout, gate=make_gate("noise", k, 3, 0.9))
+    run = resolve_run(ctx, backend_opt, budget, seed=seed, timeout=timeout, gate=make_gate("noise", k, 3, 0.9))
+    live = LiveProgress(console, run.budget, "verify", runs, verbose)
+    run_with_progress(verify, live, run=run, runs=runs)
 
 
 @app.command("results")
@@ -494,10 +458,6 @@ def results_cmd(
     plateau: int = typer.Option(10, "--plateau", help="plateau: no keep in the last K experiments"),
 ):
     """Per hardware, eval profile and budget: baseline, best, keep rate, kept changes, plateau, throughput."""
-    import json
-
-    from .ledger import LedgerError, read_ledger
-    from .report import ReportError, finite, plot_progress, print_results, results_summary, series_of
 
     try:
         rows = read_ledger(path)
@@ -533,10 +493,6 @@ def bench_report_cmd(
 ):
     """Merge ledgers and run branches (their rows from refs/notes/autoresearch) into DIR/report.md and
     DIR/progress.png: per-hardware table and the findings matrix of kept changes x hardware."""
-    import git
-
-    from .ledger import LedgerError
-    from .report import ReportError, bench_report
 
     try:
         repo = git.Repo(Path.cwd(), search_parent_directories=True)
@@ -560,15 +516,10 @@ def transfer_cmd(
     gate: str = GateOption, k: float = KOption, seeds: int = SeedsOption, confidence: float = ConfidenceOption,
 ):
     """Replay another run branch's kept changes (oldest first) as experiments on this run branch."""
-    from rich.table import Table
 
-    from .transfer import transfer
-
-    backend = resolve_backend(backend_opt or ctx.obj["backend"])
-    budget = budget if budget is not None else ctx.obj["budget"]
-    check_prepared(budget)
-    gate = make_gate(gate, k, seeds, confidence)
-    live = LiveProgress(console, budget or 300, "transfer", seed_runs(gate), verbose)
+    run = resolve_run(ctx, backend_opt, budget, guarded(target_budget, root=repo_root()), seed=seed, timeout=timeout,
+                      gate=make_gate(gate, k, seeds, confidence))
+    live = LiveProgress(console, run.budget, "transfer", run.gate.most_runs(), verbose)
 
     def on_result(item):
         live.close()
@@ -576,8 +527,7 @@ def transfer_cmd(
         live.experiment("transfer")
 
     try:
-        results = guarded(transfer, root=repo_root(), from_branch=from_branch, backend=backend, budget=budget,
-                          seed=seed, timeout=timeout, on_line=live.line, gate=gate, on_result=on_result)
+        results = guarded(transfer, run=run, from_branch=from_branch, on_line=live.line, on_result=on_result)
     finally:
         live.close()
     if not results:
@@ -597,10 +547,6 @@ def transfer_cmd(
 @ledger_app.command("rebuild")
 def ledger_rebuild_cmd():
     """Recreate results.tsv from the rows every commit carries in refs/notes/autoresearch."""
-    from . import record
-    from .branch import Lock, open_repo
-    from .ledger import LEDGER_NAME, rebuild_ledger
-
     root = repo_root()
     with Lock(root, "ledger rebuild"):
         repo = guarded(open_repo, root=root)
@@ -617,8 +563,6 @@ def dashboard_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on; another than loopback lets others read it"),
 ):
     """A local, read-only live page: progress charts, ledgers, kept diffs, the run in flight, the findings matrix."""
-    from .dashboard import DashboardError, serve
-
     try:
         serve(sources or None, host, port)
     except DashboardError as e:
@@ -626,8 +570,6 @@ def dashboard_cmd(
 
 
 def main():
-    from .runner import Interrupted, handle_signals
-
     handle_signals()
     try:
         app()

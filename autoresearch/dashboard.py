@@ -1,6 +1,6 @@
 """`autoresearch dashboard`: one local, read-only page that follows a run as it goes.
 
-Per series (report.Series: hardware, eval profile, budget, run branch) it shows the progress chart, the ledger and
+Per series (ledger.Series: hardware, eval profile, budget, run branch) it shows the progress chart, the ledger and
 each kept commit's diff of train.py; beside them the experiment in flight (from .autoresearch/run.log) and the
 findings matrix of `bench report`. Everything it shows comes from report.py; this module only serves it.
 
@@ -32,7 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import git
 
-from . import report, train_file
+from . import report, sources, train_file
 from .branch import BRANCH_PREFIX, STATE_DIR
 from .gate import spread
 from .ledger import LEDGER_NAME, SCORED, LedgerError, read_ledger
@@ -90,7 +90,7 @@ def series_data(s, label, root):
     kept = ([{"commit": base.commit, "description": base.description, "val_bpb": base.val_bpb, "delta": None,
               "holdout_bpb": summary["baseline"]["holdout_bpb"]}]
             if base else []) + summary_kept
-    return {"key": "|".join(map(str, (s.hardware, s.eval_profile, s.budget, s.branch, s.sandbox))), "label": label,
+    return {"key": "|".join(map(str, s.key)), "label": label,
             "summary": summary, "rows": rows, "running_best": running, "noise_spread": sigma, "kept": kept}
 
 
@@ -200,8 +200,8 @@ class Dashboard:
             if not head.name.startswith(BRANCH_PREFIX):
                 continue
             try:
-                report.branch_rows(self.repo, head.name)
-            except report.ReportError:  # a run branch without rows yet
+                sources.branch_rows(self.repo, head.name)
+            except sources.ReportError:  # a run branch without rows yet
                 continue
             found.append(head.name)
         return found
@@ -223,7 +223,7 @@ class Dashboard:
 
     def load(self):
         sources = self.sources if self.sources is not None else self.default_sources()
-        rows, series = report.load_series(sources, self.repo)
+        rows, series = sources.load_series(sources, self.repo)
         labels = report.labels(series)
         shown = [series_data(s, label, self.root) for s, label in zip(series, labels)]
         return {"sources": sources, "rows": len(rows), "labels": labels, "series": shown,
@@ -278,7 +278,7 @@ class Dashboard:
         experiment in flight, which changes every poll and so is never cached."""
         try:
             part, error = self.part(since), None
-        except (report.ReportError, LedgerError, OSError, git.GitCommandError) as e:
+        except (sources.ReportError, LedgerError, OSError, git.GitCommandError) as e:
             part, error = b"{}", str(e)
         with self.lock:
             live = in_flight(self.root)
@@ -340,7 +340,7 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/api/diff":
             try:
                 return self.send_json(*board.diff(parse_qs(url.query).get("commit", [""])[0]))
-            except (report.ReportError, LedgerError, OSError, git.GitCommandError) as e:
+            except (sources.ReportError, LedgerError, OSError, git.GitCommandError) as e:
                 return self.send_json(503, {"error": str(e)})
         self.send(404, b"not found\n", "text/plain")
 
@@ -430,7 +430,7 @@ def serve(sources=None, host=DEFAULT_HOST, port=DEFAULT_PORT, say=print):
     board = Dashboard(sources, repo, root)
     try:
         board.data()
-    except (report.ReportError, LedgerError) as e:
+    except (sources.ReportError, LedgerError) as e:
         raise DashboardError(str(e)) from None
     try:
         server = Server(host, port, board, plotly_js)

@@ -28,13 +28,12 @@ it does to its own interpreter reaches the number.
 A model that fails a probe is "invalid": it gets no val_bpb. backends/README.md states the protocol.
 """
 
-import importlib.util
 import json
-import mmap
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -46,8 +45,9 @@ import prepare
 
 from . import hub, record, sandbox
 from .clock import SCORING_SLACK_SECONDS
-from .hardware import cpu_cores, preload_blas
-from .runner import remove_pid_file, write_pid_file
+from .hardware import on_cuda_gpu, preload_blas
+from .model_server import make_logits_fn, send_array
+from .runner import remove_pid_file, state_of, write_pid_file
 
 # How far a log-probability may move between two evaluations of the same prefix (nats). Honest models give the
 # same numbers up to rounding (every row is computed alone, masked attention adds exact zeros); the slack covers
@@ -81,7 +81,7 @@ NOT_FINITE = "the model's logits are not finite (NaN or inf): no loss can be com
 
 # The child runs isolated (-I: no environment variables, user site or working directory on its path; -B: no bytecode
 # written), with exactly the harness's own prepare.py and package on its path.
-CHILD_MAIN = ("import json, sys; sys.path[:0] = json.loads(sys.argv[1]); from autoresearch.evaluate import serve; "
+CHILD_MAIN = ("import json, sys; sys.path[:0] = json.loads(sys.argv[1]); from autoresearch.model_server import serve; "
               "serve(sys.argv[2], int(sys.argv[3]))")
 
 
@@ -94,8 +94,6 @@ def shared_buffer():
     """A file only in memory (an unlinked temporary file where there is no memfd), inherited by the child."""
     if hasattr(os, "memfd_create"):
         return os.memfd_create("autoresearch-logits")
-    import tempfile
-
     return os.dup(tempfile.TemporaryFile().fileno())
 
 
@@ -108,7 +106,7 @@ def start_evaluator(backend, root, checkpoint, env=None, state=None, name=EVALUA
     child_env = dict(os.environ if env is None else env, AUTORESEARCH_CACHE=str(prepare.trainer_view()),
                      PYTHONUNBUFFERED="1")
     blas = preload_blas(child_env, one_thread=True) if backend == "mlx" else None  # logits_fn: a stream per core
-    offline, hub_note = hub.child_env(backend)
+    offline, hub_note = hub.child_env(on_cuda_gpu(backend))
     child_env.update(offline)
     notes = [n for n in (blas, hub_note) if n]
     # the harness's state folder too: its logs hold earlier runs' output
@@ -121,10 +119,9 @@ def start_evaluator(backend, root, checkpoint, env=None, state=None, name=EVALUA
     return Child(argv, root, child_env, name, buffer, Path(state) / f"{name}.pid" if state else None, notes)
 
 
-def evaluate(backend, root, checkpoint, timeout=None, on_line=None, env=None, state=None, child=None, scoring=None):
-    """Score the checkpoint of backends/<backend>/train.py in root. env: the children's base environment (default
-    os.environ); their AUTORESEARCH_CACHE is replaced by the trainer's view of this process's cache. state: the
-    folder for the children's pid files, so a harness started after this one was killed can stop them. child: the
+def evaluate(backend, root, checkpoint, timeout=None, on_line=None, child=None, scoring=None):
+    """Score the checkpoint of backends/<backend>/train.py in root. The children's AUTORESEARCH_CACHE is the
+    trainer's view of this process's cache; their pid files go to root's state folder (runner.state_of). child: the
     scoring process, started ahead (start_evaluator), else a fresh one. scoring: seconds the scoring and probes
     may take once the models are built (the branch's clock), or None."""
     start = time.time()
@@ -151,8 +148,9 @@ def evaluate(backend, root, checkpoint, timeout=None, on_line=None, env=None, st
         holdout = np.ascontiguousarray(holdout, dtype=np.int32) if holdout is not None else rows[:0]
         vocab = len(prepare.get_token_bytes())
         job = {"checkpoint": str(Path(checkpoint).resolve()), "vocab_size": vocab}
-        children = [child or start_evaluator(backend, root, checkpoint, env, state),
-                    start_evaluator(backend, root, checkpoint, env, state, REFERENCE)]
+        state = state_of(root)
+        children = [child or start_evaluator(backend, root, checkpoint, state=state),
+                    start_evaluator(backend, root, checkpoint, state=state, name=REFERENCE)]
         for c in children:
             c.scoring = scoring
             c.listen(note if c.name == EVALUATOR else lambda line: note(f"[{REFERENCE}] {line}"))
@@ -482,55 +480,6 @@ class Child:
             remove_pid_file(self.pid_file)
 
 
-def send_array(stream, array):
-    """One int32 array on a pipe: its shape on a line, then its bytes."""
-    array = np.ascontiguousarray(array)
-    stream.write((" ".join(map(str, array.shape)) + "\n").encode() + array.tobytes())
-    stream.flush()
-
-
-def receive_array(stream, dtype):
-    shape = tuple(int(n) for n in stream.readline().split())
-    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    data = stream.read(size)
-    if not shape or len(data) != size:
-        raise EOFError("the other end closed the pipe mid-array")
-    return np.frombuffer(data, dtype).reshape(shape)
-
-
-# ---------------------------------------------------------------------------
-# The child: the agent's model, and nothing else
-# ---------------------------------------------------------------------------
-
-
-def load_train(backend, root):
-    """backends/<backend>/train.py imported by path; importing defines the model and trains nothing."""
-    path = Path(root) / "backends" / backend / "train.py"
-    spec = importlib.util.spec_from_file_location(f"autoresearch_eval_{backend}_train", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-class LogitsShape(ValueError):
-    def __init__(self, shape):
-        super().__init__(f"model(idx) returned logits of shape {tuple(shape)}")
-        self.shape = tuple(int(n) for n in shape)
-
-
-def check_logits(shape, inputs_shape, vocab):
-    if len(shape) != 3 or tuple(shape[:2]) != tuple(inputs_shape) or shape[2] < vocab:
-        raise LogitsShape(shape)
-
-
-def make_logits_fn(backend, module, model, vocab):
-    """logits_fn(x): (n, T) int32 numpy inputs -> rows(at, m), rows at..at+m of model(x)'s logits as (m, T, vocab)
-    float32 numpy, in the backend's precision (its autocast_ctx() for torch), brought to the host a slice at a
-    time; columns past vocab (a padded table) are dropped."""
-    return (mlx_logits_fn if backend == "mlx" else torch_logits_fn)(module, model, vocab)
-
-
 def make_loss_fn(backend, module, model, vocab):
     """loss_fn(rows): (b, T+1) rows -> (b, T) nats, the harness's cross-entropy of the model's logits (the
     conformance tests score models in-process with it)."""
@@ -541,93 +490,3 @@ def make_loss_fn(backend, module, model, vocab):
         return cross_entropy(logits_fn(rows[:, :-1])(0, len(rows)), rows[:, 1:])
 
     return loss_fn
-
-
-def torch_logits_fn(module, model, vocab):
-    import torch
-
-    dev = next(model.parameters()).device
-    # Eager everywhere, CUDA included: at the gpu profile compiling would save ~3 s of forward passes and cost
-    # 15-40 s in a fresh process whose sandbox sees no compile cache (bench/eval_overhead.md, "Eager or compiled");
-    # to be decided again once a GPU has measured both (bench/gpu_smoke.sh).
-    @torch.inference_mode()
-    def logits_fn(x):
-        tokens = torch.from_numpy(np.asarray(x, dtype=np.int64)).to(dev)
-        with module.autocast_ctx():
-            logits = model(tokens)
-        check_logits(logits.shape, x.shape, vocab)
-        return lambda at, m: logits[at : at + m, :, :vocab].float().cpu().numpy()
-
-    return logits_fn
-
-
-def mlx_logits_fn(module, model, vocab):
-    import mlx.core as mx
-
-    # On CPUs MLX runs elementwise ops one scalar at a time on one core, and the soft cap's and attention's
-    # transcendental passes cost more than the matmuls: the rows are split over one CPU stream per core (streams
-    # run side by side, each with a single-threaded BLAS the harness preloads). On a GPU, one call.
-    streams = [mx.new_stream(mx.cpu) for _ in range(cpu_cores())] if not module.on_gpu else [None]
-
-    def logits_fn(x):
-        x = np.asarray(x, dtype=np.int32)
-        parts = np.array_split(x, min(len(streams), len(x)))
-        outs = []
-        for stream, part in zip(streams, parts):
-            with mx.stream(stream or mx.default_stream(mx.default_device())):
-                outs.append(model(mx.array(part)).astype(mx.float32))
-        mx.eval(outs)
-        for part, out in zip(parts, outs):
-            check_logits(out.shape, part.shape, vocab)
-        logits = mx.concatenate(outs) if len(outs) > 1 else outs[0]
-        return lambda at, m: np.array(logits[at : at + m, :, :vocab])
-
-    return logits_fn
-
-
-def serve(backend, buffer):
-    """The child: import train.py, read the job, build the model, say so on the protocol stream, then answer every
-    chunk of inputs with its logits in the shared buffer, a slice at a time, until stdin closes."""
-    protocol, rows_in = os.fdopen(os.dup(1), "wb"), os.fdopen(os.dup(0), "rb")
-    os.dup2(2, 1)  # what train.py prints goes to the log, never into the protocol
-    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # and its stdin is empty
-    # Ahead of the job, only the framework's import: train.py's may touch the device (a CUDA context of ~0.5 GB
-    # beside training's, which a GPU in EXCLUSIVE_PROCESS mode refuses; MPS's bf16 check), and the job comes
-    # once the checkpoint exists, training over.
-    importlib.import_module("mlx.core" if backend == "mlx" else "torch")
-    job = json.loads(rows_in.readline())
-    module = load_train(backend, Path.cwd())
-    start = time.time()
-    vocab = int(job["vocab_size"])
-    config, weights = prepare.load_checkpoint(job["checkpoint"])
-    model = module.build_model(config, weights)
-    logits_fn = make_logits_fn(backend, module, model, vocab)
-    hello = {"dtype": str(module.compute_dtype).rsplit(".", 1)[-1], "device": module.device_name(),
-             "rows_per_chunk": int(module.DEVICE_BATCH_SIZE),  # a forward of the rows a training micro-step fits
-             "seconds": round(time.time() - start, 2)}
-    protocol.write((json.dumps(hello) + "\n").encode())
-    protocol.flush()
-    view = None
-    while rows_in.peek(1):
-        x = receive_array(rows_in, np.int32)
-        try:
-            rows = logits_fn(x)
-        except LogitsShape as e:
-            protocol.write(("shape " + " ".join(map(str, e.shape)) + "\n").encode())
-            protocol.flush()
-            return
-        size = os.fstat(buffer).st_size
-        slice_rows = size // (x.shape[1] * vocab * 4)
-        if view is None or len(view) * 4 != size:
-            view = np.frombuffer(mmap.mmap(buffer, size), dtype=np.float32)
-        for at in range(0, len(x), slice_rows):
-            if at:
-                rows_in.read(1)  # the harness has copied the last slice out
-            part = rows(at, min(slice_rows, len(x) - at))
-            view[: part.size] = part.ravel()
-            protocol.write(b"logits\n")
-            protocol.flush()
-
-
-if __name__ == "__main__":
-    serve(sys.argv[1], int(sys.argv[2]))

@@ -16,18 +16,21 @@ from pathlib import Path
 
 import git
 
-from . import train_file
-from .branch import (BRANCH_PREFIX, STATE_DIR, Lock, Refused, RunBranch, changed_files, disk_changes,
-                     git_control_files, open_branch, open_repo, pin_of, refs_snapshot, refuse_dirty, state_dir)
-from . import kernels, sandbox
+import prepare
+
+from . import kernels, sandbox, train_file
 from . import record as harness_record
+from .branch import (STATE_DIR, Lock, Refused, RunBranch, changed_files, disk_changes, git_control_files, open_branch,
+                     open_repo, pin_of, refs_snapshot, refuse_dirty, run_branch_name, state_dir)
+from .calibrate import calibrate
 from .clock import Clock
-from .gate import Gate, decide, judge_pace, load_noise, save_noise, spread
-from .hardware import hardware_tag
+from .evaluate import evaluate, start_evaluator
+from .gate import decide, judge_pace, load_noise, save_noise, spread
+from .hardware import available_backends, hardware_tag
 from .hparams import block_json, set_constants
 from .ledger import (LEDGER_NAME, MAX_DESCRIPTION_CHARS, MISSING_NUMBER, NOTES_REF, SCORED, UNJUDGED, LedgerError,
                      Row, append_row, format_row, now, one_line, write_note)
-from .runner import COMPILE_CACHE_ENV, CappedLog, Interrupted, default_timeout, run_training
+from .runner import COMPILE_CACHE_ENV, CappedLog, Interrupted, run_training
 
 EXIT = {"ok": 0, "keep": 0, "holds": 0, "error": 1, "refused": 2, "discard": 3, "regressed": 3, "crash": 4, "repeat": 5,
         "invalid": 6, "agent": 7}  # agent: the loop stopped after too many agent turns in a row without an experiment
@@ -50,18 +53,6 @@ class SetupFailed(Refused):
 
     def __reduce__(self):  # a swarm worker's setup raises it through Ray, which pickles it
         return SetupFailed, (str(self), self.status)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How each training run of a command goes; validated before anything is committed."""
-    seed: int = 42
-    timeout: float | None = None  # hard limit per training run (default: budget + max(budget, 120 s))
-    gate: Gate = Gate()
-
-    def __post_init__(self):
-        if self.timeout is not None and not (self.timeout > 0 and math.isfinite(self.timeout)):
-            raise ValueError(f"--timeout must be a positive number of seconds, got {self.timeout:g}")
 
 
 @dataclass
@@ -134,27 +125,8 @@ def train_hash(source):
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
-def run_branch_name(tag, backend):
-    return f"{BRANCH_PREFIX}{tag}-{hardware_tag(backend)}"
-
-
-def check_budget(budget):
-    budget = float(budget) if budget is not None else _profile_budget()
-    if not (budget > 0 and math.isfinite(budget)):
-        raise ValueError(f"--budget must be a positive number of seconds, got {budget:g}")
-    return budget
-
-
-def _profile_budget():
-    import prepare
-
-    return prepare.time_budget()
-
-
 def check_cache():
     """The cache is as prepare left it; else CacheBroken with the repair."""
-    import prepare
-
     try:
         prepare.check_cache()
     except prepare.PrepareError as e:
@@ -312,15 +284,11 @@ class Guard:
     scoring: float | None = None  # seconds the evaluator may score for once its model is built
 
 
-def train_and_evaluate(root, backend, budget, seed=None, timeout=None, on_line=None, guard=Guard()):
-    """Train root's train.py once on the trainer's view of the cache, then score its checkpoint in the harness's
-    evaluator, unless guard.check(result) returns (status, reason) first. Returns (result, evaluation or None,
-    stop)."""
-    import prepare
-
-    from .evaluate import evaluate, start_evaluator
-    from .hardware import available_backends
-
+def train_and_evaluate(run, seed=None, on_line=None, guard=Guard()):
+    """Train run.root's train.py once on the trainer's view of the cache, then score its checkpoint in the
+    harness's evaluator, unless guard.check(result) returns (status, reason) first. Returns (result, evaluation or
+    None, stop)."""
+    root, backend = run.root, run.backend
     # in the cache, which no agent's turn sees (a swarm trains while other workers' agents work)
     runs = prepare.cache_dir() / "runs"
     runs.mkdir(exist_ok=True)
@@ -333,8 +301,8 @@ def train_and_evaluate(root, backend, budget, seed=None, timeout=None, on_line=N
         env = dict(os.environ, AUTORESEARCH_CACHE=str(prepare.trainer_view()), AUTORESEARCH_CHECKPOINT=str(checkpoint))
         if guard.compiled:
             env[COMPILE_CACHE_ENV] = str(guard.compiled)
-        result = run_training(backend, budget=budget, seed=seed, root=root, on_line=on_line, timeout=timeout, env=env,
-                              state=state_dir(root))
+        result = run_training(backend, budget=run.budget, seed=seed, root=root, on_line=on_line,
+                              timeout=run.hard_limit, env=env)
         stop = guard.check(result) if guard.check else None
         if stop:
             return result, None, stop
@@ -343,8 +311,8 @@ def train_and_evaluate(root, backend, budget, seed=None, timeout=None, on_line=N
             return result, None, ("crash", why)
         started = time.time()
         try:
-            ev = evaluate(backend, root, checkpoint, timeout=timeout or default_timeout(budget), on_line=on_line,
-                          state=state_dir(root), child=ahead, scoring=guard.scoring)
+            ev = evaluate(backend, root, checkpoint, timeout=run.hard_limit, on_line=on_line, child=ahead,
+                          scoring=guard.scoring)
         except Interrupted:  # SIGTERM or SIGHUP of the harness: the command stops, as for Ctrl-C
             raise
         except prepare.PrepareError as e:  # the validation rows unreadable: the cache's fault, as check_cache says
@@ -360,7 +328,7 @@ def train_and_evaluate(root, backend, budget, seed=None, timeout=None, on_line=N
         shutil.rmtree(checkpoint, ignore_errors=True)
 
 
-def measure(branch, seed, settings, on_line=None):
+def measure(branch, seed, on_line=None):
     """Train HEAD's train.py once, check what it touched and how long it trained, evaluate it in a fresh process."""
     root = branch.root
     watch = Watch(branch)
@@ -383,8 +351,7 @@ def measure(branch, seed, settings, on_line=None):
         program = kernels.program_key(train_file(branch.backend, root).read_text())
         compiled = kernels.checkout(branch.name, program) if sandbox.active().confined else None
         try:
-            result, ev, stop = train_and_evaluate(root, branch.backend, branch.budget, seed, settings.timeout, line,
-                                                  Guard(check, compiled, clock.evaluation))
+            result, ev, stop = train_and_evaluate(branch.run, seed, line, Guard(check, compiled, clock.evaluation))
         except BaseException:
             kernels.discard(compiled)
             raise
@@ -399,12 +366,12 @@ def measure(branch, seed, settings, on_line=None):
     return Measurement("ok", ev.val_bpb, result.summary, timing, "", compiled, holdout_bpb=ev.holdout_bpb)
 
 
-def manual_run(root, backend, budget, on_line=None):
+def manual_run(run, on_line=None):
     """`autoresearch --backend B`: one training run and the harness's evaluation, no branch, no row.
     Returns (status, closing line)."""
     compiled = kernels.checkout("manual runs") if sandbox.active().confined else None
     try:
-        result, ev, stop = train_and_evaluate(root, backend, budget, on_line=on_line, guard=Guard(compiled=compiled))
+        result, ev, stop = train_and_evaluate(run, on_line=on_line, guard=Guard(compiled=compiled))
         if compiled and not stop and ev.status == "ok":
             kernels.promote("manual runs", compiled)  # the user's own runs, one after another
     finally:
@@ -413,7 +380,7 @@ def manual_run(root, backend, budget, on_line=None):
         return stop[0], f"training {stop[0]}: {stop[1]}"
     if ev.status != "ok":
         return ev.status, f"evaluation {ev.status}: {ev.reason}"
-    late = Clock.for_baseline(budget, None).judge(result)
+    late = Clock.for_baseline(run.budget, None).judge(result)
     measured = result.measured_training()
     timing = (f"harness-timed training {measured[0]:.1f}s" if measured else "untimed") + (
         f"; not scorable: {late}" if late else "")
@@ -425,7 +392,7 @@ def manual_run(root, backend, budget, on_line=None):
 # ---------------------------------------------------------------------------
 
 
-def make_row(branch, runs, status, commit, description, settings, source):
+def make_row(branch, runs, status, commit, description, source):
     """The ledger row of a program's runs (several seeds where the gate asked for them)."""
     good = [m.val_bpb for m in runs if m.status == "ok"]
     scored = status in SCORED
@@ -437,10 +404,10 @@ def make_row(branch, runs, status, commit, description, settings, source):
         commit=commit, val_bpb=statistics.fmean(good) if scored else 0.0,
         memory_gb=round(s.get("peak_vram_mb", 0.0) / 1024, 1), status=status, description=description,
         hardware=branch.hardware, backend=branch.backend, eval_profile=branch.profile, budget=branch.budget,
-        seed=settings.seed, timestamp=now(), training_seconds=s.get("training_seconds", 0.0),
+        seed=branch.run.seed, timestamp=now(), training_seconds=s.get("training_seconds", 0.0),
         num_steps=s.get("num_steps", 0), num_params_M=s.get("num_params_M", 0.0),
         tokens=int(round(tokens)) if math.isfinite(tokens) else MISSING_NUMBER, config=branch.config() or "-",
-        gate=settings.gate.label(), train_hash=train_hash(source), branch=branch.name,
+        gate=branch.run.gate.label(), train_hash=train_hash(source), branch=branch.name,
         samples=",".join(f"{v:.6f}" for v in good) if scored else "-",
         harness_seconds=round(runs[-1].timing.training, 1), pin=pin_of(branch.repo, commit),
         sandbox=runs[-1].timing.sandbox, startup_seconds=round(max(m.timing.startup for m in runs), 2),
@@ -450,25 +417,25 @@ def make_row(branch, runs, status, commit, description, settings, source):
     )
 
 
-def run_seeds(branch, settings, runs, best, on_line):
+def run_seeds(branch, runs, best, on_line):
     """Up to `runs` seeds of HEAD, stopping at the first failure or when the gate has decided. An experiment's seed
     that the machine slowed runs once more (again_if_slowed)."""
     measurements, decision = [], None
     for i in range(runs):
-        m = measure(branch, settings.seed + i, settings, on_line)
+        m = measure(branch, branch.run.seed + i, on_line)
         if best is not None:
-            m = again_if_slowed(branch, settings, (settings.seed + i, m), typical_rate(branch, m.summary), on_line)
+            m = again_if_slowed(branch, (branch.run.seed + i, m), typical_rate(branch, m.summary), on_line)
         measurements.append(m)
         if m.status != "ok":
             break
         if best is not None:
-            decision = decide(settings.gate, [x.val_bpb for x in measurements], best.values(), branch.noise())
+            decision = decide(branch.run.gate, [x.val_bpb for x in measurements], best.values(), branch.noise())
             if not decision.more:
                 break
     return measurements, decision
 
 
-def again_if_slowed(branch, settings, seeded, typical, on_line):
+def again_if_slowed(branch, seeded, typical, on_line):
     """seeded: (seed, its measurement). A seed that trained far slower than typical (gate.judge_pace) was slowed by
     the machine, not by its program: it is said in one line and run once more, and the second run counts in its
     place, marked `slowed` where it is slow too. Once only, so a program that is slow by itself (a larger batch of
@@ -479,7 +446,7 @@ def again_if_slowed(branch, settings, seeded, typical, on_line):
         return m
     branch.say(f"seed {seed} slowed by the machine: {pace.reason}; running it again")
     kernels.discard(m.compiled)
-    again = measure(branch, seed, settings, on_line)
+    again = measure(branch, seed, on_line)
     rerun = f"seed {seed} slowed by the machine ({pace.reason}), run again"
     second = judge_pace(throughput(again.summary), typical)
     if again.status == "ok" and second.slowed:
@@ -488,13 +455,13 @@ def again_if_slowed(branch, settings, seeded, typical, on_line):
     return replace(again, rerun=rerun + (f": {second.reason}" if again.status == "ok" else f": {again.status}"))
 
 
-def baseline_seeds(branch, settings, runs, on_line):
+def baseline_seeds(branch, runs, on_line):
     """setup's seeds after they all ran: each one slowed by the machine against the fastest of them runs once more;
     those still slowed are marked, and _decide leaves them out of the baseline and its noise floor."""
     if len(runs) < 2 or any(m.status != "ok" for m in runs):
         return runs
     typical = max((throughput(m.summary) or 0.0) for m in runs)
-    runs = [again_if_slowed(branch, settings, (settings.seed + i, m), typical, on_line) for i, m in enumerate(runs)]
+    runs = [again_if_slowed(branch, (branch.run.seed + i, m), typical, on_line) for i, m in enumerate(runs)]
     failed = [m for m in runs if m.status != "ok"]
     if failed:  # a seed's second run crashed: the baseline failed (its last run is the one _decide reads)
         return [m for m in runs if m.status == "ok"] + failed
@@ -504,27 +471,26 @@ def baseline_seeds(branch, settings, runs, on_line):
         pace = judge_pace(throughput(m.summary), typical)
         marked.append(replace(m, slowed=pace.reason) if pace.slowed else replace(m, slowed=""))
         if pace.slowed and not m.slowed:
-            branch.say(f"seed {settings.seed + i} slowed by the machine: {pace.reason}")
+            branch.say(f"seed {branch.run.seed + i} slowed by the machine: {pace.reason}")
     return marked
 
 
-def train_and_record(branch, description, base, commit, settings, on_line=None, baseline_runs=0):
+def train_and_record(branch, description, base, commit, on_line=None, baseline_runs=0):
     """Train the committed train.py, keep it or reset to base, append the row. baseline_runs > 0: the baseline,
     run with that many seeds, whose spread becomes the noise floor."""
     (state_dir(branch.root) / "run.log").write_text("")
     best = None if baseline_runs else branch.best()
     source = train_file(branch.backend, branch.root).read_text()
     try:
-        runs, decision = run_seeds(branch, settings, baseline_runs or (settings.gate.seeds if settings.gate.kind ==
-                                                                        "seeds" else 1), best, on_line)
+        runs, decision = run_seeds(branch, baseline_runs or branch.run.gate.most_runs(), best, on_line)
         if baseline_runs:
-            runs = baseline_seeds(branch, settings, runs, on_line)
+            runs = baseline_seeds(branch, runs, on_line)
     except BaseException:  # Ctrl-C, SIGTERM, SIGHUP: nothing measured, the branch back at base
         if not baseline_runs:
             branch.say(branch.interrupted(commit, base))
         raise
     try:
-        trial = Trial(branch, description, base, commit, settings, baseline_runs, source, best)
+        trial = Trial(branch, description, base, commit, baseline_runs, source, best)
         outcome = _decide(trial, runs, decision)
         if outcome.status == "keep" and runs[-1].compiled:
             kernels.promote(branch.name, runs[-1].compiled)  # a kept program's kernels are the next runs'
@@ -543,7 +509,6 @@ class Trial:
     description: str
     base: object  # the commit to go back to where not kept
     commit: object  # the experiment's commit
-    settings: Settings
     baseline_runs: int
     source: str  # train.py as committed
     best: Row | None
@@ -552,7 +517,7 @@ class Trial:
 def _decide(trial, runs, decision):
     """train_and_record's second half: the status, the branch reset where not kept, the row."""
     branch, description, base, commit = trial.branch, trial.description, trial.base, trial.commit
-    settings, baseline_runs, source, best = trial.settings, trial.baseline_runs, trial.source, trial.best
+    baseline_runs, source, best = trial.baseline_runs, trial.source, trial.best
     short = commit.hexsha[:7]
     last = runs[-1]
     if baseline_runs and last.status != "ok":  # nothing measured to beat: no row, and setup removes its branch
@@ -560,7 +525,7 @@ def _decide(trial, runs, decision):
                           last.status)
     # setup's seeds that the machine slowed say nothing of the program's spread: left out of the baseline (the
     # fastest seed is never slowed, so one stays); an experiment's second run counts, slowed or not
-    left_out = [(settings.seed + i, m.slowed) for i, m in enumerate(runs) if baseline_runs and m.slowed]
+    left_out = [(branch.run.seed + i, m.slowed) for i, m in enumerate(runs) if baseline_runs and m.slowed]
     runs = [m for m in runs if not (baseline_runs and m.slowed)]
     samples = [m.val_bpb for m in runs if m.status == "ok"]
     if last.status != "ok":
@@ -586,7 +551,7 @@ def _decide(trial, runs, decision):
         message += ")"
     else:
         status = "keep" if decision.keep else "discard"
-        message = f"RESULT {status} val_bpb={statistics.fmean(samples):.6f} [{settings.gate.label()}: {decision.reason}]"
+        message = f"RESULT {status} val_bpb={statistics.fmean(samples):.6f} [{branch.run.gate.label()}: {decision.reason}]"
     if not baseline_runs:
         reruns = [m.rerun for m in runs if m.rerun]
         message += "".join(f" [{r}]" for r in reruns)
@@ -598,7 +563,7 @@ def _decide(trial, runs, decision):
     elif not baseline_runs:
         branch.repo.head.reset(base, index=True, working_tree=True)
         message += f"; reverted to {base.hexsha[:7]}"
-    row = make_row(branch, runs, status, short, description, settings, source)
+    row = make_row(branch, runs, status, short, description, source)
     try:
         record(branch.repo, row, commit)
     except LedgerError:  # a full disk: no row, so no keep either
@@ -613,22 +578,18 @@ def _decide(trial, runs, decision):
 # ---------------------------------------------------------------------------
 
 
-def setup(root, tag, backend, budget=None, seed=42, timeout=None, on_line=None, noise_runs=3, gate=Gate(),
-          calibrate=False, force_calibration=False, say=None):
+def setup(run, tag, noise_runs=3, calibrate=False, force_calibration=False, on_line=None, say=None):
     """Create the run branch autoresearch/<tag>-<hardware> from the current branch, commit the calibrated
     hyperparameters for this hardware (measured once per hardware, then cached), and record the baseline,
     run with noise_runs seeds to measure the run-to-run spread the noise and seeds gates use. Its row pins the
     fixed half of the repository. Interrupted, it removes the branch it created."""
-    import prepare
-
-    settings = Settings(seed, timeout, gate)
-    budget = check_budget(budget)
+    root, backend = run.root, run.backend
     if noise_runs < 1:
         raise ValueError(f"--noise-runs must be at least 1, got {noise_runs}")
     repo = open_repo(root)
     refuse_dirty(repo)
     check_cache()
-    name = run_branch_name(tag, backend)
+    name = run_branch_name(tag, hardware_tag(backend))
     try:
         repo.git.check_ref_format("--branch", name)
     except git.GitCommandError:
@@ -638,12 +599,12 @@ def setup(root, tag, backend, budget=None, seed=42, timeout=None, on_line=None, 
     with Lock(root, "setup"):
         origin = repo.head.commit if repo.head.is_detached else repo.active_branch
         repo.create_head(name).checkout()
-        branch = RunBranch(repo, backend, budget, prepare.load_profile().name, say or print)
+        branch = RunBranch(repo, run, say or print)
         try:
             if calibrate:
                 branch.calibrated = apply_calibration(branch, force_calibration, on_line)
             head = repo.head.commit
-            outcome = train_and_record(branch, "baseline", head, head, settings, on_line, baseline_runs=noise_runs)
+            outcome = train_and_record(branch, "baseline", head, head, on_line, baseline_runs=noise_runs)
             harness_record.pin(root, name, outcome.row.pin)  # the fixed half later commands are checked against
             return outcome
         except BaseException as e:  # no baseline, calibration failed, a signal, a full disk: no half-made branch
@@ -663,8 +624,6 @@ def setup(root, tag, backend, budget=None, seed=42, timeout=None, on_line=None, 
 
 def apply_calibration(branch, force, on_line):
     """Write this hardware's calibrated sizes into train.py as the run branch's first commit."""
-    from .calibrate import calibrate
-
     root = branch.root
     result, cached = calibrate(branch.backend, root=root, force=force, budget=branch.budget, on_line=on_line)
     say = on_line or (lambda text: None)
@@ -700,7 +659,7 @@ def find_repeat(branch):
     return same[-1] if same else None
 
 
-def experiment(branch, description, settings, on_line=None, claim=None):
+def experiment(branch, description, on_line=None, claim=None):
     """Commit the edited train.py, train it, keep it or reset to the last keep. A program already in the
     ledger is not run again: the answer comes from the ledger and the edit is undone. claim(train_hash), in a
     swarm: None once the program is this worker's to run, else where the same program ran or runs."""
@@ -721,27 +680,24 @@ def experiment(branch, description, settings, on_line=None, claim=None):
     base = branch.repo.head.commit
     branch.repo.index.add([target])
     commit = branch.repo.index.commit(description, skip_hooks=True)
-    return train_and_record(branch, description, base, commit, settings, on_line)
+    return train_and_record(branch, description, base, commit, on_line)
 
 
-def run_experiment(root, backend, description, budget=None, seed=42, timeout=None, on_line=None, gate=Gate(),
-                   say=None):
+def run_experiment(run, description, on_line=None, say=None):
     """`autoresearch run`: one experiment on the checked-out run branch, under the checkout's lock."""
-    settings = Settings(seed, timeout, gate)
-    budget = check_budget(budget)
     check_cache()
-    with open_branch(root, backend, budget, "run", say) as branch:
-        return experiment(branch, description, settings, on_line)
+    with open_branch(run, "run", say) as branch:
+        return experiment(branch, description, on_line)
 
 
-def verify(root, backend, runs=3, budget=None, seed=1000, timeout=None, on_line=None, gate=Gate(), say=None):
-    """Re-run the branch's current best with fresh seeds; say whether its recorded val_bpb holds."""
-    settings = Settings(seed, timeout, gate)
-    budget = check_budget(budget)
+def verify(run, runs=3, on_line=None, say=None):
+    """Re-run the branch's current best with fresh seeds (run.seed onwards); say whether its recorded val_bpb holds.
+    The noise floor is allowed run.gate.k times."""
     if runs < 1:
         raise ValueError(f"--runs must be at least 1, got {runs}")
     check_cache()
-    with open_branch(root, backend, budget, "verify", say) as branch:
+    backend, budget, gate = run.backend, run.budget, run.gate
+    with open_branch(run, "verify", say) as branch:
         refuse_dirty(branch.repo)
         best = branch.best()
         if best is None:
@@ -751,7 +707,7 @@ def verify(root, backend, runs=3, budget=None, seed=1000, timeout=None, on_line=
         measurements = []
         try:
             for i in range(runs):
-                measurements.append(measure(branch, seed + i, settings, on_line))
+                measurements.append(measure(branch, run.seed + i, on_line))
                 if measurements[-1].status != "ok":  # says nothing about the recorded value: no row
                     last = measurements[-1]
                     return Outcome(last.status, None, best, f"VERIFY {last.status}: {last.reason}")
@@ -767,7 +723,7 @@ def verify(root, backend, runs=3, budget=None, seed=1000, timeout=None, on_line=
                    f"(n={len(samples)}), regression {regression:+.6f}, allowed {allowed:.6f}"
                    + (f" ({gate.k:g} x spread {sigma:.6f})" if sigma is not None else " (no noise floor)"))
         row = make_row(branch, measurements, "verify", best.commit, f"verify {best.commit}: {best.description}",
-                   settings, train_file(backend, branch.root).read_text())
+                       train_file(backend, branch.root).read_text())
         if best.holdout_bpb and row.holdout_bpb:  # the holdout the keep was never selected on, both times
             message += (f"; holdout: recorded {best.holdout_bpb:.6f}, re-run {row.holdout_bpb:.6f} (selected on "
                         f"val_bpb {best.val_bpb:.6f}: {best.holdout_bpb - best.val_bpb:+.6f} apart)")

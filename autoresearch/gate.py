@@ -30,6 +30,10 @@ class Gate:
         if not 0 < self.confidence < 1:
             raise ValueError(f"--confidence must be between 0 and 1, got {self.confidence:g}")
 
+    def most_runs(self):
+        """Runs one experiment may take: the seeds gate's most, else one."""
+        return self.seeds if self.kind == "seeds" else 1
+
     def label(self):
         return {"greedy": "greedy", "noise": f"noise(k={self.k:g})",
                 "seeds": f"seeds(S={self.seeds},p={self.confidence:g})"}[self.kind]

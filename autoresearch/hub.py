@@ -41,12 +41,11 @@ def online():
     return not offline_by_choice() and probe(endpoint(), PROBE_SECONDS) is None
 
 
-def child_env(backend):
-    """(variables, note) for a child of this backend: on a CUDA GPU, HF_HUB_OFFLINE=1 when the hub did not answer
-    the one probe, with a one-line note saying so; elsewhere (no FA3 to load) nothing, and no probe."""
-    from .hardware import cuda_device
-
-    if backend != "cuda" or offline_by_choice() or not cuda_device():
+def child_env(on_cuda_gpu):
+    """(variables, note) for a child: one on an NVIDIA GPU (hardware.on_cuda_gpu) gets HF_HUB_OFFLINE=1 when the hub
+    did not answer the one probe, with a one-line note saying so; elsewhere (no FA3 to load) nothing, and no
+    probe."""
+    if not on_cuda_gpu or offline_by_choice():
         return {}, None
     why = probe(endpoint(), PROBE_SECONDS)
     if why is None:

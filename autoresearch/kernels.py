@@ -13,14 +13,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import prepare
+
 INSIDE_MLX = "/tmp/mlx"  # where MLX keeps its CPU kernels (the temporary directory's mlx/)
 INSIDE_TORCH = "/tmp/compile-cache"
 TORCH_ENV = {"TORCHINDUCTOR_CACHE_DIR": f"{INSIDE_TORCH}/inductor", "TRITON_CACHE_DIR": f"{INSIDE_TORCH}/triton"}
 
 
 def _home(key):
-    import prepare
-
     return prepare.cache_dir() / "compile" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -32,8 +32,6 @@ def program_key(source):
 def checkout(key, fallback=None):
     """A fresh, private copy of the cache of key (a run branch's name) for one run, or of fallback's where key
     has none yet; remove it with discard()."""
-    import prepare
-
     runs = prepare.cache_dir() / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="compile-", dir=runs))

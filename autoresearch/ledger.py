@@ -4,13 +4,16 @@ note on its commit (refs/notes/autoresearch), from which a lost or shortened led
 import errno
 import math
 import os
+import re
 import signal
 import sys
 import time
 from contextlib import suppress
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
+
+import git
 
 from .summary import MISSING as MISSING_NUMBER
 
@@ -22,6 +25,7 @@ UNJUDGED = ("invalid", "lost")  # rows that say nothing about the idea: the same
 LEDGER_NAME = "results.tsv"
 NOTES_REF = "autoresearch"  # every row is also a git note on its commit: refs/notes/autoresearch
 MAX_DESCRIPTION_CHARS = 300  # a description is one line of a row and of its git note, never a file's worth
+TRANSFER = re.compile(r"^transfer ([0-9a-f]{4,40}): (.*)$")  # a transferred row's description: its origin commit
 
 
 @dataclass
@@ -364,8 +368,6 @@ def write_note(repo, row, commit):
     """Append the row to the note of commit (a Commit or a sha) in refs/notes/autoresearch; `git push origin
     refs/notes/autoresearch` takes the rows along. git moves the notes ref last, so a failure (disk full, a
     locked ref) writes nothing: LedgerError, one line."""
-    import git
-
     sha = getattr(commit, "hexsha", commit)
     try:
         with repo.git.custom_environment(**git_identity(repo)):
@@ -390,8 +392,6 @@ def notes_rows(repo, warn=None):
     """Every row stored in refs/notes/autoresearch, as (row, full commit sha) in no particular order. A row is
     believed only on its own commit's note; a note that is too large, not UTF-8 or not rows (merged from another
     machine, written by hand) is skipped, and warn(line) names its commit."""
-    import git
-
     warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
     try:
         listing = repo.git.notes("--ref", NOTES_REF, "list")
@@ -479,10 +479,78 @@ def restore_missing(repo, path, branch, warn=None):
     return len(missing)
 
 
+# ---------------------------------------------------------------------------------------------
+# The series model: rows compare only within one key (Row.key); each series has one baseline and one best
+
+
+def baseline_of(rows, branch):
+    """A run branch's baseline: the first kept row setup described "baseline", else its first kept row, or None."""
+    kept = [r for r in rows if r.branch == branch and r.status == "keep"]
+    return next((r for r in kept if r.description == "baseline"), kept[0] if kept else None)
+
+
 def best_kept(rows, key):
-    """The lowest-val_bpb kept row comparable to key (branch, hardware, profile, budget), or None."""
+    """The lowest-val_bpb kept row of series key (the earliest of a tie), or None."""
     kept = [r for r in rows if r.status == "keep" and r.key() == key and math.isfinite(r.val_bpb)]
     return min(kept, key=lambda r: r.val_bpb) if kept else None
+
+
+@dataclass
+class Series:
+    """The rows of one key, in order, verify rows included."""
+    branch: str
+    hardware: str
+    eval_profile: str
+    budget: float
+    sandbox: str = "none"  # what confined its runs: results of different sandboxes are different series
+    rows: list = field(default_factory=list)
+
+    @property
+    def key(self):
+        return (self.branch, self.hardware, self.eval_profile, self.budget, self.sandbox)
+
+    @property
+    def backend(self):
+        return self.rows[0].backend
+
+    @property
+    def experiments(self):
+        """Every row that is an experiment (baseline included); verify rows re-run a keep and decide nothing."""
+        return [r for r in self.rows if r.status != "verify"]
+
+    @property
+    def baseline(self):
+        return baseline_of(self.rows, self.branch)
+
+    @property
+    def trials(self):
+        """Experiments after the baseline: what the keep rate counts."""
+        base, rows = self.baseline, self.experiments
+        return rows[rows.index(base) + 1:] if base is not None else rows
+
+    @property
+    def kept(self):
+        """Kept experiments after the baseline, in order."""
+        return [r for r in self.trials if r.status == "keep" and math.isfinite(r.val_bpb)]
+
+    @property
+    def best(self):
+        return best_kept(self.rows, self.key)
+
+    @property
+    def config(self):
+        return (self.baseline or self.rows[0]).config
+
+
+def series_of(rows):
+    """Rows grouped by key, in order of first appearance."""
+    groups = {}
+    for r in rows:
+        key = r.key()
+        if key not in groups:
+            groups[key] = Series(*key)
+        groups[key].rows.append(r)
+    return list(groups.values())
 
 
 def now():

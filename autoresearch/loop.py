@@ -6,16 +6,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import train_file
-from .agents import NOTES_FILE, AgentFailed, regular_file
-from .gate import Gate, load_noise, spread
+from .agents import NOTES_FILE, AgentFailed, CommandAgent, RandomAgent, regular_file
+from .gate import load_noise, spread
 from .branch import changed_files, open_branch, refuse_dirty
-from .experiment import (STATE_DIR, Refused, Settings, check_budget, check_cache, check_candidate, experiment,
-                         open_repo, state_dir)
+from .experiment import STATE_DIR, Refused, check_cache, check_candidate, experiment, open_repo, state_dir
 from .hardware import hardware_tag
 from .hparams import read_constants
-from .ledger import LEDGER_NAME, MAX_DESCRIPTION_CHARS, best_kept, git_identity, now, one_line, read_ledger
+from .ledger import LEDGER_NAME, MAX_DESCRIPTION_CHARS, baseline_of, best_kept, git_identity, now, one_line, read_ledger
 from .memory import MEMORY_CHARS, Facts, render
 from .plain import plain
+from .presets import PRESETS, expand
 from .turns import capped, load_turns, new_id, read_usage, save_turn
 
 NOTES_CHARS = 4_000  # of the agent's notes carried into the next prompt
@@ -26,12 +26,15 @@ BACKOFF_MAX = 600.0  # seconds: the longest wait between failed turns
 class TurnRules:
     """How the loop treats the agent's turns: after each failed one (no experiment) it waits, backoff seconds the
     first time and twice as long each time more in a row; max_failed in a row stop it; the agents' reported cost
-    passing max_cost (US dollars) ends it."""
+    passing max_cost (US dollars) ends it; max_experiments turns end it; each turn has agent_timeout seconds."""
     max_failed: int = 5
     backoff: float = 10.0
     max_cost: float | None = None
+    max_experiments: int | None = None
+    agent_timeout: float = 900
 
     def __post_init__(self):
+        check_turns(self.max_experiments, self.agent_timeout)
         if isinstance(self.max_failed, bool) or int(self.max_failed) != self.max_failed or self.max_failed < 1:
             raise ValueError(f"--max-failed-turns must be a whole number >= 1, got {self.max_failed}")
         if not (self.backoff >= 0 and math.isfinite(self.backoff)):
@@ -53,8 +56,8 @@ def memory_facts(root, branch):
     """The run branch's rows from its baseline on, its noise floor and what its turn records add (the constants
     each edit changed, the harness's closing line for each)."""
     rows = [r for r in read_ledger(Path(root) / LEDGER_NAME) if r.branch == branch and r.status != "verify"]
-    base = next((i for i, r in enumerate(rows) if r.status == "keep" and r.description == "baseline"), 0)
-    rows = rows[base:]
+    base = baseline_of(rows, branch)
+    rows = rows[rows.index(base):] if base else rows
     sigma = None
     if rows:
         stored = load_noise(root, rows[0].hardware, rows[0].eval_profile, rows[0].budget)
@@ -194,6 +197,17 @@ def agent_edit(branch, agent, label, last_turn, agent_timeout, event):
     return description, record
 
 
+def make_agent(spec, seed=0):
+    """The loop's agent: random, tpe, a preset's name (presets.PRESETS), or a command line."""
+    if spec == "random":
+        return RandomAgent(seed)
+    if spec == "tpe":
+        from .tpe import TPEAgent  # Optuna is an optional extra
+
+        return TPEAgent(seed)
+    return CommandAgent(expand(spec), spec if spec in PRESETS else None)
+
+
 def check_turns(max_experiments, agent_timeout):
     """The loop's own options (loop and swarm): ValueError, before anything runs."""
     if max_experiments is not None and max_experiments < 0:
@@ -202,14 +216,11 @@ def check_turns(max_experiments, agent_timeout):
         raise ValueError(f"--agent-timeout must be a positive number of seconds, got {agent_timeout:g}")
 
 
-def run_loop(root, backend, agent, max_experiments=None, budget=None, seed=42, agent_timeout=900,
-             timeout=None, on_event=print, on_line=None, gate=Gate(), rules=TurnRules()):
-    """Repeat agent edit + experiment until interrupted, max_experiments agent turns, or the agents' reported cost
-    past rules.max_cost. Returns the outcomes. rules.max_failed turns in a row without an experiment: AgentBroken."""
-    settings = Settings(seed, timeout, gate)
-    budget = check_budget(budget)
-    check_turns(max_experiments, agent_timeout)
-    root = Path(root)
+def run_loop(run, agent, rules=TurnRules(), on_event=print, on_line=None):
+    """Repeat agent edit + experiment until interrupted, rules.max_experiments agent turns, or the agents' reported
+    cost past rules.max_cost. Returns the outcomes. rules.max_failed turns in a row without an experiment:
+    AgentBroken."""
+    root, max_experiments = run.root, rules.max_experiments
     outcomes, turn, last_turn, failed, spent = [], 0, None, 0, 0.0
     log = state_dir(root) / "loop.log"
 
@@ -219,14 +230,14 @@ def run_loop(root, backend, agent, max_experiments=None, budget=None, seed=42, a
         on_event(text)
 
     check_cache()
-    with open_branch(root, backend, budget, "loop", say=event) as branch:
+    with open_branch(run, "loop", say=event) as branch:
         refuse_dirty(branch.repo)  # between turns the loop undoes changes: none may be the user's
         while max_experiments is None or turn < max_experiments:
             if failed:
                 time.sleep(rules.wait(failed))
             turn += 1
             try:
-                description, record = agent_edit(branch, agent, f"turn {turn}", last_turn, agent_timeout, event)
+                description, record = agent_edit(branch, agent, f"turn {turn}", last_turn, rules.agent_timeout, event)
             except NoEdit as e:
                 last_turn, failed = f"no experiment: {e.reason}", failed + 1
                 spent += e.record["cost_usd"] or 0.0
@@ -240,7 +251,7 @@ def run_loop(root, backend, agent, max_experiments=None, budget=None, seed=42, a
                 if rules.max_cost is not None and record["cost_usd"] is None and turn == 1:
                     event(f"note: agent {agent.name!r} reports no cost: --max-cost cannot stop this loop")
                 check_cache()  # a broken cache is not the candidate's fault: stop with the edit still in the tree
-                outcome = experiment(branch, description, settings, on_line)
+                outcome = experiment(branch, description, on_line)
                 outcomes.append(outcome)
                 close_turn(branch, record, outcome)
                 last_turn = f"{description}: {outcome.message}"

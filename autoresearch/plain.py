@@ -10,6 +10,7 @@ import re
 import unicodedata
 
 from rich.markup import escape as _escape_markup
+from rich.text import Text
 
 # ESC- and C1-introduced sequences: CSI (ESC [ or 0x9b), the string commands OSC, DCS, SOS, PM and APC (ended by
 # BEL or ST, or running to the end of the text), then any other two-character escape
@@ -39,8 +40,6 @@ def markup(text):
 
 def text(value):
     """plain(value) as a rich Text: for table cells and anything rich would otherwise parse as markup."""
-    from rich.text import Text
-
     return Text(plain(value))
 
 

@@ -6,91 +6,22 @@ against each other; where a report shows several side by side it says so in a no
 """
 
 import math
-import re
 import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .ledger import (NOTES_REF, SCORED, LedgerError, format_row, in_time_order, notes_rows, read_ledger, row_time,
-                     sandbox_kind)
+from rich.table import Table
+
+from .gate import load_noise
+from .ledger import SCORED, TRANSFER, LedgerError, Series, notes_rows, row_time, series_of
 from .plain import markup, md_cell
 from .plain import text as plain_text
+from .sources import ReportError, load_series, load_source, merge
+from .turns import load_turns, turn_summary
 
 PLATEAU_K = 10
-TRANSFER = re.compile(r"^transfer ([0-9a-f]{4,40}): (.*)$")
 LABEL_CHARS = 48  # kept-point labels on the chart are shortened to this
 MIN_INTERVALS = 3  # experiments/hour and overhead need this many gaps between rows of a series
 MAX_PANELS = 12  # series drawn on the progress chart (a panel each); the report says which were left out
-
-
-class ReportError(Exception):
-    """A source cannot be read or holds nothing to report; the message says which and why."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Series: the rows of one (run branch, hardware, eval profile, budget)
-
-
-@dataclass
-class Series:
-    hardware: str
-    eval_profile: str
-    budget: float
-    branch: str
-    sandbox: str = "none"  # what confined its runs: results of different sandboxes are different series
-    rows: list = field(default_factory=list)  # in order, verify rows included
-
-    @property
-    def backend(self):
-        return self.rows[0].backend
-
-    @property
-    def experiments(self):
-        """Every row that is an experiment (baseline included); verify rows re-run a keep and decide nothing."""
-        return [r for r in self.rows if r.status != "verify"]
-
-    @property
-    def baseline(self):
-        kept = [r for r in self.experiments if r.status == "keep"]
-        named = [r for r in kept if r.description == "baseline"]
-        return (named or kept or [None])[0]
-
-    @property
-    def kept(self):
-        """Kept experiments after the baseline, in order."""
-        base = self.baseline
-        rows = self.experiments
-        start = rows.index(base) + 1 if base is not None else 0
-        return [r for r in rows[start:] if r.status == "keep" and math.isfinite(r.val_bpb)]
-
-    @property
-    def trials(self):
-        """Experiments after the baseline: what the keep rate counts."""
-        base = self.baseline
-        rows = self.experiments
-        return rows[rows.index(base) + 1:] if base is not None else rows
-
-    @property
-    def best(self):
-        """The lowest kept val_bpb (the earliest of a tie), baseline included."""
-        kept = [r for r in self.experiments if r.status == "keep" and math.isfinite(r.val_bpb)]
-        return min(kept, key=lambda r: r.val_bpb) if kept else None
-
-    @property
-    def config(self):
-        base = self.baseline or self.rows[0]
-        return base.config
-
-
-def series_of(rows):
-    """Rows grouped by (hardware, eval profile, budget, run branch, sandbox), in order of first appearance."""
-    groups = {}
-    for r in rows:
-        key = (r.hardware, r.eval_profile, r.budget, r.branch, sandbox_kind(r.sandbox))
-        if key not in groups:
-            groups[key] = Series(*key)
-        groups[key].rows.append(r)
-    return list(groups.values())
 
 
 def comparability_notes(series):
@@ -158,9 +89,6 @@ def summarize(s, plateau_k=PLATEAU_K, root=None):
         improvement = {"abs": _r(gain), "pct": _r(100 * gain / base.val_bpb, 4) if base.val_bpb else None}
     noise = agent = None
     if root is not None:
-        from .gate import load_noise
-        from .turns import load_turns, turn_summary
-
         turns = load_turns(root, s.branch)
         agent = turn_summary(turns) if turns else None
 
@@ -224,8 +152,6 @@ def _fmt(value, spec=".6f", none="-"):
 
 
 def print_results(summary, console):
-    from rich.table import Table
-
     for g in summary["groups"]:
         console.print(f"[bold]{markup(g['hardware'])}[/bold]  {markup(g['backend'])} · profile "
                       f"{markup(g['eval_profile'])} · budget {g['budget']:g}s · {markup(g['branch'])} · sandbox "
@@ -300,7 +226,7 @@ def plot_progress(series, path, title=None, limit=MAX_PANELS):
     """Upstream's progress chart, one panel per series: every experiment in order (discards faint, keeps
     bold, crashes as x on the bottom edge), the running best as a step line, kept points labelled. Only the
     first `limit` series are drawn: a panel each, so hundreds of hardware tags would make a figure of gigabytes."""
-    import matplotlib
+    import matplotlib  # here, not at the top: pyplot's 0.7 s import would slow every command, the loop's included
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -389,62 +315,6 @@ def plot_progress(series, path, title=None, limit=MAX_PANELS):
     fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.15)  # labels near an edge are never cut
     plt.close(fig)
     return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Sources: ledger files and run branches (their rows live in the git notes of their commits, read by
-# ledger.notes_rows)
-
-
-def branch_names(repo, name):
-    """The names a branch's rows carry in their branch column: name, without refs/heads/ or a remote."""
-    names = {name, name.removeprefix("refs/heads/"), name.removeprefix("refs/remotes/")}
-    for remote in repo.remotes:
-        for n in list(names):
-            if n.startswith(remote.name + "/"):
-                names.add(n[len(remote.name) + 1:])
-    return names
-
-
-def branch_rows(repo, name):
-    """The rows of run branch `name` from the git notes, in time order; ReportError if none."""
-    import git
-
-    try:
-        repo.git.rev_parse("--verify", "--quiet", f"{name}^{{commit}}")
-    except git.GitCommandError:
-        raise ReportError(f"{name}: neither a ledger file nor a branch of {repo.working_tree_dir}") from None
-    names = branch_names(repo, name)
-    rows = [r for r, _ in notes_rows(repo) if r.branch in names]
-    if not rows:
-        raise ReportError(f"{name}: no rows of this branch in refs/notes/{NOTES_REF} (on another machine: "
-                          f"git fetch origin refs/notes/{NOTES_REF}:refs/notes/{NOTES_REF})")
-    return in_time_order(rows)
-
-
-def load_source(source, repo=None):
-    """A ledger file's rows, or a run branch's rows from the git notes."""
-    path = Path(source)
-    if path.is_file():
-        rows = read_ledger(path)
-        if not rows:
-            raise ReportError(f"{source}: no experiments in this ledger")
-        return rows
-    if repo is None:
-        raise ReportError(f"{source}: not a ledger file, and not inside a git repository to look for a branch")
-    return branch_rows(repo, str(source))
-
-
-def merge(sources):
-    """Rows of several sources in order, identical rows (the same experiment seen twice) once."""
-    seen, rows = set(), []
-    for source_rows in sources:
-        for r in source_rows:
-            line = format_row(r)
-            if line not in seen:
-                seen.add(line)
-                rows.append(r)
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -636,15 +506,6 @@ def render_markdown(sources, rows, series, table, matrix, notes, png_name="progr
             prev = r
         out.append("")
     return "\n".join(out).rstrip() + "\n"
-
-
-def load_series(sources, repo=None):
-    """The sources' rows merged, and their series, each in time order: (rows, series)."""
-    rows = merge([load_source(s, repo) for s in sources])
-    series = series_of(rows)
-    for s in series:  # notes and several ledgers: order each series by time
-        s.rows = in_time_order(s.rows)
-    return rows, series
 
 
 def bench_report(sources, out, repo=None):

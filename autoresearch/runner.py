@@ -13,12 +13,14 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import prepare
+
 from . import hub, kernels, record, repo_root, sandbox, train_file
-from .hardware import preload_blas
+from .hardware import on_cuda_gpu, preload_blas
 from .summary import STEP_LINE, parse_summary
+from .settings import default_timeout
 
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
-MIN_GRACE_SECONDS = 120  # startup, compilation and evaluation on top of the training budget
 TAIL_LINES = 60
 # A child's output is the agent's to fill: the harness keeps a bounded part of it, in memory and in run.log. The
 # first HEAD_BYTES hold every line of an honest run (a 5-minute GPU run prints a few thousand progress lines, well
@@ -29,6 +31,7 @@ LINE_OVERHEAD = 100  # bytes of memory a kept line costs beyond its text (its st
 MAX_STEP_TIMES = 100_000  # progress lines whose arrival the clock keeps: the first times it, their gaps its step
 COMPILE_CACHE_ENV = "AUTORESEARCH_COMPILE_CACHE"  # the run's copy of its compile cache (kernels.checkout)
 UNNAMED_CACHE = "runs of no run branch"
+STATE_DIR = ".autoresearch"  # untracked: run.log, last_crash.log, the lock, the pid files, the agent's description
 PID_FILE = "trainer.pid"  # in .autoresearch/: "pid command" while train.py runs (evaluate.py keeps its own)
 
 
@@ -368,24 +371,22 @@ def train_env(backend, budget=None, seed=None, base=None):
     if seed is not None:
         env["AUTORESEARCH_SEED"] = str(seed)
     blas = preload_blas(env) if backend == "mlx" else None
-    offline, hub_note = hub.child_env(backend)
+    offline, hub_note = hub.child_env(on_cuda_gpu(backend))
     env.update(offline)
     return env, [n for n in (blas, hub_note) if n]
 
 
-def default_timeout(budget):
-    from prepare import time_budget  # the harness reads the budget the same way train.py does
+def state_of(root):
+    """The checkout's state folder, where the pid files of its trainer and evaluators go so that a harness started
+    after a killed one can stop what it left; None for a folder the harness never set up (a scratch copy)."""
+    path = Path(root) / STATE_DIR
+    return path if path.is_dir() else None
 
-    seconds = float(budget) if budget is not None else time_budget()
-    return seconds + max(seconds, MIN_GRACE_SECONDS)  # 10 minutes for the 5-minute budget
 
-
-def run_training(backend, budget=None, seed=None, timeout=None, root=None, on_line=None, env=None, state=None):
+def run_training(backend, budget=None, seed=None, timeout=None, root=None, on_line=None, env=None):
     """Run backends/<backend>/train.py to completion or timeout, in the sandbox (sandbox.active()): it sees the
     checkout read-only, the cache only as the trainer's view and may write only to env's AUTORESEARCH_CHECKPOINT.
     on_line(str) sees each output line."""
-    import prepare
-
     root = Path(root or repo_root())
     env, notes = train_env(backend, budget, seed, base=env)
     env["AUTORESEARCH_CACHE"] = str(prepare.trainer_view())  # training only ever sees the view
@@ -405,9 +406,9 @@ def run_training(backend, budget=None, seed=None, timeout=None, root=None, on_li
         if on_line:
             on_line(note)
     if timeout is None:
-        timeout = default_timeout(budget)
+        timeout = default_timeout(float(budget) if budget is not None else prepare.time_budget())
     try:
-        result = run_process(argv, root, env, timeout, on_line, state)
+        result = run_process(argv, root, env, timeout, on_line, state_of(root))
         if own and result.returncode == 0:
             kernels.promote(UNNAMED_CACHE, own)
     finally:
@@ -421,11 +422,9 @@ def run_training(backend, budget=None, seed=None, timeout=None, root=None, on_li
 def trainer_policy(root, env):
     """What a trainer may see: the checkout and its view of the cache, read-only; its checkpoint folder, writable;
     nothing of the real cache (where the view sits) or of anything else on the machine."""
-    import prepare
-
     view, checkpoint = env.get("AUTORESEARCH_CACHE"), env.get("AUTORESEARCH_CHECKPOINT")
     compiled = env.get(COMPILE_CACHE_ENV)
     return sandbox.Policy(read=tuple(p for p in (str(root), view) if p), write=(checkpoint,) if checkpoint else (),
-                          hide=(str(prepare.cache_dir()), str(record.state_home()), str(Path(root) / ".autoresearch")),
+                          hide=(str(prepare.cache_dir()), str(record.state_home()), str(Path(root) / STATE_DIR)),
                           network=False, binds=kernels.binds(compiled) if compiled else (),
                           env=kernels.TORCH_ENV if compiled else {})

@@ -16,6 +16,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import prepare
+
 MODES = ("auto", "require", "off")
 INSTALL = {"Linux": "apt-get install bubblewrap (or dnf install bubblewrap)",
            "Darwin": "sandbox-exec ships with macOS: /usr/bin/sandbox-exec is missing or blocked"}
@@ -62,8 +64,6 @@ def interpreter_paths():
     """What running this Python and the harness's own code needs: its prefix, the venv's, the real files behind
     the executable, this package and prepare.py where they are installed from (an editable install's finder
     points at them)."""
-    import prepare
-
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, str(Path(sys.executable).resolve().parent.parent),
              str(Path(__file__).resolve().parent), str(Path(prepare.__file__).resolve())}
     return sorted(paths)

@@ -11,10 +11,13 @@ import math
 import warnings
 from pathlib import Path
 
+import prepare
+
 from . import train_file
 from .agents import SEARCH_SPACE, AgentFailed, Reply
+from .branch import open_repo
 from .hparams import read_constants, set_constants
-from .ledger import LEDGER_NAME, read_ledger
+from .ledger import LEDGER_NAME, baseline_of, read_ledger
 
 # Beyond the random agent's space: what the block holds besides (the betas as two numbers). DEVICE_BATCH_SIZE and
 # HEAD_DIM stay: the first is the memory's to set, the second changes which widths exist.
@@ -145,12 +148,10 @@ def from_space(params, dists):
 
 def series_rows(root):
     """The scored rows of the checked-out run branch's series, oldest first, and the series' baseline row."""
-    from .branch import open_repo
-
     repo = open_repo(root)
     branch = repo.active_branch.name
     rows = [r for r in read_ledger(Path(root) / LEDGER_NAME) if r.branch == branch and r.status != "verify"]
-    base = next((r for r in rows if r.status == "keep" and r.description == "baseline"), None)
+    base = baseline_of(rows, branch)
     if base is None:
         raise AgentFailed(f"--agent tpe: {branch} has no baseline row in {LEDGER_NAME} to start its study from")
     return [r for r in rows if r.key() == base.key()], base
@@ -178,10 +179,6 @@ class TPEAgent:
         self.seed = seed
 
     def edit(self, root, backend, prompt, timeout):
-        import prepare
-
-        from .branch import open_repo
-
         optuna = _optuna()
         path = train_file(backend, root)
         source = path.read_text()

@@ -14,10 +14,9 @@ from pathlib import Path
 import git
 
 from .branch import BRANCH_PREFIX, Refused, changed_files, open_branch, open_repo, refuse_dirty
-from .experiment import Settings, check_budget, check_cache, experiment
-from .gate import Gate
-from .ledger import LEDGER_NAME, Row, in_time_order, read_ledger
-from .report import TRANSFER, ReportError, branch_rows
+from .experiment import check_cache, experiment
+from .ledger import LEDGER_NAME, TRANSFER, Row, baseline_of, in_time_order, read_ledger
+from .sources import ReportError, branch_rows
 
 
 @dataclass
@@ -53,7 +52,7 @@ def source_keeps(repo, branch):
     if not kept:
         raise Refused(f"--from {branch}: no kept experiments recorded for this branch (in refs/notes/autoresearch "
                       f"or {LEDGER_NAME})")
-    base = next((r for r in kept if r.description == "baseline"), kept[0])
+    base = baseline_of(kept, kept[0].branch)
     tip = repo.commit(branch)
     found = []
     for r in kept[kept.index(base) + 1:]:
@@ -66,15 +65,13 @@ def source_keeps(repo, branch):
     return found
 
 
-def _target_budget(repo, branch, budget):
-    """--budget if given, else the budget this run branch's baseline was measured with (results of other
-    budgets would not compare with it), else the profile's."""
-    if budget is not None:
-        return float(budget)
-    if os.environ.get("AUTORESEARCH_BUDGET"):
-        return None  # the harness reads it
-    rows = [r for r in read_ledger(Path(repo.working_tree_dir) / LEDGER_NAME) if r.branch == branch]
-    base = next((r for r in rows if r.status == "keep" and r.description == "baseline"), None)
+def target_budget(root):
+    """The budget the checked-out run branch's baseline was measured with (results of other budgets would not
+    compare with it), or None: transfer's default --budget."""
+    repo = open_repo(root)
+    if repo.head.is_detached:
+        return None
+    base = baseline_of(read_ledger(Path(root) / LEDGER_NAME), repo.active_branch.name)
     return base.budget if base else None
 
 
@@ -82,11 +79,10 @@ def _restore(repo):
     repo.head.reset("HEAD", index=True, working_tree=True)
 
 
-def transfer(root, from_branch, backend, budget=None, seed=42, timeout=None, on_line=None, gate=Gate(),
-             on_result=None, say=None):
+def transfer(run, from_branch, on_line=None, on_result=None, say=None):
     """Replay from_branch's kept changes on the checked-out run branch; one Transferred per kept commit."""
-    settings = Settings(seed, timeout, gate)
-    repo = open_repo(root)
+    backend = run.backend
+    repo = open_repo(run.root)
     if repo.head.is_detached or not repo.active_branch.name.startswith(BRANCH_PREFIX):
         raise Refused(f"not on a run branch: set one up with `autoresearch setup --tag TAG --backend {backend}` "
                       "and transfer into it")
@@ -95,7 +91,6 @@ def transfer(root, from_branch, backend, budget=None, seed=42, timeout=None, on_
         raise Refused(f"--from {from_branch} is the branch checked out: transfer from another run branch")
     refuse_dirty(repo)
     keeps = source_keeps(repo, from_branch)
-    budget = check_budget(_target_budget(repo, here, budget))
     check_cache()
     results = []
 
@@ -108,9 +103,9 @@ def transfer(root, from_branch, backend, budget=None, seed=42, timeout=None, on_
         for row, _ in keeps:
             done(_other_backend(row, backend))
         return results
-    with open_branch(root, backend, budget, "transfer", say) as branch:
+    with open_branch(run, "transfer", say) as branch:
         for row, commit in keeps:
-            done(_replay(branch, row, commit, settings, on_line))
+            done(_replay(branch, row, commit, on_line))
     return results
 
 
@@ -121,7 +116,7 @@ def _other_backend(row, backend):
                        message=f"{row.commit} changed backends/{row.backend}/train.py, not {backend}'s")
 
 
-def _replay(branch, row, commit, settings, on_line):
+def _replay(branch, row, commit, on_line):
     """One kept change of the source branch, applied here and run as an experiment."""
     repo, backend = branch.repo, branch.backend
     origin, description = origin_of(row)
@@ -148,7 +143,7 @@ def _replay(branch, row, commit, settings, on_line):
     finally:
         os.unlink(f.name)
     try:
-        outcome = experiment(branch, f"transfer {origin}: {description}", settings, on_line)
+        outcome = experiment(branch, f"transfer {origin}: {description}", on_line)
     except Refused as e:
         _restore(repo)
         return Transferred(**common, outcome="not applicable (no change here)", row=None, message=str(e))

@@ -68,7 +68,7 @@ def train_tokens_per_sec(backend, blas, depth, scratch):
     from autoresearch.hparams import read_constants
 
     batch = read_constants(source)["DEVICE_BATCH_SIZE"]
-    rung, error = measure(backend, source, depth, batch, 300, prepare.load_profile().seq_len, scratch, timeout=900)
+    rung, error = measure(backend, source, depth, batch, 300, scratch, timeout=900)
     if rung is None:
         raise RuntimeError(f"{backend} ({blas}) at depth {depth} failed:\n{error}")
     return rung.tokens_per_sec

@@ -31,6 +31,7 @@ from autoresearch import calibrate as cal  # noqa: E402
 from autoresearch.hardware import hardware_tag  # noqa: E402
 from autoresearch.hparams import read_constants, set_constants  # noqa: E402
 from autoresearch.experiment import train_and_evaluate  # noqa: E402
+from autoresearch.settings import Run  # noqa: E402
 
 
 RUNS_FILE = "study-runs.jsonl"
@@ -72,7 +73,7 @@ def pooled_spread(kept, key):
 def run_variant(backend, constants, budget, seed, scratch):
     source = (ROOT / "backends" / backend / "train.py").read_text()
     (scratch / "backends" / backend / "train.py").write_text(set_constants(source, constants) if constants else source)
-    result, ev, stop = train_and_evaluate(scratch, backend, budget, seed)
+    result, ev, stop = train_and_evaluate(Run.resolve(scratch, backend, budget), seed)
     if result.timed_out:
         return None, f"timed out after {result.elapsed:.0f} s"
     if stop or ev.status != "ok":

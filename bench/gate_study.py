@@ -27,7 +27,8 @@ from autoresearch.experiment import setup, verify  # noqa: E402
 from autoresearch.gate import Gate, load_noise  # noqa: E402
 from autoresearch.hardware import hardware_tag  # noqa: E402
 from autoresearch.ledger import read_ledger  # noqa: E402
-from autoresearch.loop import run_loop  # noqa: E402
+from autoresearch.loop import TurnRules, run_loop  # noqa: E402
+from autoresearch.settings import Run  # noqa: E402
 
 
 def scratch_repo(backend):
@@ -59,14 +60,14 @@ def main():
     for name, gate in gates.items():
         repo.git.checkout("main")
         start = time.time()
-        base = setup(root, f"{name}", args.backend, budget=args.budget, noise_runs=3, calibrate=True, gate=gate,
-                     on_line=None)
+        run = Run.resolve(root, args.backend, args.budget, gate=gate)
+        base = setup(run, f"{name}", noise_runs=3, calibrate=True)
         log(f"{name}: {base.message}")
         branch = repo.active_branch.name
         noise = load_noise(root, hardware_tag(args.backend), base.row.eval_profile, args.budget)
-        outcomes = run_loop(root, args.backend, RandomAgent(args.agent_seed), args.experiments, args.budget,
-                            gate=gate, on_event=lambda t: log(f"{name}: {t}"))
-        check = verify(root, args.backend, runs=3, budget=args.budget, gate=Gate("noise", k=2))
+        outcomes = run_loop(run, RandomAgent(args.agent_seed), TurnRules(max_experiments=args.experiments),
+                            on_event=lambda t: log(f"{name}: {t}"))
+        check = verify(Run.resolve(root, args.backend, args.budget, seed=1000, gate=Gate("noise", k=2)), runs=3)
         log(f"{name}: {check.message}")
         rows = [r for r in read_ledger(root / "results.tsv") if r.branch == branch]
         kept = [r for r in rows if r.status == "keep"]

@@ -31,6 +31,7 @@ from autoresearch.branch import disk_changes, git_control_files  # noqa: E402
 from autoresearch.experiment import checkout_files, train_and_evaluate  # noqa: E402
 from autoresearch.hparams import set_constants  # noqa: E402
 from autoresearch.runner import trainer_policy  # noqa: E402
+from autoresearch.settings import Run  # noqa: E402
 
 TINY = {"DEPTH": 2, "ASPECT_RATIO": 32, "HEAD_DIM": 32, "DEVICE_BATCH_SIZE": 8, "TOTAL_BATCH_SIZE": 2048}
 
@@ -72,7 +73,7 @@ def checks(root):
 def outside_training(root, budget, mode):
     sandbox.use(mode)
     start = time.perf_counter()
-    result, ev, stop = train_and_evaluate(root, "mlx", budget, seed=42)
+    result, ev, stop = train_and_evaluate(Run.resolve(root, "mlx", budget), seed=42)
     wall = time.perf_counter() - start
     assert stop is None and ev.status == "ok", (stop, ev and ev.reason)
     training, _ = result.measured_training()

@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 
 from conftest import BUDGET, cli, make_repo
 from autoresearch import agents, sandbox
-from autoresearch.agents import AgentFailed, make_agent
+from autoresearch.agents import AgentFailed
 from autoresearch.branch import open_repo
 from autoresearch.cli import app
 from autoresearch.ledger import Row, read_ledger
-from autoresearch.loop import BACKOFF_MAX, TurnRules, build_prompt, memory_facts
+from autoresearch.loop import BACKOFF_MAX, TurnRules, build_prompt, make_agent, memory_facts
 from autoresearch.memory import Facts, render
 from autoresearch.presets import PRESETS, missing_binary
 from autoresearch.report import results_summary

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import prepare
-from autoresearch import hardware
+from autoresearch import auto_pick, hardware
 from conftest import cli, make_repo
 
 pytestmark = pytest.mark.skipif(
@@ -62,20 +62,20 @@ def quiet(tmp_path_factory, cpu_cache):
 
 def test_hardware_before_a_measurement_says_what_auto_will_do_and_the_first_training_command_does_it(quiet):
     root, cache, before, trained = quiet
-    cpu = hardware.cpu_paths()
+    cpu = auto_pick.cpu_paths()
     assert cpu == ["mlx", "mps"]
     said = [line for line in before.stdout.splitlines() if line.startswith("auto: ")]
     assert said == [f"auto: not measured yet; the first training command measures mlx and mps interleaved "
-                    f"({hardware.AUTO_REPEATS} runs each at DEPTH 2) and picks the faster median, or the default "
-                    f"{hardware.default_cpu()} when the margin is within the spread "
+                    f"({auto_pick.AUTO_REPEATS} runs each at DEPTH 2) and picks the faster median, or the default "
+                    f"{auto_pick.default_cpu()} when the margin is within the spread "
                     "(autoresearch hardware --measure measures now)"], before.stdout
     # what it said: the training command measures the paths in turn and picks by that rule
-    assert f"auto: measuring mlx and mps here, interleaved, {hardware.AUTO_REPEATS} runs each" in trained.stderr
+    assert f"auto: measuring mlx and mps here, interleaved, {auto_pick.AUTO_REPEATS} runs each" in trained.stderr
     order = [line.split()[3] for line in trained.stderr.splitlines() if line.startswith("auto: run ")]
-    assert order == cpu * hardware.AUTO_REPEATS, trained.stderr
+    assert order == cpu * auto_pick.AUTO_REPEATS, trained.stderr
     data = cached_runs(cache)
-    choice = hardware.CpuChoice(tuple(map(tuple, data["runs"])), hardware.default_cpu(), data["measured_at"], 0)
-    backend, reason = hardware.decide_cpu(choice.samples(), hardware.default_cpu())
+    choice = auto_pick.CpuChoice(tuple(map(tuple, data["runs"])), auto_pick.default_cpu(), data["measured_at"], 0)
+    backend, reason = auto_pick.decide_cpu(choice.samples(), auto_pick.default_cpu())
     assert f"backend: {backend} ({reason})" in trained.stderr, trained.stderr
     assert trained.stdout.startswith(hardware.hardware_tag(backend))  # and it trained on that one
 
@@ -90,13 +90,13 @@ def test_measuring_again_under_a_burst_of_load_replaces_the_figures_and_keeps_th
     first = cached_runs(cache)
     shown = cli(root, "hardware", env=env)
     assert "measuring" not in shown.stderr, shown.stderr  # a cached measurement is shown, not repeated
-    figures = hardware.CpuChoice(tuple(map(tuple, first["runs"])), "", "", 0).figures()
+    figures = auto_pick.CpuChoice(tuple(map(tuple, first["runs"])), "", "", 0).figures()
     assert f"auto measured {first['measured_at']} in {first['seconds']:g}s, tokens/s per run in turn: {figures}" \
         in shown.stdout, shown.stdout
-    quiet_choice = hardware.decide_cpu(
-        hardware.CpuChoice(tuple(map(tuple, first["runs"])), "", "", 0).samples(), hardware.default_cpu())
+    quiet_choice = auto_pick.decide_cpu(
+        auto_pick.CpuChoice(tuple(map(tuple, first["runs"])), "", "", 0).samples(), auto_pick.default_cpu())
 
-    cpu, said = hardware.cpu_paths(), []
+    cpu, said = auto_pick.cpu_paths(), []
     load = start_load()
     try:
         proc = subprocess.Popen([sys.executable, "-m", "autoresearch", "hardware", "--measure"], cwd=root, env=env,
@@ -110,13 +110,13 @@ def test_measuring_again_under_a_burst_of_load_replaces_the_figures_and_keeps_th
     finally:
         stop_load(load)
     print("".join(said), out, f"quiet: {quiet_choice}", sep="\n")
-    assert f"auto: measuring mlx and mps here, interleaved, {hardware.AUTO_REPEATS} runs each" in "".join(said)
+    assert f"auto: measuring mlx and mps here, interleaved, {auto_pick.AUTO_REPEATS} runs each" in "".join(said)
     second = cached_runs(cache)
     assert second["runs"] != first["runs"] and second["measured_at"] >= first["measured_at"]
-    loaded = hardware.CpuChoice(tuple(map(tuple, second["runs"])), "", "", 0)
-    assert [b for b, _ in loaded.runs] == cpu * hardware.AUTO_REPEATS
+    loaded = auto_pick.CpuChoice(tuple(map(tuple, second["runs"])), "", "", 0)
+    assert [b for b, _ in loaded.runs] == cpu * auto_pick.AUTO_REPEATS
     samples = loaded.samples()
-    assert all(len(samples[b]) == hardware.AUTO_REPEATS for b in cpu), loaded.figures()
+    assert all(len(samples[b]) == auto_pick.AUTO_REPEATS for b in cpu), loaded.figures()
     assert f"tokens/s per run in turn: {loaded.figures()}" in out, out
     assert f"tokens/s per run in turn: {loaded.figures()}" in cli(root, "hardware", env=env).stdout
     # not vacuous: the loaded round ran slower than the others, taken over both paths (one path's single runs
@@ -125,6 +125,6 @@ def test_measuring_again_under_a_burst_of_load_replaces_the_figures_and_keeps_th
     assert slowdown < 1, f"the load did not slow the first round: {loaded.figures()}"
     # the pick is the one the rounds the burst missed give: what the machine measures without it (a measurement
     # taken at another time, the fixture's, would hold whatever else the machine was doing then)
-    backend, reason = hardware.decide_cpu(samples, hardware.default_cpu())
-    unloaded = hardware.decide_cpu({b: v[1:] for b, v in samples.items()}, hardware.default_cpu())
+    backend, reason = auto_pick.decide_cpu(samples, auto_pick.default_cpu())
+    unloaded = auto_pick.decide_cpu({b: v[1:] for b, v in samples.items()}, auto_pick.default_cpu())
     assert backend == unloaded[0], f"rounds 2-3 alone: {unloaded[1]}; all three: {reason}; earlier: {quiet_choice[1]}"

@@ -218,7 +218,7 @@ BATCH_OF_NONE = ("DEVICE_BATCH_SIZE = ", "DEVICE_BATCH_SIZE = 0 if __name__ != '
 INFINITE_HELLO = ("import mlx.core as mx\n", textwrap.dedent("""\
     import mlx.core as mx
     import sys as _sys
-    if "autoresearch.evaluate" in _sys.modules:
+    if "autoresearch.model_server" in _sys.modules:
         import json as _json
         _dumps = _json.dumps
         _json.dumps = lambda obj, *a, **k: _dumps(

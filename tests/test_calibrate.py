@@ -13,6 +13,7 @@ from autoresearch.calibrate import Rung, choose
 from autoresearch.experiment import setup
 from autoresearch.hparams import read_constants
 from autoresearch.ledger import read_ledger
+from autoresearch.settings import Run
 from conftest import TINY, make_checkout, PROFILE
 
 GB = 24 * 1024
@@ -173,7 +174,7 @@ def test_real_ladder_is_cached_and_written_by_setup(tmp_path, use_cache):
     # nothing in the checkout was edited by measuring
     assert not repo.is_dirty(untracked_files=True)
     # setup commits the calibrated sizes as the run branch's first commit, and every row records them
-    out = setup(root, "c", "mlx", budget=2, noise_runs=1, calibrate=False)
+    out = setup(Run.resolve(root, "mlx", 2), "c", noise_runs=1, calibrate=False)
     assert out.row.config == "-"
     repo.git.checkout("main")
     # the 30 s measurements stand in for the 2 s budget, so this setup trains briefly without measuring again;
@@ -182,7 +183,7 @@ def test_real_ladder_is_cached_and_written_by_setup(tmp_path, use_cache):
     expected, cached = cal.calibrate("mlx", root=root, budget=2)
     assert cached and [r.tokens_per_sec for r in expected.rungs] == [r.tokens_per_sec for r in result.rungs]
     assert expected.choice == cal.choose(result.rungs, 2, 256, TINY["DEVICE_BATCH_SIZE"], 1e9)[0]
-    out = setup(root, "d", "mlx", budget=2, noise_runs=1, calibrate=True)
+    out = setup(Run.resolve(root, "mlx", 2), "d", noise_runs=1, calibrate=True)
     assert out.row.config == expected.config()
     head = repo.head.commit
     assert head.message.startswith("calibrate mlx-") and expected.config() in head.message

@@ -9,6 +9,7 @@ from autoresearch.experiment import find_repeat, run_experiment, setup, verify
 from autoresearch.gate import Gate, decide, load_noise, spread
 from autoresearch.hparams import set_constants
 from autoresearch.ledger import read_ledger
+from autoresearch.settings import Run
 from conftest import PROFILE, make_repo
 
 SIGMA = 0.01
@@ -65,7 +66,7 @@ def branch(tmp_path, use_cache):
 
 def test_noise_floor_never_repeat_and_verify(branch):
     budget = 2
-    out = setup(branch, "g", "mlx", budget=budget, noise_runs=2)
+    out = setup(Run.resolve(branch, "mlx", budget), "g", noise_runs=2)
     assert out.status == "keep" and "noise floor" in out.message
     base = read_ledger(branch / "results.tsv")[0]
     assert len(base.values()) == 2 and base.seed == 42
@@ -79,18 +80,18 @@ def test_noise_floor_never_repeat_and_verify(branch):
     train.write_text("# same program, new comment\n" + original.replace("DEPTH = 2", "DEPTH =  2"))
     repo = git.Repo(branch)
     head = repo.head.commit.hexsha
-    with open_branch(branch, "mlx", budget, "test") as run_branch:
+    with open_branch(Run.resolve(branch, "mlx", budget), "test") as run_branch:
         assert find_repeat(run_branch).commit == base.commit
-    out = run_experiment(branch, "mlx", "no real change", budget=budget)
+    out = run_experiment(Run.resolve(branch, "mlx", budget), "no real change")
     assert out.status == "repeat" and base.commit in out.message and "not run again" in out.message
     assert train.read_text() == original and repo.head.commit.hexsha == head
     assert len(read_ledger(branch / "results.tsv")) == 1
 
     # a real change under the greedy gate, then verify whatever is best
     train.write_text(set_constants(original, {"MATRIX_LR": 0.06}))
-    out = run_experiment(branch, "mlx", "MATRIX_LR 0.06", budget=budget, gate=Gate("greedy"))
+    out = run_experiment(Run.resolve(branch, "mlx", budget, gate=Gate("greedy")), "MATRIX_LR 0.06")
     assert out.status in ("keep", "discard") and out.row.gate == "greedy"
-    out = verify(branch, "mlx", runs=2, budget=budget)
+    out = verify(Run.resolve(branch, "mlx", budget, seed=1000), runs=2)
     assert out.status in ("holds", "regressed")
     assert "recorded" in out.message and "re-run mean" in out.message and "spread" in out.message
     rows = read_ledger(branch / "results.tsv")

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from autoresearch import hardware
+from autoresearch import auto_pick, hardware
 from conftest import ROOT
 
 torch = pytest.importorskip("torch")
@@ -207,8 +207,8 @@ def test_a_gpu_that_torch_cannot_use_is_not_cuda(probe, tmp_path):
     probe.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     assert hardware.cuda_device() is None
     assert "cuda" not in hardware.available_backends()
-    assert hardware.pick_backend("auto")[0] != "cuda"
-    assert hardware.pick_backend("cuda")[1].startswith("requested; no NVIDIA GPU")
+    assert auto_pick.pick_backend("auto")[0] != "cuda"
+    assert auto_pick.pick_backend("cuda")[1].startswith("requested; no NVIDIA GPU")
     assert hardware.hardware_tag("cuda").startswith("cuda-cpu-")
 
 
@@ -221,7 +221,7 @@ def test_cuda_is_found_through_torch_and_honours_visible_devices(probe, tmp_path
     probe.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert hardware.cuda_device() == ("NVIDIA H100 80GB HBM3", 81089)
     assert hardware.hardware_tag("cuda").startswith("cuda-nvidia-h100-80gb-hbm3-80gb-torch")
-    assert hardware.pick_backend("auto") == ("cuda", "NVIDIA GPU found (NVIDIA H100 80GB HBM3)")
+    assert auto_pick.pick_backend("auto") == ("cuda", "NVIDIA GPU found (NVIDIA H100 80GB HBM3)")
     probe.setenv("CUDA_VISIBLE_DEVICES", "1")
     assert hardware.hardware_tag("cuda").startswith("cuda-nvidia-a100-sxm4-40gb-40gb-torch")
     assert hardware.device_name("cuda") == "NVIDIA A100-SXM4-40GB 40GB"
@@ -292,9 +292,9 @@ def test_a_hub_that_never_answers_sends_every_child_offline_and_the_import_does_
     monkeypatch.setattr(hub, "PROBE_SECONDS", 0.5)
     monkeypatch.setattr(hardware, "cuda_device", lambda: ("NVIDIA H100 80GB HBM3", 81559))
     hub.probe.cache_clear()
-    env, note = hub.child_env("cuda")
+    env, note = hub.child_env(hardware.on_cuda_gpu("cuda"))
     assert env == {"HF_HUB_OFFLINE": "1"} and note.startswith(f"hub: {silent_server} did not answer in 0.5s (")
-    assert hub.child_env("mlx") == ({}, None) and hub.probe.cache_info().misses == 1  # asked once per command
+    assert hub.child_env(hardware.on_cuda_gpu("mlx")) == ({}, None) and hub.probe.cache_info().misses == 1  # asked once per command
     # cuda/train.py imported as on a Hopper GPU, with the children's environment: FA3 falls back at once
     script = ("import importlib.util, torch\n"
               "torch.cuda.is_available = lambda: True\n"

@@ -15,7 +15,8 @@ from autoresearch.experiment import Refused, open_repo, run_experiment, setup
 from autoresearch.hardware import hardware_tag
 from autoresearch.hparams import set_constants
 from autoresearch.ledger import COLUMNS, read_ledger
-from autoresearch.loop import run_loop
+from autoresearch.loop import TurnRules, run_loop
+from autoresearch.settings import Run
 
 BUDGET = 3
 
@@ -71,8 +72,8 @@ def test_random_loop_mlx_through_the_cli(run_repo):
 
 
 def test_random_loop_mps_with_injected_crash(run_repo):
-    setup(run_repo, "t2", "mps", budget=BUDGET, noise_runs=1)
-    outcomes = run_loop(run_repo, "mps", RandomAgent(seed=1), max_experiments=4, budget=BUDGET,
+    setup(Run.resolve(run_repo, "mps", BUDGET), "t2", noise_runs=1)
+    outcomes = run_loop(Run.resolve(run_repo, "mps", BUDGET), RandomAgent(seed=1), TurnRules(max_experiments=4),
                         on_event=lambda t: None)
     assert len(outcomes) == 4
     repeats = sum(o.status == "repeat" for o in outcomes)
@@ -85,8 +86,8 @@ def test_random_loop_mps_with_injected_crash(run_repo):
         p.write_text(p.read_text().replace("def main():", "def main():\\n    raise RuntimeError('injected by agent')", 1))
         Path(".autoresearch/description").write_text("inject a crash\\n")
     """))
-    outcome, = run_loop(run_repo, "mps", CommandAgent(f"{sys.executable} {injector}"), max_experiments=1,
-                        budget=BUDGET, on_event=lambda t: None)
+    outcome, = run_loop(Run.resolve(run_repo, "mps", BUDGET), CommandAgent(f"{sys.executable} {injector}"),
+                        TurnRules(max_experiments=1), on_event=lambda t: None)
     assert outcome.status == "crash" and outcome.row.description == "inject a crash"
     assert "injected by agent" in (run_repo / ".autoresearch" / "last_crash.log").read_text()
     assert (run_repo / "backends/mps/train.py").read_text() == kept_source
@@ -95,7 +96,7 @@ def test_random_loop_mps_with_injected_crash(run_repo):
 
 
 def test_refusals_change_nothing(run_repo):
-    setup(run_repo, "t3", "mlx", budget=BUDGET, noise_runs=1)
+    setup(Run.resolve(run_repo, "mlx", BUDGET), "t3", noise_runs=1)
     repo = git.Repo(run_repo)
     head, ledger = repo.head.commit.hexsha, (run_repo / "results.tsv").read_text()
     train = run_repo / "backends/mlx/train.py"
@@ -113,18 +114,18 @@ def test_refusals_change_nothing(run_repo):
     # the other backend's file is "another file" too
     repo.git.checkout("--", "prepare.py")
     with pytest.raises(Refused, match="baseline was measured on mlx"):  # an mlx branch: mps is another series
-        run_experiment(run_repo, "mps", "wrong backend", budget=BUDGET)
+        run_experiment(Run.resolve(run_repo, "mps", BUDGET), "wrong backend")
     # setup refuses a dirty tree and an existing branch
     with pytest.raises(Refused, match="uncommitted changes"):
-        setup(run_repo, "t4", "mlx", budget=BUDGET, noise_runs=1)
+        setup(Run.resolve(run_repo, "mlx", BUDGET), "t4", noise_runs=1)
     repo.git.checkout("--", ".")
     with pytest.raises(Refused, match="already exists"):
-        setup(run_repo, "t3", "mlx", budget=BUDGET, noise_runs=1)
+        setup(Run.resolve(run_repo, "mlx", BUDGET), "t3", noise_runs=1)
     assert repo.head.commit.hexsha == head
 
 
 def test_agents_that_do_not_deliver_are_logged_and_skipped(run_repo):
-    setup(run_repo, "t5", "mlx", budget=BUDGET, noise_runs=1)
+    setup(Run.resolve(run_repo, "mlx", BUDGET), "t5", noise_runs=1)
     repo = open_repo(run_repo)
     head = repo.head.commit.hexsha
     events = []
@@ -136,7 +137,7 @@ def test_agents_that_do_not_deliver_are_logged_and_skipped(run_repo):
         CommandAgent(f"{sys.executable} -c \"open('notes.txt', 'w').write('x')\""),  # new file
     ]
     for agent in agents:
-        assert run_loop(run_repo, "mlx", agent, max_experiments=1, budget=BUDGET, agent_timeout=2,
+        assert run_loop(Run.resolve(run_repo, "mlx", BUDGET), agent, TurnRules(max_experiments=1, agent_timeout=2),
                         on_event=events.append) == []
     assert len(events) == 5 and all("produced no experiment" in e for e in events)
     assert "unchanged" in events[0] and "prepare.py" in events[1] and "timed out" in events[2]
@@ -149,7 +150,7 @@ def test_agents_that_do_not_deliver_are_logged_and_skipped(run_repo):
 def test_prompt_carries_program_best_and_the_run_so_far(run_repo):
     from autoresearch.loop import build_prompt
 
-    setup(run_repo, "t6", "mlx", budget=BUDGET, noise_runs=1)
+    setup(Run.resolve(run_repo, "mlx", BUDGET), "t6", noise_runs=1)
     prompt = build_prompt(run_repo, "mlx", BUDGET)
     assert "Never stop" in prompt and "backends/mlx/train.py" in prompt
     best = read_ledger(run_repo / "results.tsv")[0]

@@ -27,6 +27,7 @@ import pytest
 
 import prepare
 from autoresearch import sandbox
+from autoresearch.clock import Clock
 from autoresearch.experiment import SLOWED_MARK
 from autoresearch.ledger import read_ledger
 from autoresearch.runner import start_time
@@ -441,15 +442,17 @@ def test_daemons_started_by_train_py_die_with_the_run(repo_dir, baseline):
 
 @needs_bwrap
 def test_work_before_the_first_progress_line_is_invalid(repo_dir, baseline):
-    at_start_of(repo_dir, "main", '''
+    # past the startup allowance the branch's clock gives (twice the baseline's startup, plus slack), by 15 s
+    hidden = round(Clock.for_baseline(float(BUDGET), read_ledger(repo_dir / "results.tsv")[0]).startup + 15)
+    at_start_of(repo_dir, "main", f'''
         import time
         t0 = time.time()
-        while time.time() - t0 < 90:  # training no clock sees: before the first `step` line
+        while time.time() - t0 < {hidden}:  # training no clock sees: before the first `step` line
             pass
-        probe("hidden work", f"{time.time() - t0:.0f}s")
+        probe("hidden work", f"{{time.time() - t0:.0f}}s")
     ''')
-    proc, closing = run(repo_dir, "90 s before step 0")
-    assert probes(run_log(repo_dir)).get("hidden work") == "90s"
+    proc, closing = run(repo_dir, f"{hidden} s before step 0")
+    assert probes(run_log(repo_dir)).get("hidden work") == f"{hidden}s"
     assert "startup allowance" in closing, closing
     assert_not_kept(repo_dir, proc, closing, baseline[0], statuses=("invalid",))
 

@@ -18,6 +18,7 @@ from autoresearch.gate import judge_pace
 from autoresearch.hardware import hardware_tag
 from autoresearch.ledger import read_ledger
 from autoresearch.record import record_dir
+from autoresearch.settings import Run
 
 BUDGET = 3
 STEP = "        t0 = time.time()\n"  # the first line of the mlx trainer's step loop
@@ -65,7 +66,7 @@ def test_a_crashing_baseline_raises_setup_failed_for_the_swarm(quick_repo):
     """The swarm's workers call setup(): what they get is one exception, a Refused, that survives pickling."""
     commit_edit(quick_repo, "raise", "def main():\n", "def main():\n    raise RuntimeError('broken on purpose')\n")
     with pytest.raises(SetupFailed) as caught:
-        setup(quick_repo, "w", "mlx", budget=BUDGET, noise_runs=2, say=lambda text: None)
+        setup(Run.resolve(quick_repo, "mlx", BUDGET), "w", noise_runs=2, say=lambda text: None)
     e = caught.value
     assert e.status == "crash" and "\n" not in str(e) and "the baseline is crash (exit 1)" in str(e)
     again = pickle.loads(pickle.dumps(e))
@@ -86,7 +87,7 @@ def test_b_a_slowed_seed_does_not_set_the_noise_floor(quick_repo):
     commit_edit(quick_repo, "seed 43 is slow", STEP,
                 STEP + "        if os.environ.get('AUTORESEARCH_SEED') == '43':\n            time.sleep(2.0)\n")
     said = []
-    outcome = setup(quick_repo, "b", "mlx", budget=BUDGET, noise_runs=3, say=said.append)
+    outcome = setup(Run.resolve(quick_repo, "mlx", BUDGET), "b", noise_runs=3, say=said.append)
     print("\n".join([*said, outcome.message]))  # shown with pytest -s
     assert outcome.status == "keep", outcome.message
     flags = [line for line in said if line.startswith("seed 43 slowed")]
@@ -136,7 +137,7 @@ def test_b_a_seed_slowed_by_another_job_runs_again(quick_repo):
 
     said = []
     try:
-        outcome = setup(quick_repo, "c", "mlx", budget=BUDGET, noise_runs=3, on_line=on_line, say=said.append)
+        outcome = setup(Run.resolve(quick_repo, "mlx", BUDGET), "c", noise_runs=3, on_line=on_line, say=said.append)
     finally:
         for p in load:
             p.kill()
@@ -152,17 +153,17 @@ def test_b_a_seed_slowed_by_another_job_runs_again(quick_repo):
 
 
 def test_an_experiment_the_machine_slowed_runs_again_and_is_no_repeat(quick_repo):
-    setup(quick_repo, "e", "mlx", budget=BUDGET, noise_runs=1, say=lambda text: None)
+    setup(Run.resolve(quick_repo, "mlx", BUDGET), "e", noise_runs=1, say=lambda text: None)
     train = quick_repo / "backends/mlx/train.py"
     source = train.read_text()
     slow = source.replace(STEP, STEP + "        time.sleep(2.0)\n")
     train.write_text(slow)
-    outcome = run_experiment(quick_repo, "mlx", "slow steps", budget=BUDGET, say=lambda text: None)
+    outcome = run_experiment(Run.resolve(quick_repo, "mlx", BUDGET), "slow steps", say=lambda text: None)
     assert re.search(r" \[seed 42 slowed by the machine \([\d,]+ tokens/s vs typical [\d,]+ \(below 0\.7 x = "
                      r"[\d,]+\)\), run again: slowed again, [\d,]+ tokens/s", outcome.message), outcome.message
     row = read_ledger(quick_repo / "results.tsv")[-1]
     assert row.description.startswith(f"slow steps {SLOWED_MARK} ") and row.status in ("keep", "discard")
     if row.status == "discard":  # judged at a speed the machine may have imposed: the same program may run again
         train.write_text(slow)
-        branch = RunBranch(git.Repo(quick_repo), "mlx", float(BUDGET), PROFILE)
+        branch = RunBranch(git.Repo(quick_repo), Run(quick_repo, "mlx", float(BUDGET), PROFILE))
         assert find_repeat(branch) is None

@@ -18,7 +18,8 @@ import pytest
 
 from conftest import BUDGET, cli, commit_edit, copy_checkout, make_repo
 from autoresearch.branch import open_branch
-from autoresearch.experiment import Settings, train_hash
+from autoresearch.experiment import train_hash
+from autoresearch.settings import Run
 from autoresearch.gate import Gate
 from autoresearch.hparams import read_constants, set_constants
 from autoresearch.ledger import format_row, notes_rows, read_ledger
@@ -187,8 +188,8 @@ def test_refusals_are_one_line_and_change_nothing(swarm_dir):
     assert (swarm_dir / "notes.txt").read_text() == "mine" and git.Repo(swarm_dir).head.commit.hexsha == head
     # without Ray installed: the extra to install
     code = ("import sys; sys.modules['ray'] = None\nfrom autoresearch.swarm import Plan, run_swarm\n"
-            "from autoresearch.experiment import Settings\n"
-            "try:\n    run_swarm('.', 'mlx', 3, Settings(), Plan(2))\nexcept Exception as e:\n    print(e)")
+            "from autoresearch.settings import Run\n"
+            "try:\n    run_swarm(Run.resolve('.', 'mlx', 3), Plan(2))\nexcept Exception as e:\n    print(e)")
     done = subprocess.run([sys.executable, "-c", code], cwd=swarm_dir, capture_output=True, text=True, timeout=60)
     assert "pip install -e '.[swarm]'" in done.stdout, done.stdout + done.stderr
 
@@ -248,10 +249,9 @@ def test_a_stale_keep_is_judged_again_against_the_moved_best(swarm_dir, tmp_path
     base = driver.head.commit.hexsha
     clone = tmp_path / "clone"
     git.Repo.clone_from(swarm_dir, clone)
-    with open_branch(swarm_dir, "mlx", BUDGET, "test", say=print, hardware=read_ledger(
-            swarm_dir / "results.tsv")[0].hardware) as branch:
+    with open_branch(Run.resolve(swarm_dir, "mlx", BUDGET, gate=Gate("greedy")), "test", say=print,
+                     hardware=read_ledger(swarm_dir / "results.tsv")[0].hardware) as branch:
         template = branch.best()
-        settings = Settings(gate=Gate("greedy"))
 
         def report(values, description, val, start):
             commit, data, digest = worker_commit(clone, start, values, description)
@@ -261,17 +261,17 @@ def test_a_stale_keep_is_judged_again_against_the_moved_best(swarm_dir, tmp_path
                           start, data)
 
         first = template.val_bpb - 0.1
-        row, _ = absorb(branch, report({"MATRIX_LR": 0.02}, "first", first, base), settings)
+        row, _ = absorb(branch, report({"MATRIX_LR": 0.02}, "first", first, base))
         assert row.status == "keep" and driver.head.commit.hexsha.startswith(row.commit)  # a fast-forward
         after_first = driver.head.commit
         # started from the baseline, better than the new best: committed on top of it, with its own train.py
-        row, message = absorb(branch, report({"MATRIX_LR": 0.03}, "second", first - 0.05, base), settings)
+        row, message = absorb(branch, report({"MATRIX_LR": 0.03}, "second", first - 0.05, base))
         assert row.status == "keep" and "committed on top of it" in message
         head = driver.head.commit
         assert head.parents == (after_first,) and head.hexsha.startswith(row.commit)
         assert read_constants((swarm_dir / "backends/mlx/train.py").read_text())["MATRIX_LR"] == 0.03
         # started from the baseline, better than it but not than the moved best: a discard, the branch unmoved
-        row, message = absorb(branch, report({"MATRIX_LR": 0.01}, "third", first - 0.01, base), settings)
+        row, message = absorb(branch, report({"MATRIX_LR": 0.01}, "third", first - 0.01, base))
         assert row.status == "discard" and "the swarm's best had moved to" in row.description
         assert driver.head.commit == head and "discarded" in message
     check_driver(swarm_dir)

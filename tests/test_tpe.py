@@ -11,7 +11,8 @@ import git
 import pytest
 
 from conftest import ROOT, make_repo
-from autoresearch.agents import AgentFailed, make_agent
+from autoresearch.agents import AgentFailed
+from autoresearch.loop import make_agent
 from autoresearch.hparams import block_json, read_constants
 from autoresearch.ledger import LEDGER_NAME, Row, append_row
 from autoresearch.tpe import LOG_SPAN, TPEAgent, distributions, flatten

@@ -15,7 +15,8 @@ from autoresearch.hardware import hardware_tag
 from autoresearch.hparams import read_constants, set_constants
 from autoresearch.ledger import read_ledger
 from autoresearch.report import bench_report
-from autoresearch.transfer import transfer
+from autoresearch.transfer import target_budget, transfer
+from autoresearch.settings import Run
 
 BUDGET = 2
 GREEDY = Gate("greedy")
@@ -37,12 +38,12 @@ def test_transfer_between_run_branches(run_repo, always_keep, monkeypatch):
     root, repo = run_repo, git.Repo(run_repo)
     tag = hardware_tag("mlx")
     # branch A: a baseline and two kept changes
-    setup(root, "a", "mlx", budget=BUDGET, noise_runs=1)
+    setup(Run.resolve(root, "mlx", BUDGET), "a", noise_runs=1)
     branch_a = f"autoresearch/a-{tag}"
     edit(root, "mlx", MATRIX_LR=0.05)
-    first = run_experiment(root, "mlx", "MATRIX_LR 0.04 -> 0.05", budget=BUDGET, gate=GREEDY)
+    first = run_experiment(Run.resolve(root, "mlx", BUDGET, gate=GREEDY), "MATRIX_LR 0.04 -> 0.05")
     edit(root, "mlx", WARMUP_RATIO=0.1)
-    second = run_experiment(root, "mlx", "WARMUP_RATIO 0.0 -> 0.1", budget=BUDGET, gate=GREEDY)
+    second = run_experiment(Run.resolve(root, "mlx", BUDGET, gate=GREEDY), "WARMUP_RATIO 0.0 -> 0.1")
     assert (first.status, second.status) == ("keep", "keep")
     c1, c2 = first.row.commit, second.row.commit
     # main moves on where A's second change edits: that one will not apply on B
@@ -50,7 +51,7 @@ def test_transfer_between_run_branches(run_repo, always_keep, monkeypatch):
     edit(root, "mlx", WARMUP_RATIO=0.05)
     repo.index.add(["backends/mlx/train.py"])
     repo.index.commit("warmup on main")
-    setup(root, "b", "mlx", budget=BUDGET, noise_runs=1)
+    setup(Run.resolve(root, "mlx", BUDGET), "b", noise_runs=1)
     branch_b = f"autoresearch/b-{tag}"
     base_b = repo.head.commit.hexsha
 
@@ -85,7 +86,7 @@ def test_transfer_between_run_branches(run_repo, always_keep, monkeypatch):
         (branch_a, "keep", "WARMUP_RATIO 0.0 -> 0.1"), (branch_b, "keep", "baseline"),
         (branch_b, "keep", f"transfer {c1}: MATRIX_LR 0.04 -> 0.05")]
     # transferring again: the first change is already here, the second still conflicts; nothing runs
-    again = transfer(root, branch_a, "mlx", gate=GREEDY)
+    again = transfer(Run.resolve(root, "mlx", fallback=target_budget(root), gate=GREEDY), branch_a)
     assert [t.outcome for t in again] == ["not applicable (no change here)", "not applicable (conflict)"]
     assert len(read_ledger(root / "results.tsv")) == 5
 
@@ -115,14 +116,14 @@ def test_transfer_between_run_branches(run_repo, always_keep, monkeypatch):
 def test_transfer_refusals(run_repo):
     root, repo = run_repo, git.Repo(run_repo)
     with pytest.raises(experiment.Refused, match="not on a run branch"):
-        transfer(root, "main", "mlx")
+        transfer(Run.resolve(root, "mlx", BUDGET), "main")
     repo.git.checkout("-b", "autoresearch/x")
     with pytest.raises(experiment.Refused, match="no such branch"):
-        transfer(root, "autoresearch/none", "mlx")
+        transfer(Run.resolve(root, "mlx", BUDGET), "autoresearch/none")
     with pytest.raises(experiment.Refused, match="no kept experiments"):
-        transfer(root, "main", "mlx")
+        transfer(Run.resolve(root, "mlx", BUDGET), "main")
     with pytest.raises(experiment.Refused, match="is the branch checked out"):
-        transfer(root, "autoresearch/x", "mlx")
+        transfer(Run.resolve(root, "mlx", BUDGET), "autoresearch/x")
     edit(root, "mlx", DEPTH=3)
     with pytest.raises(experiment.Refused, match="uncommitted changes"):
-        transfer(root, "main", "mlx")
+        transfer(Run.resolve(root, "mlx", BUDGET), "main")

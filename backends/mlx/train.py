@@ -295,8 +295,9 @@ class GPT(nn.Module):
         attn = sum(12 * h * d * min(w, t) for w in window_sizes(self.config))
         return 6 * matmul_params + attn
 
-    def __call__(self, idx, targets=None):
-        """Soft-capped logits (B, T, V) in float32; with targets, per-token cross-entropy (B, T) in nats."""
+    def __call__(self, idx, targets=None, reduction="mean"):
+        """Soft-capped logits (B, T, V) in float32; with targets, the cross-entropy in nats: its mean, or per token
+        (B, T) with reduction="none"."""
         B, T = idx.shape
         dt = compute_dtype
         cos, sin = rotary_cos_sin(T, self.config.n_embd // self.config.n_head, dt)
@@ -310,7 +311,7 @@ class GPT(nn.Module):
         if targets is None:
             return 15 * mx.tanh(logits / 15)  # soft cap
         loss, *_ = softcap_cross_entropy(logits, targets)
-        return loss
+        return mx.mean(loss) if reduction == "mean" else loss
 
 
 # ---------------------------------------------------------------------------
@@ -337,7 +338,7 @@ def adamw_step(p, grad, state, step, lr, betas, eps, wd):
     return p - (lr / (1 - beta1**step)) * state["exp_avg"] / denom
 
 
-def muon_step(grad, p, state, momentum, lr, wd, beta2, ns_steps, red_dim):
+def muon_step(p, grad, state, momentum, lr, wd, beta2, ns_steps, red_dim):
     """One Muon update of one matrix: Nesterov momentum, Polar Express orthogonalization, NorMuon
     per-neuron variance normalization, then cautious weight decay. Returns the new parameter.
     (One matrix at a time: stacking same-shape matrices only adds copies on CPUs.)"""
@@ -395,7 +396,7 @@ class MuonAdamW:
             else:
                 rows, cols = p.shape
                 lr = lr * max(1.0, rows / cols) ** 0.5  # tall matrices get a larger step
-                new[path] = muon_step(grads[path], p, state, momentum, lr, weight_decay, group["beta2"],
+                new[path] = muon_step(p, grads[path], state, momentum, lr, weight_decay, group["beta2"],
                                       group["ns_steps"], -1 if rows >= cols else -2)
         model.update(tree_map_with_path(lambda path, _: new[path], model.trainable_parameters()))
 
@@ -503,7 +504,7 @@ def get_weight_decay(progress):
 def make_train_step(model, optimizer, grad_accum_steps):
     """train_step(x, y, lr_multiplier, momentum, weight_decay) -> mean loss, updating model and optimizer.
     x, y are (grad_accum_steps, B, T); the micro-steps unroll into one graph, compiled if use_compile."""
-    loss_and_grad = nn.value_and_grad(model, lambda model, x, y: mx.mean(model(x, y)))
+    loss_and_grad = nn.value_and_grad(model, lambda model, x, y: model(x, y))
 
     def train_step(x, y, lr_multiplier, momentum, weight_decay):
         loss, grads = loss_and_grad(model, x[0], y[0])

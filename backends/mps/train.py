@@ -161,10 +161,11 @@ def attention(q, k, v, window):
     dtype = compute_dtype if on_device else torch.float32
     q, k, v = (t.to(dtype) for t in (q, k, v))  # one dtype for all three, whatever autocast left them in
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    gqa = k.size(1) != q.size(1)  # grouped kv heads: SDPA and Flex share each across its query heads
     if window >= T - 1:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, window, q.device))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, window, q.device), enable_gqa=gqa)
     return y.transpose(1, 2)
 
 
@@ -194,11 +195,12 @@ def has_ve(layer_idx, n_layer):
     return layer_idx % 2 == (n_layer - 1) % 2
 
 
-def rotary_cos_sin(seq_len, head_dim, base=10000.0):
-    """cos, sin of shape (1, T, 1, D/2), computed in float64 so every backend starts from the same float32 values."""
+def rotary_cos_sin(seq_len, head_dim, dtype, base=10000.0):
+    """cos, sin of shape (1, T, 1, D/2), computed in float64 so every backend starts from the same float32
+    values."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim)
-    theta = torch.outer(torch.arange(seq_len, dtype=torch.float64, device="cpu"), inv_freq)
-    return theta.cos().float()[None, :, None, :], theta.sin().float()[None, :, None, :]
+    theta = torch.outer(torch.arange(seq_len, dtype=torch.float64, device="cpu"), inv_freq)[None, :, None, :]
+    return tuple(f(theta).float().to(dtype) for f in (torch.cos, torch.sin))
 
 
 def apply_rotary(x, cos, sin):
@@ -240,9 +242,6 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
-        if self.n_kv_head < self.n_head:  # grouped-query attention: share each kv head across its query heads
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=2)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=2)
         y = attention(q, k, v, window)
         return self.c_proj(y.contiguous().view(B, T, -1))
 
@@ -273,7 +272,6 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.window_sizes = window_sizes(config)
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(config.vocab_size, config.n_embd),
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
@@ -285,7 +283,7 @@ class GPT(nn.Module):
         self.value_embeds = nn.ModuleDict({
             str(i): nn.Embedding(config.vocab_size, kv_dim) for i in range(config.n_layer) if has_ve(i, config.n_layer)
         })
-        cos, sin = rotary_cos_sin(config.sequence_len, config.n_embd // config.n_head)
+        cos, sin = rotary_cos_sin(config.sequence_len, config.n_embd // config.n_head, torch.float32)
         self.register_buffer("cos", cos.to(self.lm_head.weight.device), persistent=False)
         self.register_buffer("sin", sin.to(self.lm_head.weight.device), persistent=False)
 
@@ -316,23 +314,26 @@ class GPT(nn.Module):
         lookups = self.transformer.wte.weight.numel() + sum(ve.weight.numel() for ve in self.value_embeds.values())
         matmul_params = self.num_params() - lookups - self.resid_lambdas.numel() - self.x0_lambdas.numel()
         h, d, t = self.config.n_head, self.config.n_embd // self.config.n_head, self.config.sequence_len
-        attn = sum(12 * h * d * min(w, t) for w in self.window_sizes)
+        attn = sum(12 * h * d * min(w, t) for w in window_sizes(self.config))
         return 6 * matmul_params + attn
 
     def forward(self, idx, targets=None, reduction="mean"):
+        """Soft-capped logits (B, T, V) in float32; with targets, the cross-entropy in nats: its mean, or per token
+        (B, T) with reduction="none"."""
         B, T = idx.size()
         cos, sin = self.cos[:, :T], self.sin[:, :T]
         x = norm(self.transformer.wte(idx))
         x0 = x
-        for i, block in enumerate(self.transformer.h):
+        for i, (block, window) in enumerate(zip(self.transformer.h, window_sizes(self.config))):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.window_sizes[i])
+            x = block(x, ve, cos, sin, window)
         logits = self.lm_head(norm(x)).float()
         logits = 15 * torch.tanh(logits / 15)  # soft cap
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+        return loss if reduction == "mean" else loss.view(B, T)
 
 
 # ---------------------------------------------------------------------------
@@ -363,7 +364,7 @@ def adamw_step(p, grad, exp_avg, exp_avg_sq, step_t, lr_t, beta1_t, beta2_t, eps
     exp_avg_sq.copy_(v)
 
 
-def muon_step(grads, params, momentum_buffer, second_momentum_buffer, momentum_t, lr_t, wd_t, beta2_t, ns_steps, red_dim):
+def muon_step(params, grads, momentum_buffer, second_momentum_buffer, momentum_t, lr_t, wd_t, beta2_t, ns_steps, red_dim):
     """Muon on a stack of same-shape matrices: Nesterov momentum, Polar Express orthogonalization,
     NorMuon per-neuron variance normalization, then an update with cautious weight decay."""
     momentum = momentum_t
@@ -429,7 +430,7 @@ class MuonAdamW(torch.optim.Optimizer):
         grads, stacked = torch.stack([p.grad for p in params]), torch.stack(params)
         lr = group["lr"] * max(1.0, rows / cols) ** 0.5  # tall matrices get a larger step
         hyper = self._fill(momentum=group["momentum"], lr=lr, wd=group["weight_decay"], beta2=group["beta2"])
-        muon_step(grads, stacked, state["momentum_buffer"], state["second_momentum_buffer"], *hyper,
+        muon_step(stacked, grads, state["momentum_buffer"], state["second_momentum_buffer"], *hyper,
                   group["ns_steps"], red_dim)
         torch._foreach_copy_(params, list(stacked.unbind(0)))
 
