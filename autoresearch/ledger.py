@@ -1,5 +1,6 @@
 """results.tsv: the append-only experiment ledger, upstream's five columns first; every row is also a git
-note on its commit (refs/notes/autoresearch), from which a lost or shortened ledger is restored."""
+note on its commit (refs/notes/autoresearch), from which a lost or shortened ledger is restored. And the series
+model every reader of rows shares: a series is the rows of one key (Row.key), with one baseline and one best."""
 
 import errno
 import math
