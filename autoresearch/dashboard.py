@@ -32,13 +32,14 @@ from urllib.parse import parse_qs, urlsplit
 
 import git
 
-from . import report, sources, train_file
+from . import report, train_file
 from .branch import BRANCH_PREFIX, STATE_DIR
 from .gate import spread
 from .ledger import LEDGER_NAME, SCORED, LedgerError, read_ledger
 from .plain import plain
 from .progress import HEADER
 from .runner import PID_FILE
+from .sources import ReportError, branch_rows, load_series
 from .summary import parse_step
 from .turns import turns_dir
 
@@ -200,8 +201,8 @@ class Dashboard:
             if not head.name.startswith(BRANCH_PREFIX):
                 continue
             try:
-                sources.branch_rows(self.repo, head.name)
-            except sources.ReportError:  # a run branch without rows yet
+                branch_rows(self.repo, head.name)
+            except ReportError:  # a run branch without rows yet
                 continue
             found.append(head.name)
         return found
@@ -223,7 +224,7 @@ class Dashboard:
 
     def load(self):
         sources = self.sources if self.sources is not None else self.default_sources()
-        rows, series = sources.load_series(sources, self.repo)
+        rows, series = load_series(sources, self.repo)
         labels = report.labels(series)
         shown = [series_data(s, label, self.root) for s, label in zip(series, labels)]
         return {"sources": sources, "rows": len(rows), "labels": labels, "series": shown,
@@ -278,7 +279,7 @@ class Dashboard:
         experiment in flight, which changes every poll and so is never cached."""
         try:
             part, error = self.part(since), None
-        except (sources.ReportError, LedgerError, OSError, git.GitCommandError) as e:
+        except (ReportError, LedgerError, OSError, git.GitCommandError) as e:
             part, error = b"{}", str(e)
         with self.lock:
             live = in_flight(self.root)
@@ -340,7 +341,7 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/api/diff":
             try:
                 return self.send_json(*board.diff(parse_qs(url.query).get("commit", [""])[0]))
-            except (sources.ReportError, LedgerError, OSError, git.GitCommandError) as e:
+            except (ReportError, LedgerError, OSError, git.GitCommandError) as e:
                 return self.send_json(503, {"error": str(e)})
         self.send(404, b"not found\n", "text/plain")
 
@@ -430,7 +431,7 @@ def serve(sources=None, host=DEFAULT_HOST, port=DEFAULT_PORT, say=print):
     board = Dashboard(sources, repo, root)
     try:
         board.data()
-    except (sources.ReportError, LedgerError) as e:
+    except (ReportError, LedgerError) as e:
         raise DashboardError(str(e)) from None
     try:
         server = Server(host, port, board, plotly_js)
