@@ -36,6 +36,7 @@ from . import report, train_file
 from .branch import BRANCH_PREFIX, STATE_DIR
 from .gate import spread
 from .ledger import LEDGER_NAME, SCORED, LedgerError, read_ledger
+from .ledger import labels as series_labels  # the page has its own `labels`
 from .plain import plain
 from .progress import HEADER
 from .runner import PID_FILE
@@ -225,7 +226,7 @@ class Dashboard:
     def load(self):
         sources = self.sources if self.sources is not None else self.default_sources()
         rows, series = load_series(sources, self.repo)
-        labels = report.labels(series)
+        labels = series_labels(series)
         shown = [series_data(s, label, self.root) for s, label in zip(series, labels)]
         return {"sources": sources, "rows": len(rows), "labels": labels, "series": shown,
                 "matrix": report.findings_matrix(series), "notes": report.comparability_notes(series),

@@ -556,3 +556,22 @@ def series_of(rows):
 
 def now():
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def run_tag(branch, hardware):
+    """The --tag of a run branch autoresearch/<tag>-<hardware>; the branch name where it is not one."""
+    name = branch.removeprefix("autoresearch/")
+    return name[: -len(hardware) - 1] if name.endswith(f"-{hardware}") and len(name) > len(hardware) + 1 else name
+
+
+def labels(series):
+    """A label per series: its hardware tag, with the run's tag where a hardware has several series,
+    and the eval profile and budget where those are what differs."""
+    out = [s.hardware for s in series]
+    for i, s in enumerate(series):
+        if sum(t.hardware == s.hardware for t in series) > 1:
+            out[i] = f"{s.hardware} ({run_tag(s.branch, s.hardware)})"
+    for i, s in enumerate(series):
+        if out.count(out[i]) > 1:
+            out[i] = f"{out[i]} [{s.eval_profile}, {s.budget:g}s]"
+    return out

@@ -65,7 +65,8 @@ def test_transfer_between_run_branches(run_repo, always_keep, monkeypatch):
     assert repo.head.commit.hexsha == base_b and len(read_ledger(root / "results.tsv")) == 4
 
     seen = []
-    results = transfer(root, branch_a, "mlx", gate=GREEDY, on_result=seen.append)  # budget: B's baseline's
+    results = transfer(Run.resolve(root, "mlx", fallback=target_budget(root), gate=GREEDY), branch_a,
+                       on_result=seen.append)  # budget: B's baseline's
     assert seen == results
     assert [(t.origin, t.description, t.source_commit, t.outcome) for t in results] == [
         (c1, "MATRIX_LR 0.04 -> 0.05", c1, "keep"),
