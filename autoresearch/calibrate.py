@@ -48,8 +48,8 @@ from pathlib import Path
 
 import prepare
 
-from . import kernels, repo_root, sandbox, train_file
-from .hardware import apple_working_set_mb, cuda_capability, cuda_device, hardware_tag, memory_gb
+from . import hardware, kernels, repo_root, sandbox, train_file
+from .hardware import hardware_tag, memory_gb
 from .hparams import read_constants, set_constants
 from .runner import COMPILE_CACHE_ENV, run_training
 
@@ -191,14 +191,14 @@ def reaches_rule(rung, budget):
 
 def first_depth(backend):
     """The ladder's first rung: GPU_FIRST_DEPTH on a CUDA GPU with bf16 (compute capability 8.0 or newer), else 1."""
-    capability = cuda_capability() if backend == "cuda" else None
+    capability = hardware.cuda_capability() if backend == "cuda" else None
     return GPU_FIRST_DEPTH if capability and capability >= (8, 0) else DEPTH_LADDER[0]
 
 
 def memory_limit_mb(backend):
     """Memory a rung may peak at: Metal's recommended working set on an Apple GPU (the budget Metal itself keeps
     to; above it, it pages), else MEMORY_FRACTION of the CUDA GPU's memory or of system memory."""
-    working_set = apple_working_set_mb(backend)
+    working_set = hardware.apple_working_set_mb(backend)
     return working_set if working_set else MEMORY_FRACTION * device_memory_mb(backend)
 
 
@@ -302,7 +302,7 @@ def calibrate(backend, root=None, force=False, budget=None, on_line=None, time_l
 def device_memory_mb(backend):
     """Memory a model may use: the GPU's for cuda, else system memory (unified on Apple Silicon)."""
     if backend == "cuda":
-        gpu = cuda_device()
+        gpu = hardware.cuda_device()
         if gpu:
             return gpu[1]
     return memory_gb() * 1024

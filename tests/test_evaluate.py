@@ -32,7 +32,8 @@ SUMMARY = '    print("---")\n    print(f"training_seconds:'
 IN_PROCESS = {
     "mlx": '''    import prepare
     def old_loss(x, y):
-        return np.concatenate([np.array(model(mx.array(x[i:i + 8]), mx.array(y[i:i + 8]))) for i in range(0, len(x), 8)])
+        return np.concatenate([np.array(model(mx.array(x[i:i + 8]), mx.array(y[i:i + 8]), reduction="none"))
+                               for i in range(0, len(x), 8)])
     print(f"in_process_val_bpb: {prepare.evaluate_bpb(old_loss, 32):.6f}")
 ''',
     "torch": '''    import prepare

@@ -68,8 +68,8 @@ def test_patching_the_evaluator_from_train_py_changes_nothing(repo_dir):
     # at import (the evaluator imports train.py): the metric replaced, the loss scaled down
     cheat(repo_dir, "import mlx.core as mx\n",
           "import mlx.core as mx\nimport prepare\nprepare.evaluate_bpb = lambda *a, **k: 0.01\n")
-    cheat(repo_dir, "        loss, *_ = softcap_cross_entropy(logits, targets)\n        return loss\n",
-          "        loss, *_ = softcap_cross_entropy(logits, targets)\n        return 0.01 * loss\n")
+    cheat(repo_dir, "        return mx.mean(loss) if reduction == \"mean\" else loss\n",
+          "        return 0.01 * (mx.mean(loss) if reduction == \"mean\" else loss)\n")
     proc, closing = run(repo_dir, "patched metric")
     assert proc.returncode in (0, 3), proc.stdout + proc.stderr
     rows = read_ledger(repo_dir / "results.tsv")
