@@ -551,7 +551,8 @@ def _decide(trial, runs, decision):
         message += ")"
     else:
         status = "keep" if decision.keep else "discard"
-        message = f"RESULT {status} val_bpb={statistics.fmean(samples):.6f} [{branch.run.gate.label()}: {decision.reason}]"
+        message = (f"RESULT {status} val_bpb={statistics.fmean(samples):.6f} [{branch.run.gate.label()}: "
+                   f"{decision.reason}]")
     if not baseline_runs:
         reruns = [m.rerun for m in runs if m.rerun]
         message += "".join(f" [{r}]" for r in reruns)

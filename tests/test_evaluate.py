@@ -78,7 +78,7 @@ import prepare
 
 _evaluate_bpb, _call = prepare.evaluate_bpb, GPT.__call__
 prepare.evaluate_bpb = lambda loss_fn, batch_size, rows=None: 0.8 * _evaluate_bpb(loss_fn, batch_size, rows)
-GPT.__call__ = lambda self, idx, targets=None: _call(self, idx, targets) * (1.0 if targets is None else 0.5)
+GPT.__call__ = lambda self, idx, targets=None, **kw: _call(self, idx, targets, **kw) * (1.0 if targets is None else 0.5)
 '''
 
 

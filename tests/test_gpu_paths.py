@@ -294,7 +294,8 @@ def test_a_hub_that_never_answers_sends_every_child_offline_and_the_import_does_
     hub.probe.cache_clear()
     env, note = hub.child_env(hardware.on_cuda_gpu("cuda"))
     assert env == {"HF_HUB_OFFLINE": "1"} and note.startswith(f"hub: {silent_server} did not answer in 0.5s (")
-    assert hub.child_env(hardware.on_cuda_gpu("mlx")) == ({}, None) and hub.probe.cache_info().misses == 1  # asked once per command
+    assert hub.child_env(hardware.on_cuda_gpu("mlx")) == ({}, None)
+    assert hub.probe.cache_info().misses == 1  # asked once per command
     # cuda/train.py imported as on a Hopper GPU, with the children's environment: FA3 falls back at once
     script = ("import importlib.util, torch\n"
               "torch.cuda.is_available = lambda: True\n"

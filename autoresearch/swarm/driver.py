@@ -196,7 +196,8 @@ def _swarm(crew, run, plan):
         try:
             branch = opened.enter_context(open_branch(run, "swarm", say=event, hardware=hardware))
         except Refused as e:  # said with how to set up a run branch for the workers
-            raise Refused(f"{e} (the workers measure on {hardware}; `--tag TAG` sets up a run branch for them)") from None
+            raise Refused(f"{e} (the workers measure on {hardware}; `--tag TAG` sets up a run branch for "
+                          "them)") from None
         return _drive(crew, branch, plan)
 
 
@@ -230,7 +231,8 @@ def _drive(crew, branch, plan):
     """Give each worker a turn on the latest best, record each result as it comes, until max_experiments. A worker
     that died gets its next turn once Ray has restarted it and it answers again, within plan.restart_timeout: one
     whose node is gone, with no room for it elsewhere, would otherwise be waited for forever."""
-    ray, actors, claims, event, signals, died = crew.ray, crew.actors, crew.claims, crew.event, crew.signals, crew.died()
+    ray, actors, claims, event, signals = crew.ray, crew.actors, crew.claims, crew.event, crew.signals
+    died = crew.died()
     rows, results = [], 0
     pending = {}  # Ray ref -> (worker index, "turn"; or "back": a dead worker's hello, sent as Ray restarts it)
     back_by = {}  # worker index -> when its restart must have answered
