@@ -99,7 +99,7 @@ def mlx_logits_fn(module, model, vocab):
         for part, out in zip(parts, outs):
             check_logits(out.shape, part.shape, vocab)
         logits = mx.concatenate(outs) if len(outs) > 1 else outs[0]
-        return lambda at, m: np.array(logits[at : at + m, :, :vocab])
+        return lambda at, m: np.asarray(logits[at : at + m, :, :vocab])  # a view: serve copies it once, out
 
     return logits_fn
 
