@@ -455,6 +455,13 @@ def again_if_slowed(branch, seeded, typical, on_line):
     return replace(again, rerun=rerun + (f": {second.reason}" if again.status == "ok" else f": {again.status}"))
 
 
+def credited(runs):
+    """A baseline's seeds, each credited the cold startup recorded with the kernels it started from: the clock
+    gives candidates twice the baseline's startup, and an honest one that compiles new shapes starts cold."""
+    cold = max((kernels.cold_startup(m.compiled) for m in runs if m.compiled), default=0.0)
+    return [replace(m, timing=replace(m.timing, startup=max(m.timing.startup, cold))) for m in runs]
+
+
 def baseline_seeds(branch, runs, on_line):
     """setup's seeds after they all ran: each one slowed by the machine against the fastest of them runs once more;
     those still slowed are marked, and _decide leaves them out of the baseline and its noise floor."""
@@ -484,7 +491,7 @@ def train_and_record(branch, description, base, commit, on_line=None, baseline_r
     try:
         runs, decision = run_seeds(branch, baseline_runs or branch.run.gate.most_runs(), best, on_line)
         if baseline_runs:
-            runs = baseline_seeds(branch, runs, on_line)
+            runs = credited(baseline_seeds(branch, runs, on_line))
     except BaseException:  # Ctrl-C, SIGTERM, SIGHUP: nothing measured, the branch back at base
         if not baseline_runs:
             branch.say(branch.interrupted(commit, base))
@@ -494,8 +501,9 @@ def train_and_record(branch, description, base, commit, on_line=None, baseline_r
         outcome = _decide(trial, runs, decision)
         if outcome.status == "keep" and runs[-1].compiled:
             kernels.promote(branch.name, runs[-1].compiled)  # a kept program's kernels are the next runs'
-            if baseline_runs:  # and a baseline's, the next branch's of the same program
-                kernels.promote(kernels.program_key(source), runs[-1].compiled)
+            if baseline_runs:  # and a baseline's, the next branch's of the same program, with its cold startup
+                kernels.promote(kernels.program_key(source), runs[-1].compiled,
+                                cold=max(m.timing.startup for m in runs))
         return outcome
     finally:
         for m in runs:

@@ -17,6 +17,10 @@ import prepare
 
 INSIDE_MLX = "/tmp/mlx"  # where MLX keeps its CPU kernels (the temporary directory's mlx/)
 INSIDE_TORCH = "/tmp/compile-cache"
+# Beside a cache's kernels, out of every trainer's reach (only mlx/ and torch/ are bound): the startup of the baseline
+# that compiled them from nothing. A later baseline that starts from them is credited it, so its clock still allows
+# an honest candidate a cold compile of new shapes.
+COLD_FILE = "cold-startup"
 TORCH_ENV = {"TORCHINDUCTOR_CACHE_DIR": f"{INSIDE_TORCH}/inductor", "TRITON_CACHE_DIR": f"{INSIDE_TORCH}/triton"}
 
 
@@ -43,11 +47,24 @@ def checkout(key, fallback=None):
             shutil.copytree(home / sub, run_dir / sub, symlinks=True)
         else:
             (run_dir / sub).mkdir()
+    if (home / COLD_FILE).is_file():
+        shutil.copy2(home / COLD_FILE, run_dir / COLD_FILE)
     return run_dir
 
 
-def promote(key, run_dir):
-    """A kept run's cache becomes key's: copied whole (the run's folder is discarded after), then swapped in."""
+def cold_startup(run_dir):
+    """The cold startup recorded with the cache a run checked out (seconds), or 0.0."""
+    try:
+        return max(0.0, float((Path(run_dir) / COLD_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return 0.0
+
+
+def promote(key, run_dir, cold=None):
+    """A kept run's cache becomes key's: copied whole (the run's folder is discarded after), then swapped in.
+    cold: a baseline's startup, recorded with it (COLD_FILE)."""
+    if cold:
+        (Path(run_dir) / COLD_FILE).write_text(f"{cold:.2f}\n")
     home = _home(key)
     home.parent.mkdir(parents=True, exist_ok=True)
     staging = home.with_name(f"{home.name}.new-{os.getpid()}")

@@ -27,6 +27,18 @@ PROFILE = "smoke"
 TINY = {"DEPTH": 2, "ASPECT_RATIO": 32, "HEAD_DIM": 32, "DEVICE_BATCH_SIZE": 8, "TOTAL_BATCH_SIZE": 2048}
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "serial: needs the machine's every core (Ray's workers, auto's race between the "
+                                       "CPU paths): run alone, after the parallel part (README's test command)")
+    # Under pytest-xdist each worker is a machine of its own share of the cores, pinned, and every process a test
+    # starts inherits it: one worker's training never slows another's, whose clock and pace would notice.
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker and count > 1 and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) >= count:
+            os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) % count::count])
+
+
 def pytest_sessionstart(session):
     if not MIXED_EN.is_dir() or not SHAKESPEARE.is_file():
         raise pytest.UsageError(f"test data missing: expected ../shared/data (looked in {SHARED_DATA})")

@@ -14,9 +14,10 @@ import prepare
 from autoresearch import auto_pick, hardware
 from conftest import cli, make_repo
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     not (hardware._has("torch") and hardware._has("mlx")) or hardware.cuda_device() or hardware.is_apple_silicon(),
-    reason="auto measures only on a CPU with both MLX and PyTorch installed")
+    reason="auto measures only on a CPU with both MLX and PyTorch installed"),
+    pytest.mark.serial]  # a race between the CPU paths, on every core
 
 BUSY_PER_CORE = 3  # busy loops per core: the trainer gets about a quarter of each core while they run
 

@@ -34,3 +34,24 @@ def test_a_sandboxed_baseline_leaves_its_programs_cache(branch_template, cpu_cac
     if sandbox.active().confined:
         assert files(home / "mlx"), "the baseline's compiled kernels were not kept for its program"
     assert not kernels._home(kernels.program_key(source + "\n# edited\n")).exists()
+
+
+def test_a_warm_baseline_is_credited_the_cold_start_of_the_kernels_it_used(tmp_path, monkeypatch):
+    """The clock gives candidates twice the baseline's startup: a baseline that started from its program's kernels
+    keeps the cold start of the baseline that compiled them, so a candidate compiling new shapes is not late."""
+    from autoresearch.experiment import Measurement, Timing, credited
+
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path))
+    first = kernels.checkout("branch a", kernels.program_key("P"))
+    assert kernels.cold_startup(first) == 0.0
+    (first / "mlx" / "kernel.so").write_text("built by P's baseline")
+    kernels.promote(kernels.program_key("P"), first, cold=31.5)
+    assert not (first / "mlx" / kernels.COLD_FILE).exists()  # beside the kernels: no trainer's bind reaches it
+    warm = kernels.checkout("branch b", kernels.program_key("P"))
+    assert kernels.cold_startup(warm) == 31.5
+    seeds = [Measurement("ok", 3.2, {}, Timing(3.0, startup, 0.4, "bwrap"), "", warm) for startup in (0.8, 40.0)]
+    assert [m.timing.startup for m in credited(seeds)] == [31.5, 40.0]
+    (warm / kernels.COLD_FILE).write_text("not a number")  # the harness's own file, damaged: no credit, no crash
+    assert kernels.cold_startup(warm) == 0.0 and credited(seeds[:1])[0].timing.startup == 0.8
+    for run in (first, warm):
+        kernels.discard(run)

@@ -26,6 +26,8 @@ from autoresearch.ledger import format_row, notes_rows, read_ledger
 from autoresearch.turns import load_turns
 from test_faults import alive
 
+pytestmark = pytest.mark.serial  # Ray places a worker per share of the cores
+
 pytest.importorskip("ray")
 
 # A baseline that barely learns (every learning rate / 100), so that restoring them is a sure keep

@@ -20,6 +20,8 @@ import pytest
 
 from conftest import BUDGET, make_repo
 
+pytestmark = pytest.mark.serial  # Ray nodes, a core each
+
 pytest.importorskip("ray")
 
 RAY = str(Path(sys.executable).with_name("ray"))

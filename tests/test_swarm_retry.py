@@ -11,6 +11,8 @@ import pytest
 
 from conftest import BUDGET, cli, make_repo
 
+pytestmark = pytest.mark.serial  # Ray places a worker per share of the cores
+
 pytest.importorskip("ray")
 
 
