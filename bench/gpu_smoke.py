@@ -126,7 +126,7 @@ def run(config, out):
         shutil.copy2(root / "prepare.py", scratch / "prepare.py")
         rungs = []
         for depth in config["depths"]:
-            rung, error = cal.measure("cuda", source, depth, batch, 300.0, profile.seq_len, scratch)
+            rung, error = cal.measure("cuda", source, depth, batch, 300.0, scratch)
             report.setdefault("rungs", []).append(rung.__dict__ if rung else {"depth": depth, "error": error[-500:]})
             if rung:
                 rungs.append(rung)
