@@ -53,7 +53,7 @@ FORWARD = """
 import json, sys, time
 sys.path.insert(0, {root!r})
 import numpy as np, torch, prepare
-from autoresearch.evaluate import load_train
+from autoresearch.model_server import load_train
 module = load_train("cuda", {root!r})
 config, weights = prepare.load_checkpoint({checkpoint!r})
 model = module.build_model(config, weights)
