@@ -499,11 +499,12 @@ def train_and_record(branch, description, base, commit, on_line=None, baseline_r
     try:
         trial = Trial(branch, description, base, commit, baseline_runs, source, best)
         outcome = _decide(trial, runs, decision)
-        if outcome.status == "keep" and runs[-1].compiled:
-            kernels.promote(branch.name, runs[-1].compiled)  # a kept program's kernels are the next runs'
-            if baseline_runs:  # and a baseline's, the next branch's of the same program, with its cold startup
-                kernels.promote(kernels.program_key(source), runs[-1].compiled,
-                                cold=max(m.timing.startup for m in runs))
+        # Only a baseline's kernels carry on: the project's own code compiled them. A candidate's folder is the
+        # agent's to write, and promoted it would carry whatever train.py left there into the next experiments.
+        if outcome.status == "keep" and baseline_runs and runs[-1].compiled:
+            cold = max(m.timing.startup for m in runs)
+            kernels.promote(branch.name, runs[-1].compiled, cold=cold)  # the branch's runs start from them
+            kernels.promote(kernels.program_key(source), runs[-1].compiled, cold=cold)  # and its program's
         return outcome
     finally:
         for m in runs:

@@ -924,3 +924,28 @@ def test_sandbox_off_on_a_bubblewrap_branch_is_refused(repo_dir, baseline):
     assert len(errors) == 1 and "never compared" in errors[0], proc.stderr
     assert len(read_ledger(repo_dir / "results.tsv")) == 1
     assert_unchanged(baseline[1], snapshot(repo_dir), allow=("status",))
+
+
+PLANT = '''
+plant = Path("/tmp/mlx") / "planted-by-a-keep"  # the run's compile cache, writable: weights could go here
+probe("planted before", str(plant.exists()))
+plant.write_text("stands for this run's trained weights")
+'''
+
+
+@needs_bwrap
+def test_what_a_kept_candidate_leaves_in_its_compile_cache_reaches_no_later_run(repo_dir, baseline, monkeypatch):
+    from autoresearch import experiment
+    from autoresearch.gate import Decision, Gate
+    from autoresearch.settings import Run
+
+    monkeypatch.setattr(experiment, "decide", lambda gate, c, b, s: Decision(True, False, "forced keep (test)"))
+    run = Run.resolve(repo_dir, "mlx", BUDGET, gate=Gate("greedy"))
+    at_start_of(repo_dir, "main", PLANT)
+    edit(repo_dir, MATRIX_LR=0.05)
+    first = experiment.run_experiment(run, "plant in the compile cache", say=lambda text: None)
+    assert first.status == "keep" and probes(run_log(repo_dir))["planted before"] == "False", first.message
+    edit(repo_dir, MATRIX_LR=0.06)  # the next experiment: a new program on top of the keep
+    second = experiment.run_experiment(run, "look for it", say=lambda text: None)
+    assert second.status == "keep", second.message
+    assert probes(run_log(repo_dir))["planted before"] == "False", "a keep's compile cache carried a file on"
