@@ -2,8 +2,9 @@
 
 A sandboxed trainer's /tmp is empty at every start, so without this every run would compile every kernel again
 (MLX on a CPU: 40-70 s for step 0 instead of 1 s). A cache a run can write is also a way to plant code in a later
-run, so each run gets a copy of its run branch's cache, and only a kept run's copy becomes the branch's: what a
-later run loads was left by a commit on the branch's own history, never by a discarded, crashed or invalid one.
+run, so each run gets a copy of its run branch's cache, and only a kept baseline's copy becomes the branch's:
+what a later run loads was compiled by the project's own train.py, never left by an agent's candidate, kept or
+not (a candidate's new shapes compile again in each run, within the clock's cold-start allowance).
 A new branch has no cache yet: its baseline starts from the cache a kept baseline of the very same train.py left
 (program_key), which only a run of that program wrote, so it loads nothing another program could have planted."""
 
