@@ -981,6 +981,15 @@ def gpu_peak_flops(name):
     return next((peak for key, peak in GPU_PEAK_FLOPS_FAMILIES if f" {key} " in words), None)
 
 
+# Flash Attention 3 builds on the kernels hub: (repository, kernel API version, compute capabilities of its
+# builds), best first. cuda/train.py loads the first that fits its GPU; the harness fetches that one into the
+# local hub cache ahead (autoresearch/hub.py), since no trainer or evaluator has a network.
+FA3_KERNELS = (
+    ("varunneal/flash-attention-3", 1, ((9, 0),)),  # upstream's Hopper build
+    ("kernels-community/flash-attn3", 1, ((8, 0), (8, 6), (8, 7), (8, 9), (9, 0))),  # sm80 and sm90a builds
+)
+
+
 # ---------------------------------------------------------------------------
 # Checkpoint (train.py -> the harness's evaluator) and the trainer's view of the cache
 # ---------------------------------------------------------------------------

@@ -45,7 +45,7 @@ import prepare
 
 from . import hub, record, sandbox
 from .clock import SCORING_SLACK_SECONDS
-from .hardware import on_cuda_gpu, preload_blas
+from .hardware import gpu_capability, preload_blas
 from .model_server import make_logits_fn, send_array
 from .runner import remove_pid_file, state_of, write_pid_file
 
@@ -106,12 +106,12 @@ def start_evaluator(backend, root, checkpoint, env=None, state=None, name=EVALUA
     child_env = dict(os.environ if env is None else env, AUTORESEARCH_CACHE=str(prepare.trainer_view()),
                      PYTHONUNBUFFERED="1")
     blas = preload_blas(child_env, one_thread=True) if backend == "mlx" else None  # logits_fn: a stream per core
-    offline, hub_note = hub.child_env(on_cuda_gpu(backend))
+    offline, hub_note = hub.child_env(gpu_capability(backend))
     child_env.update(offline)
     notes = [n for n in (blas, hub_note) if n]
     # the harness's state folder too: its logs hold earlier runs' output
     hidden = (str(prepare.cache_dir()), str(record.state_home()), str(Path(root) / ".autoresearch"))
-    policy = sandbox.Policy(read=(str(root), str(checkpoint)), hide=hidden, network=False)
+    policy = sandbox.Policy(read=(str(root), str(checkpoint), *hub.readable(child_env)), hide=hidden, network=False)
     buffer = shared_buffer()
     argv, inside = sandbox.active().wrap([sys.executable, "-I", "-B", "-c", CHILD_MAIN, json.dumps(harness_path()),
                                           backend, str(buffer)], root, policy)

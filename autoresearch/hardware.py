@@ -77,9 +77,9 @@ def gpu_gb(mib):
     return math.ceil(mib / 1024)
 
 
-def on_cuda_gpu(backend):
-    """Whether a child of this backend runs on an NVIDIA GPU (where FA3 may load from the hub)."""
-    return backend == "cuda" and bool(cuda_device())
+def gpu_capability(backend):
+    """The compute capability of the NVIDIA GPU a child of this backend trains on (where FA3 may load), or None."""
+    return cuda_capability() if backend == "cuda" else None
 
 
 def available_backends():
@@ -197,29 +197,24 @@ def package_version(name):
 
 
 def software_tag(backend):
-    """The framework's version for the tag, and on CUDA the attention path the hardware allows: a ladder measured
+    """The framework's version for the tag, and on CUDA the attention path its runs can load: a ladder measured
     on torch 2.9 with PyTorch's attention is another machine than one with FA3 loaded."""
     if backend == "mlx":
         return f"mlx{package_version('mlx')}"
     tag = f"torch{package_version('torch')}"
     if backend == "cuda" and cuda_capability():
-        tag += f"-{expected_attention(cuda_capability(), package_version('kernels'), fa3_reachable())}"
+        ready, _ = hub.fetch(cuda_capability())
+        tag += f"-{expected_attention(cuda_capability(), package_version('kernels'), ready)}"
     return tag
 
 
-def expected_attention(capability, kernels_version, reachable):
+def expected_attention(capability, kernels_version, cached):
     """What cuda/train.py's attention picks on this GPU as shipped: FA3 (its hub builds: sm80-sm90) where `kernels`
-    is installed and a build can be had, else FlexAttention on sm80 and newer, else SDPA. The tag's part; the
-    path a run took is in its summary (attention:) and in each calibration rung."""
-    if kernels_version and reachable and (8, 0) <= capability <= (9, 0):
+    is installed and a build is in the local hub cache (hub.fetch), else FlexAttention on sm80 and newer, else
+    SDPA. The tag's part; the path a run took is in its summary (attention:) and in each calibration rung."""
+    if kernels_version and cached and (8, 0) <= capability <= (9, 0):
         return f"fa3-kernels{kernels_version}"
     return "flex" if capability >= (8, 0) else "sdpa"
-
-
-def fa3_reachable():
-    """Whether a Flash Attention 3 kernel can be loaded: one is in the local hub cache, or the hub answers."""
-
-    return hub.cached_kernels("flash") or hub.online()
 
 
 def apple_gpu_cores(output=None):

@@ -1,19 +1,36 @@
-"""The Hugging Face hub, asked once per command: cuda/train.py loads Flash Attention 3 through `kernels` at import,
-in every trainer, evaluator and calibration rung, and huggingface_hub's client waits without a timeout, so on a
-network that drops packets each import would hang for the OS's TCP timeout (~2 minutes). The harness asks the hub
-once, with a short timeout; if it does not answer, every child runs offline (HF_HUB_OFFLINE=1): a kernel in the
-local hub cache still loads, none is fetched, and train.py falls back to PyTorch's attention and says so."""
+"""The Hugging Face hub, for the one thing the harness takes from it: cuda/train.py's Flash Attention 3 kernel
+(prepare.FA3_KERNELS, loaded through `kernels`).
+
+No trainer, calibration rung or evaluator has a network in the sandbox, and huggingface_hub's client waits without a
+timeout (on a network that drops packets, an import would hang for the OS's TCP timeout, ~2 minutes). So the harness
+fetches the kernel itself, once per command and ahead of every child, after one short probe of the hub; each child
+on an NVIDIA GPU then runs offline (HF_HUB_OFFLINE=1) and is shown, read-only, only those kernel repositories'
+folders of the local hub cache, never the user's models or datasets there. The attention path in the hardware tag
+is therefore the one a child can load (fa3 only when the kernel is in that cache)."""
 
 import functools
 import http.client
+import importlib.util
 import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import prepare
+
 PROBE_SECONDS = 5.0
+FETCH_SECONDS = 600.0  # one kernel build is a few hundred MB
 DEFAULT_ENDPOINT = "https://huggingface.co"
 TRUE = ("1", "on", "yes", "true")
+# kernels fetches a build by its commit, which leaves no refs/v<version> in the cache, and an offline load looks the
+# version up there; the same files fetched again by the branch's name record it (no file is downloaded twice).
+FETCH = ("import sys; from huggingface_hub import snapshot_download; from kernels import install_kernel; "
+         "repo, version = sys.argv[1], int(sys.argv[2]); "
+         "build = install_kernel(repo, version=version, trust_remote_code=[repo]); "
+         "snapshot_download(repo, repo_type='kernel', revision=f'v{version}', "
+         "allow_patterns=[f'build/{build.name}/*'])")
 
 
 def endpoint():
@@ -22,6 +39,31 @@ def endpoint():
 
 def offline_by_choice():
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in TRUE
+
+
+def cache_root():
+    """The hub cache `kernels` reads, resolved as huggingface_hub resolves it."""
+    for name in ("KERNELS_CACHE", "HF_HUB_CACHE"):
+        if os.environ.get(name):
+            return Path(os.environ[name])
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home) / "hub"
+
+
+def repo_folders(repo, root):
+    """Where one repository lies in a hub cache: newer huggingface_hub files kernels as kernels--, older as models--."""
+    name = repo.replace("/", "--")
+    return [Path(root) / f"{kind}--{name}" for kind in ("kernels", "models")]
+
+
+def cached(repo, version, root):
+    """Whether this kernel version is in the hub cache at root, where `kernels` can load it offline."""
+    return any((folder / "refs" / f"v{version}").is_file() for folder in repo_folders(repo, root))
+
+
+def builds_for(capability):
+    """The FA3 builds for a GPU of this compute capability, best first: (repository, version) pairs."""
+    return [(repo, version) for repo, version, caps in prepare.FA3_KERNELS if tuple(capability) in caps]
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,27 +78,62 @@ def probe(url, timeout):
     return None
 
 
-def online():
-    """Whether the children may ask the hub: not when the user set HF_HUB_OFFLINE, nor when it did not answer."""
-    return not offline_by_choice() and probe(endpoint(), PROBE_SECONDS) is None
+def download(repo, version, root):
+    """Fetch one kernel build for this machine's torch into the hub cache at root, in a child process with a time
+    limit; None when it is there after, else why not (one line)."""
+    env = dict(os.environ, HF_HUB_CACHE=str(root), KERNELS_CACHE=str(root), HF_HUB_DISABLE_TELEMETRY="1")
+    try:
+        done = subprocess.run([sys.executable, "-c", FETCH, repo, str(version)], env=env, capture_output=True,
+                              text=True, timeout=FETCH_SECONDS)
+    except subprocess.TimeoutExpired:
+        return f"not fetched in {FETCH_SECONDS:g}s"
+    if done.returncode != 0:
+        return (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:200]
+    return None if cached(repo, version, root) else "fetched, but its version is not recorded in the cache"
 
 
-def child_env(on_cuda_gpu):
-    """(variables, note) for a child: one on an NVIDIA GPU (hardware.on_cuda_gpu) gets HF_HUB_OFFLINE=1 when the hub
-    did not answer the one probe, with a one-line note saying so; elsewhere (no FA3 to load) nothing, and no
-    probe."""
-    if not on_cuda_gpu or offline_by_choice():
-        return {}, None
+@functools.lru_cache(maxsize=None)
+def fetch(capability):
+    """(ready, note) for a GPU of this compute capability, once per command: ready when an FA3 build for it is in
+    the local hub cache, fetched now if the hub answers; note: why a cuda child will use PyTorch's attention."""
+    wanted = builds_for(capability)
+    if not wanted:
+        return False, None  # no build for this GPU: train.py says so itself
+    root = cache_root()
+    if any(cached(repo, version, root) for repo, version in wanted):
+        return True, None
+    names = " or ".join(f"{repo} v{version}" for repo, version in wanted)
+    fallback = f"{root} holds no {names}: cuda runs use PyTorch's attention"
+    if importlib.util.find_spec("kernels") is None:
+        return False, f"hub: kernels is not installed (pip install -e '.[cuda]') and {fallback}"
+    if offline_by_choice():
+        return False, f"hub: HF_HUB_OFFLINE is set and {fallback}"
     why = probe(endpoint(), PROBE_SECONDS)
-    if why is None:
+    if why:
+        return False, f"hub: {endpoint()} did not answer in {PROBE_SECONDS:g}s ({why}) and {fallback}"
+    errors = []
+    for repo, version in wanted:
+        error = download(repo, version, root)
+        if error is None:
+            return True, None
+        errors.append(f"{repo} v{version}: {error}")
+    return False, f"hub: fetching FA3 failed ({'; '.join(errors)}) and {fallback}"
+
+
+def child_env(capability):
+    """(variables, note) for a child on an NVIDIA GPU of this compute capability (None: not on one, nothing to
+    set): offline, on the hub cache the kernel was fetched into; note: why FA3 will not load, or None."""
+    if capability is None:
         return {}, None
-    return {"HF_HUB_OFFLINE": "1"}, (f"hub: {endpoint()} did not answer in {PROBE_SECONDS:g}s ({why}): every child "
-                                     f"runs offline (HF_HUB_OFFLINE=1), FA3 only from the local hub cache")
+    _, note = fetch(tuple(capability))
+    root = str(cache_root())
+    return {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": root, "KERNELS_CACHE": root}, note
 
 
-def cached_kernels(word):
-    """Whether the local hub cache (where `kernels` looks) holds a kernel repository whose name contains word."""
-    root = os.environ.get("KERNELS_CACHE") or os.environ.get("HF_HUB_CACHE")
-    root = Path(root) if root else Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
-    return any(word in p.parent.parent.name.lower() for kind in ("kernels", "models")
-               for p in root.glob(f"{kind}--*/refs/*"))
+def readable(env):
+    """What of the hub cache a sandboxed child with these variables (child_env's) may read: the FA3 repositories'
+    own folders, nothing else of the user's cache."""
+    root = env.get("KERNELS_CACHE")
+    if not root or env.get("HF_HUB_OFFLINE") != "1":
+        return ()
+    return tuple(str(f) for repo, _, _ in prepare.FA3_KERNELS for f in repo_folders(repo, root) if f.is_dir())

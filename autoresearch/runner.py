@@ -16,7 +16,7 @@ from pathlib import Path
 import prepare
 
 from . import hub, kernels, record, repo_root, sandbox, train_file
-from .hardware import on_cuda_gpu, preload_blas
+from .hardware import gpu_capability, preload_blas
 from .summary import STEP_LINE, parse_summary
 from .settings import default_timeout
 
@@ -371,7 +371,7 @@ def train_env(backend, budget=None, seed=None, base=None):
     if seed is not None:
         env["AUTORESEARCH_SEED"] = str(seed)
     blas = preload_blas(env) if backend == "mlx" else None
-    offline, hub_note = hub.child_env(on_cuda_gpu(backend))
+    offline, hub_note = hub.child_env(gpu_capability(backend))
     env.update(offline)
     return env, [n for n in (blas, hub_note) if n]
 
@@ -424,7 +424,8 @@ def trainer_policy(root, env):
     nothing of the real cache (where the view sits) or of anything else on the machine."""
     view, checkpoint = env.get("AUTORESEARCH_CACHE"), env.get("AUTORESEARCH_CHECKPOINT")
     compiled = env.get(COMPILE_CACHE_ENV)
-    return sandbox.Policy(read=tuple(p for p in (str(root), view) if p), write=(checkpoint,) if checkpoint else (),
+    read = (*(p for p in (str(root), view) if p), *hub.readable(env))  # FA3 from the hub cache, on a GPU
+    return sandbox.Policy(read=read, write=(checkpoint,) if checkpoint else (),
                           hide=(str(prepare.cache_dir()), str(record.state_home()), str(Path(root) / STATE_DIR)),
                           network=False, binds=kernels.binds(compiled) if compiled else (),
                           env=kernels.TORCH_ENV if compiled else {})

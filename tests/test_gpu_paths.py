@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+import prepare
 from autoresearch import auto_pick, hardware
 from conftest import ROOT
 
@@ -282,32 +283,118 @@ def silent_server():
     server.close()
 
 
+HOPPER = ("NVIDIA H100 80GB HBM3", 81559, (9, 0))
+# cuda/train.py imported as on a Hopper GPU (torch here is the CPU build): its attention path and why
+AS_ON_HOPPER = ("import importlib.util, sys, torch\n"
+                "torch.cuda.is_available = lambda: True\n"
+                "torch.cuda.get_device_capability = lambda *a: (9, 0)\n"
+                f"spec = importlib.util.spec_from_file_location('t', {str(ROOT / 'backends/cuda/train.py')!r})\n"
+                "t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)\n"
+                "print('path:', t.attention_path)\n")
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty hub cache of the user's, an H100 as the harness sees it, and hub's once-per-command answers reset."""
+    from autoresearch import hub
+
+    root = tmp_path / "hf-hub"
+    root.mkdir()
+    monkeypatch.delenv("KERNELS_CACHE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(hardware, "cuda_properties", lambda: HOPPER)
+    monkeypatch.setattr(hardware, "cuda_device", lambda: HOPPER[:2])
+    hub.probe.cache_clear()
+    hub.fetch.cache_clear()
+    yield root
+    hub.probe.cache_clear()
+    hub.fetch.cache_clear()
+
+
+def fake_kernel(root, repo, version=1):
+    """A kernel build of repo in the hub cache at root, as `kernels` finds it offline: a torch-cpu build (the torch
+    here), recorded under refs/v<version>, whose module says it is the fake."""
+    folder = root / f"kernels--{repo.replace('/', '--')}"
+    commit = "c0ffee" * 6 + "0123"
+    build = folder / "snapshots" / commit / "build" / "torch-cpu"
+    (build / "flash_attn3").mkdir(parents=True)
+    (build / "metadata.json").write_text('{"name": "flash-attn3", "id": "flash_attn3", "version": 1, "license": '
+                                         '"Apache-2.0", "python-depends": [], "backend": {"type": "cpu"}}')
+    (build / "flash_attn3" / "__init__.py").write_text("WHO = 'the fake kernel'\n")
+    (folder / "refs").mkdir()
+    (folder / "refs" / f"v{version}").write_text(commit)
+    return folder
+
+
 def test_a_hub_that_never_answers_sends_every_child_offline_and_the_import_does_not_hang(silent_server, monkeypatch,
-                                                                                        tmp_path):
+                                                                                        hub_cache):
     kernels_or_skip()
     from autoresearch import hub
 
     monkeypatch.setenv("HF_ENDPOINT", silent_server)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hub, "PROBE_SECONDS", 0.5)
-    monkeypatch.setattr(hardware, "cuda_device", lambda: ("NVIDIA H100 80GB HBM3", 81559))
-    hub.probe.cache_clear()
-    env, note = hub.child_env(hardware.on_cuda_gpu("cuda"))
-    assert env == {"HF_HUB_OFFLINE": "1"} and note.startswith(f"hub: {silent_server} did not answer in 0.5s (")
-    assert hub.child_env(hardware.on_cuda_gpu("mlx")) == ({}, None)
-    assert hub.probe.cache_info().misses == 1  # asked once per command
-    # cuda/train.py imported as on a Hopper GPU, with the children's environment: FA3 falls back at once
-    script = ("import importlib.util, torch\n"
-              "torch.cuda.is_available = lambda: True\n"
-              "torch.cuda.get_device_capability = lambda *a: (9, 0)\n"
-              f"spec = importlib.util.spec_from_file_location('t', {str(ROOT / 'backends/cuda/train.py')!r})\n"
-              "t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)\n"
-              "print('path:', t.attention_path)\n")
-    child = dict(os.environ, HF_HUB_CACHE=str(tmp_path), KERNELS_CACHE=str(tmp_path), **env)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=child, timeout=120)
+    env, note = hub.child_env(hardware.gpu_capability("cuda"))
+    assert env == {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache), "KERNELS_CACHE": str(hub_cache)}
+    assert note.startswith(f"hub: {silent_server} did not answer in 0.5s (") and note.endswith(
+        f"{hub_cache} holds no varunneal/flash-attention-3 v1 or kernels-community/flash-attn3 v1: cuda runs use "
+        "PyTorch's attention"), note
+    assert hub.child_env(hardware.gpu_capability("mlx")) == ({}, None)
+    assert hub.child_env(hardware.gpu_capability("cuda"))[1] == note
+    assert hub.probe.cache_info().misses == 1 and hub.fetch.cache_info().misses == 1  # asked once per command
+    assert hardware.software_tag("cuda").endswith("-flex")  # what the children can load, not what the GPU allows
+    done = subprocess.run([sys.executable, "-c", AS_ON_HOPPER], capture_output=True, text=True,
+                          env=dict(os.environ, **env), timeout=120)
     assert done.returncode == 0, done.stderr
     assert "path: flex" in done.stdout and "fa3: varunneal/flash-attention-3 v1 unavailable (" in done.stdout
-    hub.probe.cache_clear()
+
+
+def test_a_sandboxed_child_loads_fa3_from_the_hub_cache_and_sees_nothing_else_of_it(hub_cache, use_cache):
+    kernels_or_skip()
+    from autoresearch import hub, runner, sandbox
+
+    box = sandbox.resolve("require")
+    fake_kernel(hub_cache, "kernels-community/flash-attn3")
+    private = hub_cache / "models--someone--pretrained-gpt" / "weights.txt"  # the user's own downloads
+    private.parent.mkdir()
+    private.write_text("weights nobody's trainer may read")
+    assert hub.fetch((9, 0)) == (True, None)  # cached: no probe, no fetch, no network
+    assert hub.probe.cache_info().misses == 0
+    assert hardware.software_tag("cuda").endswith(f"-fa3-kernels{hardware.package_version('kernels')}")
+    env, notes = runner.train_env("cuda")
+    env["AUTORESEARCH_CACHE"] = str(prepare.trainer_view())
+    assert notes == [] and env["HF_HUB_OFFLINE"] == "1"
+    kernel = hub_cache / "kernels--kernels-community--flash-attn3"
+    script = AS_ON_HOPPER + (
+        "print('module:', t.fa3.WHO)\n"
+        "import pathlib\n"
+        f"for p in ({str(private)!r}, {str(kernel / 'refs' / 'v1')!r}):\n"
+        "    try: pathlib.Path(p).read_text(); print('read', p)\n"
+        "    except OSError as e: print('not read', p, e.errno)\n"
+        f"try: open({str(kernel / 'planted')!r}, 'w'); print('wrote')\n"
+        "except OSError as e: print('not written', e.errno)\n")
+    argv, inside = box.wrap([sys.executable, "-c", script], ROOT, runner.trainer_policy(ROOT, env))
+    done = subprocess.run(argv, capture_output=True, text=True, env=dict(env, **inside), timeout=180)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.splitlines()
+    assert "fa3: kernels-community/flash-attn3 v1 (local cache, offline)" in out and "path: fa3" in out, out
+    assert "module: the fake kernel" in out
+    assert f"read {kernel / 'refs' / 'v1'}" in out and f"not read {private} 2" in out, out  # ENOENT: not there
+    assert "not written 30" in out and not (kernel / "planted").exists()  # EROFS
+
+
+def test_the_cache_that_lacks_fa3_is_said_once_and_the_tag_follows_it(hub_cache, monkeypatch):
+    from autoresearch import hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the user's choice: nothing is fetched
+    ready, note = hub.fetch((9, 0))
+    assert not ready and note.startswith("hub: HF_HUB_OFFLINE is set and ") and hub.probe.cache_info().misses == 0
+    assert hardware.software_tag("cuda").endswith("-flex")
+    assert hub.fetch((7, 5)) == (False, None) and hub.child_env((7, 5))[1] is None  # no FA3 build for Turing
+    hub.fetch.cache_clear()
+    fake_kernel(hub_cache, "varunneal/flash-attention-3")  # upstream's Hopper build only
+    assert hub.fetch((9, 0)) == (True, None) and hub.fetch((8, 0))[0] is False
+    assert hub.readable(hub.child_env((9, 0))[0]) == (str(hub_cache / "kernels--varunneal--flash-attention-3"),)
 
 
 def test_kernels_is_pinned_to_the_checked_minor_version():
