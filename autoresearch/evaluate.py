@@ -45,7 +45,7 @@ import prepare
 
 from . import hub, record, sandbox
 from .clock import SCORING_SLACK_SECONDS
-from .hardware import gpu_capability, preload_blas
+from .hardware import gpu_capability, gpu_shared, preload_blas
 from .model_server import make_logits_fn, send_array
 from .runner import remove_pid_file, state_of, write_pid_file
 
@@ -154,8 +154,13 @@ def evaluate(backend, root, checkpoint, timeout=None, on_line=None, child=None, 
         for c in children:
             c.scoring = scoring
             c.listen(note if c.name == EVALUATOR else lambda line: note(f"[{REFERENCE}] {line}"))
+        # A GPU that takes one process at a time gets the reference once the scoring process has ended: the
+        # reference has imported its framework meanwhile, and builds its model only then.
+        shared = gpu_shared(backend)
+        for c in children if shared else children[:1]:
             c.start(job, timeout)
-        return result(*score(*children, (rows, holdout), vocab, note))
+        turn = None if shared else lambda: (children[0].close(), children[1].start(job, timeout))
+        return result(*score(*children, (rows, holdout), vocab, note, turn))
     except EvaluatorFailed as e:
         return result("crash", None, str(e))
     except BaseException:  # Ctrl-C, SIGTERM: the children go at once
@@ -167,18 +172,19 @@ def evaluate(backend, root, checkpoint, timeout=None, on_line=None, child=None, 
             c.close()
 
 
-def score(main, reference, sets, vocab, note):
+def score(main, reference, sets, vocab, note, turn=None):
     """(status, val_bpb, reason, holdout_bpb) from two started children: sets is (validation rows, holdout rows);
     every row of both in the scoring process, mixed in an order drawn now, then the probes' rows (validation rows)
-    in the reference process; both figures from the scoring process's logits."""
+    in the reference process; both figures from the scoring process's logits. turn: where the GPU takes one
+    process at a time, what ends the scoring process and starts the reference, called between the two."""
     val, holdout = sets
     rows = np.concatenate([val, holdout]) if len(holdout) else val
-    hello, ref_hello = main.hello(), reference.hello()
+    hello = main.hello()
     b, dtype = hello["rows_per_chunk"], hello["dtype"]
     tol = TOLERANCE.get(dtype, LOW_PRECISION_TOLERANCE)
     note(f"evaluator: model built in {hello['seconds']:.2f}s on {hello['device']} ({dtype}); "
-         f"{len(val)} validation and {len(holdout)} holdout rows in chunks of {b}; {REFERENCE} process built in "
-         f"{ref_hello['seconds']:.2f}s")
+         f"{len(val)} validation and {len(holdout)} holdout rows in chunks of {b}")
+    ref_hello = None if turn else reference.hello()
     rng = np.random.default_rng()  # fresh every evaluation: nothing in train.py can be tuned to it
     probes = Probes.draw(val, vocab, rng)
     t0 = time.time()
@@ -197,6 +203,11 @@ def score(main, reference, sets, vocab, note):
             nats[r] = cross_entropy(logits[None], rows[r : r + 1, 1:])[0]
     if not np.all(np.isfinite(nats)):
         raise EvaluatorFailed(NOT_FINITE)
+    if turn:
+        turn()
+    ref_hello = ref_hello or reference.hello()
+    note(f"{REFERENCE} process built in {ref_hello['seconds']:.2f}s"
+         + (" once the scoring process had ended (the GPU takes one process at a time)" if turn else ""))
     worst = {True: Disagreement(), False: Disagreement()}  # purity, causality: the largest of each kind
     for at in range(0, len(probes.rows), b):
         for i, logits in reference.logits(probes.inputs[at : at + b], vocab, at):

@@ -12,6 +12,7 @@ import functools
 import http.client
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -81,14 +82,19 @@ def probe(url, timeout):
 def download(repo, version, root):
     """Fetch one kernel build for this machine's torch into the hub cache at root, in a child process with a time
     limit; None when it is there after, else why not (one line)."""
-    env = dict(os.environ, HF_HUB_CACHE=str(root), KERNELS_CACHE=str(root), HF_HUB_DISABLE_TELEMETRY="1")
+    env = dict(os.environ, HF_HUB_CACHE=str(root), KERNELS_CACHE=str(root))
+    # kernels 0.17 with telemetry off sends a user agent that ends in "; ", which huggingface_hub 2's HTTP client
+    # refuses before any request leaves: every download would fail
+    env.pop("HF_HUB_DISABLE_TELEMETRY", None)
     try:
         done = subprocess.run([sys.executable, "-c", FETCH, repo, str(version)], env=env, capture_output=True,
                               text=True, timeout=FETCH_SECONDS)
     except subprocess.TimeoutExpired:
         return f"not fetched in {FETCH_SECONDS:g}s"
     if done.returncode != 0:
-        return (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:200]
+        lines = done.stderr.strip().splitlines() or [f"exit {done.returncode}"]
+        raised = [line for line in lines if re.match(r"[\w.]+(Error|Exception)\b.*:", line)]  # the traceback's end
+        return (raised or lines)[-1][:200]
     return None if cached(repo, version, root) else "fetched, but its version is not recorded in the cache"
 
 

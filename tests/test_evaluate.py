@@ -428,3 +428,63 @@ def test_a_child_that_cuts_its_shared_buffer_short_is_a_crash_and_the_harness_li
     result = scored_with(trained, "mlx", tmp_path, SHRINKS_THE_BUFFER)
     assert result.status == "crash" and result.val_bpb is None
     assert ("cut the shared buffer short" in result.reason or "while scoring" in result.reason), result.reason
+
+
+# A device that takes one process at a time (a GPU in the EXCLUSIVE_PROCESS compute mode): building a model takes
+# a lock on train.py (one file in every process's view), held until the process ends, and a second process fails
+# as CUDA then does.
+EXCLUSIVE_DEVICE = '''
+_build = build_model
+_device = []
+
+
+def build_model(config, weights):
+    import fcntl
+    _device.append(open(__file__))
+    try:
+        fcntl.flock(_device[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RuntimeError("CUDA error: all CUDA-capable devices are busy or unavailable") from None
+    return _build(config, weights)
+'''
+
+
+def test_on_a_gpu_that_takes_one_process_at_a_time_the_reference_waits_for_the_scoring_process(
+        trained, use_cache, tmp_path, monkeypatch):
+    _, checkpoint, expected = trained["mps"]
+    monkeypatch.setattr(evaluate_module, "gpu_shared", lambda backend: True)  # as before: both at once
+    result = scored_with(trained, "mps", tmp_path / "at-once", EXCLUSIVE_DEVICE)
+    assert result.status == "crash" and "devices are busy or unavailable" in result.reason, result.log
+    monkeypatch.setattr(evaluate_module, "gpu_shared", lambda backend: False)
+    result = scored_with(trained, "mps", tmp_path / "in-turn", EXCLUSIVE_DEVICE)
+    assert result.status == "ok" and abs(result.val_bpb - expected) < 1e-4, result.log
+    assert "once the scoring process had ended (the GPU takes one process at a time)" in result.log
+
+
+def test_the_compute_mode_decides_whether_the_evaluators_share_the_gpu(tmp_path, monkeypatch):
+    from autoresearch import hardware
+
+    def nvidia_smi(modes):
+        path = tmp_path / "nvidia-smi"
+        path.write_text("#!/bin/sh\n" + "".join(f"echo '{i}, {mode}'\n" for i, mode in enumerate(modes)))
+        path.chmod(0o755)
+        hardware._run_quietly.cache_clear()
+        hardware._compute_modes.cache_clear()
+
+    monkeypatch.setattr(hardware, "cuda_properties", lambda: ("NVIDIA H100 80GB HBM3", 81559, (9, 0)))
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    nvidia_smi(["Default", "Default"])
+    assert hardware.gpu_shared("cuda") and hardware.gpu_shared("mlx")
+    nvidia_smi(["Default", "Exclusive_Process"])
+    assert not hardware.gpu_shared("cuda") and hardware.gpu_shared("mps")  # no NVIDIA GPU under mps
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert hardware.gpu_shared("cuda")  # the exclusive one is not the one torch sees
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert not hardware.gpu_shared("cuda")
+    (tmp_path / "nvidia-smi").unlink()
+    hardware._run_quietly.cache_clear()
+    hardware._compute_modes.cache_clear()
+    assert not hardware.gpu_shared("cuda")  # the mode unknown: one at a time, which works in every mode
+    hardware._run_quietly.cache_clear()
+    hardware._compute_modes.cache_clear()

@@ -397,6 +397,37 @@ def test_the_cache_that_lacks_fa3_is_said_once_and_the_tag_follows_it(hub_cache,
     assert hub.readable(hub.child_env((9, 0))[0]) == (str(hub_cache / "kernels--varunneal--flash-attention-3"),)
 
 
+def test_a_fetch_that_fails_is_one_line_and_leaves_the_cache_as_it_was(hub_cache, monkeypatch):
+    kernels_or_skip()
+    import http.server
+    import threading
+
+    from autoresearch import hub
+
+    class NoSuchRepository(http.server.BaseHTTPRequestHandler):  # a hub that answers, and has nothing
+        def do_GET(self):
+            self.send_error(404)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoSuchRepository)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")  # kernels 0.17's header with it on fails before any request
+    try:
+        ready, note = hub.fetch((9, 0))
+    finally:
+        server.shutdown()
+    assert not ready and note.startswith("hub: fetching FA3 failed (varunneal/flash-attention-3 v1: "), note
+    assert "; kernels-community/flash-attn3 v1: " in note and "\n" not in note
+    assert note.count("404") == 2 and "Illegal header" not in note, note  # each reached the hub, which had none
+    assert note.endswith("cuda runs use PyTorch's attention") and not any(
+        (hub_cache / f"kernels--{r.replace('/', '--')}" / "refs").exists() for r, _, _ in prepare.FA3_KERNELS)
+
+
 def test_kernels_is_pinned_to_the_checked_minor_version():
     import tomllib
     from importlib.metadata import version
