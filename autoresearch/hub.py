@@ -58,8 +58,15 @@ def repo_folders(repo, root):
 
 
 def cached(repo, version, root):
-    """Whether this kernel version is in the hub cache at root, where `kernels` can load it offline."""
-    return any((folder / "refs" / f"v{version}").is_file() for folder in repo_folders(repo, root))
+    """Whether this kernel version is in the hub cache at root, where cuda/train.py loads it from (its
+    cached_kernel: the snapshot refs/v<version> names)."""
+    for folder in repo_folders(repo, root):
+        try:
+            if (folder / "snapshots" / (folder / "refs" / f"v{version}").read_text().strip()).is_dir():
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 def builds_for(capability):

@@ -13,6 +13,7 @@ import pytest
 import prepare
 from autoresearch import auto_pick, hardware
 from conftest import ROOT
+from fake_hub import FakeHub
 
 torch = pytest.importorskip("torch")
 
@@ -74,21 +75,21 @@ def test_fa3_call_is_valid_against_the_installed_kernels_api(cuda_train, monkeyp
         assert not offline
 
 
-def test_a_cached_fa3_kernel_loads_offline(cuda_train, monkeypatch, tmp_path):
+def test_a_cached_fa3_kernel_loads_from_its_folder_and_an_uncached_one_asks_the_hub(cuda_train, monkeypatch, tmp_path):
     kernels = kernels_or_skip()
-    from huggingface_hub import constants
 
-    repo, version, _ = cuda_train.FA3_KERNELS[0]
-    refs = tmp_path / f"kernels--{repo.replace('/', '--')}" / "refs"
-    refs.mkdir(parents=True)
-    (refs / f"v{version}").write_text("0" * 40)
+    fake_kernel(tmp_path, "kernels-community/flash-attn3")  # as the harness's fetch leaves it: one build, listed
+    (tmp_path / "kernels--kernels-community--flash-attn3" / "trees").mkdir()  # with the other builds it lacks
+    (tmp_path / "kernels--kernels-community--flash-attn3" / "trees" / f"{KERNEL_COMMIT}.json").write_text(
+        '{"format_version": 1, "files": {"README.md": {"size": 7, "blob_id": "' + "1" * 40 + '"}}}')
     monkeypatch.setenv("KERNELS_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     calls = record_get_kernel(monkeypatch, kernels)
-    for repo, version, _ in cuda_train.FA3_KERNELS:
-        with pytest.raises(Called):
-            cuda_train.get_fa3_kernel(repo, version)
-    assert [offline for _, _, offline in calls] == [True, False]  # the cached one offline, the other from the hub
-    assert constants.HF_HUB_OFFLINE is False  # the user's setting is back
+    interface, source = cuda_train.get_fa3_kernel("kernels-community/flash-attn3", 1)  # the real kernels loads it
+    assert interface.WHO == "the fake kernel" and source == "local cache, offline" and calls == []
+    with pytest.raises(Called):
+        cuda_train.get_fa3_kernel("varunneal/flash-attention-3", 1)
+    assert [args for args, _, _ in calls] == [("varunneal/flash-attention-3",)]
 
 
 def test_fa3_loader_runs_the_real_kernels_offline_and_says_why_it_fell_back(cuda_train, tmp_path):
@@ -312,18 +313,25 @@ def hub_cache(tmp_path, monkeypatch):
     hub.fetch.cache_clear()
 
 
+KERNEL_COMMIT = "c0ffee" * 6 + "0123"
+META = ('{"name": "flash-attn3", "id": "flash_attn3", "version": 1, "license": "Apache-2.0", "python-depends": [], '
+        '"backend": {"type": "cpu"}}')
+# A kernel repository as the hub holds it: a torch-cpu build (the torch here) whose module says it is the fake, and
+# a build for another machine, which no fetch should bring
+KERNEL_FILES = {"build/torch-cpu/metadata.json": META.encode(),
+                "build/torch-cpu/flash_attn3/__init__.py": b"WHO = 'the fake kernel'\n",
+                "build/torch29-cxx11-cu128-aarch64-linux/metadata.json": META.encode(), "README.md": b"a fake\n"}
+
+
 def fake_kernel(root, repo, version=1):
-    """A kernel build of repo in the hub cache at root, as `kernels` finds it offline: a torch-cpu build (the torch
-    here), recorded under refs/v<version>, whose module says it is the fake."""
+    """The kernel's torch-cpu build in the hub cache at root, as `kernels` finds it offline (refs/v<version>)."""
     folder = root / f"kernels--{repo.replace('/', '--')}"
-    commit = "c0ffee" * 6 + "0123"
-    build = folder / "snapshots" / commit / "build" / "torch-cpu"
-    (build / "flash_attn3").mkdir(parents=True)
-    (build / "metadata.json").write_text('{"name": "flash-attn3", "id": "flash_attn3", "version": 1, "license": '
-                                         '"Apache-2.0", "python-depends": [], "backend": {"type": "cpu"}}')
-    (build / "flash_attn3" / "__init__.py").write_text("WHO = 'the fake kernel'\n")
+    for path, data in KERNEL_FILES.items():
+        if path.startswith("build/torch-cpu/"):
+            (folder / "snapshots" / KERNEL_COMMIT / path).parent.mkdir(parents=True, exist_ok=True)
+            (folder / "snapshots" / KERNEL_COMMIT / path).write_bytes(data)
     (folder / "refs").mkdir()
-    (folder / "refs" / f"v{version}").write_text(commit)
+    (folder / "refs" / f"v{version}").write_text(KERNEL_COMMIT)
     return folder
 
 
@@ -349,18 +357,25 @@ def test_a_hub_that_never_answers_sends_every_child_offline_and_the_import_does_
     assert "path: flex" in done.stdout and "fa3: varunneal/flash-attention-3 v1 unavailable (" in done.stdout
 
 
-def test_a_sandboxed_child_loads_fa3_from_the_hub_cache_and_sees_nothing_else_of_it(hub_cache, use_cache):
+def test_fa3_fetched_ahead_loads_in_the_sandbox_offline_and_the_child_sees_nothing_else_of_the_hub_cache(
+        hub_cache, use_cache, monkeypatch):
     kernels_or_skip()
     from autoresearch import hub, runner, sandbox
 
     box = sandbox.resolve("require")
-    fake_kernel(hub_cache, "kernels-community/flash-attn3")
     private = hub_cache / "models--someone--pretrained-gpt" / "weights.txt"  # the user's own downloads
     private.parent.mkdir()
     private.write_text("weights nobody's trainer may read")
-    assert hub.fetch((9, 0)) == (True, None)  # cached: no probe, no fetch, no network
-    assert hub.probe.cache_info().misses == 0
-    assert hardware.software_tag("cuda").endswith(f"-fa3-kernels{hardware.package_version('kernels')}")
+    # the hub has only the second of the two builds for Hopper: the first is missing, the second fetched
+    served = FakeHub({"kernels-community/flash-attn3": ("v1", KERNEL_COMMIT, KERNEL_FILES)})
+    monkeypatch.setenv("HF_ENDPOINT", served.url)
+    try:
+        assert hardware.software_tag("cuda").endswith(f"-fa3-kernels{hardware.package_version('kernels')}")
+    finally:
+        served.close()
+    assert hub.fetch((9, 0)) == (True, None) and hub.fetch.cache_info().misses == 1  # once per command
+    fetched = [r for r in served.seen if "/resolve/" in r and r.startswith("GET")]
+    assert len(fetched) == 2 and all("/build/torch-cpu/" in r for r in fetched), served.seen  # this build only
     env, notes = runner.train_env("cuda")
     env["AUTORESEARCH_CACHE"] = str(prepare.trainer_view())
     assert notes == [] and env["HF_HUB_OFFLINE"] == "1"
@@ -375,7 +390,7 @@ def test_a_sandboxed_child_loads_fa3_from_the_hub_cache_and_sees_nothing_else_of
         "except OSError as e: print('not written', e.errno)\n")
     argv, inside = box.wrap([sys.executable, "-c", script], ROOT, runner.trainer_policy(ROOT, env))
     done = subprocess.run(argv, capture_output=True, text=True, env=dict(env, **inside), timeout=180)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout.splitlines()
     assert "fa3: kernels-community/flash-attn3 v1 (local cache, offline)" in out and "path: fa3" in out, out
     assert "module: the fake kernel" in out

@@ -110,29 +110,31 @@ def device_peak_flops():
 # harness fetched into the local hub cache.
 
 
-def kernel_in_hub_cache(repo, version):
-    """Whether this kernel version is in the local hub cache, where `kernels` can load it offline."""
+def cached_kernel(repo, version):
+    """This kernel version's folder in the local hub cache (where the harness fetched it), or None."""
     from huggingface_hub import constants
 
     root = Path(os.environ.get("KERNELS_CACHE") or constants.HF_HUB_CACHE)  # the directory `kernels` reads
-    name = repo.replace("/", "--")
-    return any((root / f"{kind}--{name}" / "refs" / f"v{version}").is_file() for kind in ("kernels", "models"))
+    for kind in ("kernels", "models"):
+        folder = root / f"{kind}--{repo.replace('/', '--')}"
+        ref = folder / "refs" / f"v{version}"
+        snapshot = folder / "snapshots" / ref.read_text().strip() if ref.is_file() else None
+        if snapshot and snapshot.is_dir():
+            return snapshot
+    return None
 
 
 def get_fa3_kernel(repo, version):
-    """The kernel's module, pinned to an API version and trusting exactly this repository. A cached kernel
-    loads offline: no hub call (not even the publisher check), the same build every run."""
-    from kernels import get_kernel  # first: its absence is the likeliest reason, and the clearest to print
-    from huggingface_hub import constants
+    """The kernel's module, pinned to an API version and trusting exactly this repository. A cached one loads
+    from its folder, with no hub call: huggingface_hub's offline lookup refuses a kernel fetched for one build
+    only (its listing names the other builds, which are not there)."""
+    from kernels import get_kernel, get_local_kernel  # first: its absence is the likeliest reason, and the clearest
 
-    offline = constants.HF_HUB_OFFLINE  # the user's choice, restored after
-    try:
-        # what HF_HUB_OFFLINE=1 sets (huggingface_hub read the variable at import), for this kernel only
-        constants.HF_HUB_OFFLINE = offline or kernel_in_hub_cache(repo, version)
-        source = "local cache, offline" if constants.HF_HUB_OFFLINE else "hub"
-        module = get_kernel(repo, version=version, trust_remote_code=[repo])
-    finally:
-        constants.HF_HUB_OFFLINE = offline
+    folder = cached_kernel(repo, version)
+    if folder:
+        module, source = get_local_kernel(folder, trust_remote_code=[repo]), "local cache, offline"
+    else:
+        module, source = get_kernel(repo, version=version, trust_remote_code=[repo]), "hub"
     return getattr(module, "flash_attn_interface", module), source  # varunneal nests the functions a level down
 
 
