@@ -328,8 +328,9 @@ def train_and_evaluate(run, seed=None, on_line=None, guard=Guard()):
         shutil.rmtree(checkpoint, ignore_errors=True)
 
 
-def measure(branch, seed, on_line=None):
-    """Train HEAD's train.py once, check what it touched and how long it trained, evaluate it in a fresh process."""
+def measure(branch, seed, on_line=None, warm=None):
+    """Train HEAD's train.py once, check what it touched and how long it trained, evaluate it in a fresh process.
+    warm: the compile-cache folder of an earlier seed of the same baseline, to start from (kernels.copy_of)."""
     root = branch.root
     watch = Watch(branch)
     clock = branch.clock()
@@ -349,7 +350,8 @@ def measure(branch, seed, on_line=None):
 
         line(f"=== {branch.backend} seed {seed} budget {branch.budget:g}s ===")
         program = kernels.program_key(train_file(branch.backend, root).read_text())
-        compiled = kernels.checkout(branch.name, program) if sandbox.active().confined else None
+        compiled = None if not sandbox.active().confined else kernels.copy_of(warm) if warm else \
+            kernels.checkout(branch.name, program)
         try:
             result, ev, stop = train_and_evaluate(branch.run, seed, line, Guard(check, compiled, clock.evaluation))
         except BaseException:
@@ -417,12 +419,15 @@ def make_row(branch, runs, status, commit, description, source):
     )
 
 
-def run_seeds(branch, runs, best, on_line):
+def run_seeds(branch, runs, best, on_line, baseline=False):
     """Up to `runs` seeds of HEAD, stopping at the first failure or when the gate has decided. An experiment's seed
     that the machine slowed runs once more (again_if_slowed)."""
     measurements, decision = [], None
     for i in range(runs):
-        m = measure(branch, branch.run.seed + i, on_line)
+        # A baseline's later seeds start from its first seed's kernels: its own program's. A candidate's seeds each
+        # start from the baseline's: what one seed of an agent's program left must not reach the next.
+        warm = measurements[0].compiled if baseline and measurements else None
+        m = measure(branch, branch.run.seed + i, on_line, warm)
         if best is not None:
             m = again_if_slowed(branch, (branch.run.seed + i, m), typical_rate(branch, m.summary), on_line)
         measurements.append(m)
@@ -489,7 +494,8 @@ def train_and_record(branch, description, base, commit, on_line=None, baseline_r
     best = None if baseline_runs else branch.best()
     source = train_file(branch.backend, branch.root).read_text()
     try:
-        runs, decision = run_seeds(branch, baseline_runs or branch.run.gate.most_runs(), best, on_line)
+        runs, decision = run_seeds(branch, baseline_runs or branch.run.gate.most_runs(), best, on_line,
+                                   baseline=bool(baseline_runs))
         if baseline_runs:
             runs = credited(baseline_seeds(branch, runs, on_line))
     except BaseException:  # Ctrl-C, SIGTERM, SIGHUP: nothing measured, the branch back at base

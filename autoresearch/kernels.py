@@ -37,12 +37,22 @@ def program_key(source):
 def checkout(key, fallback=None):
     """A fresh, private copy of the cache of key (a run branch's name) for one run, or of fallback's where key
     has none yet; remove it with discard()."""
-    runs = prepare.cache_dir() / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    run_dir = Path(tempfile.mkdtemp(prefix="compile-", dir=runs))
     home = _home(key)
     if fallback and not home.exists():
         home = _home(fallback)
+    return _copy(home)
+
+
+def copy_of(run_dir):
+    """A fresh, private copy of one run's folder: a baseline's later seeds start from its first seed's kernels (the
+    same program compiled them), so only the first compiles cold, and its startup stays the baseline's."""
+    return _copy(Path(run_dir))
+
+
+def _copy(home):
+    runs = prepare.cache_dir() / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix="compile-", dir=runs))
     for sub in ("mlx", "torch"):
         if (home / sub).is_dir():
             shutil.copytree(home / sub, run_dir / sub, symlinks=True)

@@ -55,3 +55,24 @@ def test_a_warm_baseline_is_credited_the_cold_start_of_the_kernels_it_used(tmp_p
     assert kernels.cold_startup(warm) == 0.0 and credited(seeds[:1])[0].timing.startup == 0.8
     for run in (first, warm):
         kernels.discard(run)
+
+
+def test_a_baselines_later_seeds_start_from_its_first_seeds_kernels(run_repo, use_cache):
+    """One cold compile per baseline: its first seed's (the clock's measure of a cold start), not one per seed."""
+    import pytest
+
+    from conftest import BUDGET, cli, commit_edit
+
+    if not sandbox.resolve("auto").confined:
+        pytest.skip("no sandbox here: runs share one unconfined cache")
+    line = "use_compile = True  # the whole step"
+    count = ("import os as _os\n"
+             "if __name__ == '__main__':  # the trainer, not the evaluator's import\n"
+             "    print('kernels at start:', sum(len(f) for _, _, f in _os.walk('/tmp/mlx')), flush=True)\n" + line)
+    commit_edit(run_repo, "count the kernels a run starts with", line, count)  # a new program
+    proc = cli(run_repo, "--backend", "mlx", "setup", "--tag", "k", "--budget", BUDGET, "--noise-runs", 3,
+               "--no-calibrate")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = (run_repo / ".autoresearch" / "run.log").read_text()
+    counts = [int(line.split(":")[1]) for line in log.splitlines() if line.startswith("kernels at start:")]
+    assert len(counts) == 3 and counts[0] == 0 and counts[1] > 0 and counts[2] >= counts[1], counts
