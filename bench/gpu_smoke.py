@@ -90,7 +90,7 @@ def run(config, out):
     from autoresearch.runner import run_training
 
     started = time.time()
-    from autoresearch import sandbox
+    from autoresearch import hardware, sandbox
 
     report = {"dry_run": config is TINY, "gpu": gpu_facts(), "python": sys.version.split()[0],
               "sandbox": sandbox.active().kind}
@@ -106,6 +106,10 @@ def run(config, out):
         report["torch"] = torch.__version__
         report["triton"] = _version("triton")
         report["kernels"] = _version("kernels")
+        # the attention path the tag names (what the sandboxed runs can load), and whether the evaluator's two
+        # processes may hold the GPU at once (its compute mode)
+        report["hardware_tag"] = hardware.hardware_tag("cuda")
+        report["gpu_shared"] = hardware.gpu_shared("cuda")
         checkpoint = work / "checkpoint"
         env = dict(os.environ, AUTORESEARCH_CACHE=str(prepare.trainer_view()), AUTORESEARCH_CHECKPOINT=str(checkpoint))
         lines = []
