@@ -13,8 +13,10 @@ import http.client
 import importlib.util
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,7 +24,8 @@ from pathlib import Path
 import prepare
 
 PROBE_SECONDS = 5.0
-FETCH_SECONDS = 600.0  # one kernel build is a few hundred MB
+FETCH_SECONDS = 600.0  # every build tried, together: one is a few hundred MB
+STALL_SECONDS = 30.0  # a hub that answered the probe, then sends nothing
 DEFAULT_ENDPOINT = "https://huggingface.co"
 TRUE = ("1", "on", "yes", "true")
 # kernels fetches a build by its commit, which leaves no refs/v<version> in the cache, and an offline load looks the
@@ -86,23 +89,47 @@ def probe(url, timeout):
     return None
 
 
-def download(repo, version, root):
-    """Fetch one kernel build for this machine's torch into the hub cache at root, in a child process with a time
-    limit; None when it is there after, else why not (one line)."""
+def download(repo, version, root, deadline):
+    """Fetch one kernel build for this machine's torch into the hub cache at root, in a child process stopped at
+    deadline (time.time()) or once no byte has reached the cache for STALL_SECONDS; None when the build is there
+    after, else why not (one line)."""
     env = dict(os.environ, HF_HUB_CACHE=str(root), KERNELS_CACHE=str(root))
     # kernels 0.17 with telemetry off sends a user agent that ends in "; ", which huggingface_hub 2's HTTP client
     # refuses before any request leaves: every download would fail
     env.pop("HF_HUB_DISABLE_TELEMETRY", None)
-    try:
-        done = subprocess.run([sys.executable, "-c", FETCH, repo, str(version)], env=env, capture_output=True,
-                              text=True, timeout=FETCH_SECONDS)
-    except subprocess.TimeoutExpired:
-        return f"not fetched in {FETCH_SECONDS:g}s"
-    if done.returncode != 0:
-        lines = done.stderr.strip().splitlines() or [f"exit {done.returncode}"]
+    proc = subprocess.Popen([sys.executable, "-c", FETCH, repo, str(version)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    progress, moved = None, time.time()
+    while True:
+        try:
+            _, err = proc.communicate(timeout=1.0)
+            break
+        except subprocess.TimeoutExpired:
+            now, seen = time.time(), _bytes_under(repo, root)
+            if seen != progress:
+                progress, moved = seen, now
+            if now > deadline or now - moved > STALL_SECONDS:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+                return (f"nothing arrived for {STALL_SECONDS:g}s" if now - moved > STALL_SECONDS
+                        else f"not fetched within {FETCH_SECONDS:g}s")
+    if proc.returncode != 0:
+        lines = err.strip().splitlines() or [f"exit {proc.returncode}"]
         raised = [line for line in lines if re.match(r"[\w.]+(Error|Exception)\b.*:", line)]  # the traceback's end
         return (raised or lines)[-1][:200]
     return None if cached(repo, version, root) else "fetched, but its version is not recorded in the cache"
+
+
+def _bytes_under(repo, root):
+    """How much of the repository is in the cache so far, partial downloads included."""
+    total = 0
+    for folder in repo_folders(repo, root):
+        for path in folder.rglob("*") if folder.is_dir() else ():
+            try:
+                total += path.lstat().st_size
+            except OSError:
+                continue
+    return total
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,12 +151,14 @@ def fetch(capability):
     why = probe(endpoint(), PROBE_SECONDS)
     if why:
         return False, f"hub: {endpoint()} did not answer in {PROBE_SECONDS:g}s ({why}) and {fallback}"
-    errors = []
+    errors, deadline = [], time.time() + FETCH_SECONDS
     for repo, version in wanted:
-        error = download(repo, version, root)
+        error = download(repo, version, root, deadline)
         if error is None:
             return True, None
         errors.append(f"{repo} v{version}: {error}")
+        if time.time() > deadline or error.startswith("nothing arrived"):  # the hub stalls: the next would too
+            break
     return False, f"hub: fetching FA3 failed ({'; '.join(errors)}) and {fallback}"
 
 

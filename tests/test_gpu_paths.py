@@ -552,3 +552,37 @@ def test_an_evaluator_started_ahead_imports_train_py_only_once_the_job_comes(tmp
         assert "train.py imported" in child.lines
     finally:
         child.close()
+
+
+def test_a_hub_that_answers_the_probe_then_stalls_is_given_up_and_said_in_one_line(hub_cache, monkeypatch):
+    kernels_or_skip()
+    import socket
+    import threading
+
+    from autoresearch import hub
+
+    server, held = socket.socket(), []
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+
+    def serve():  # the probe gets its answer; every other request, nothing, ever
+        while True:
+            try:
+                conn = server.accept()[0]
+            except OSError:
+                return
+            held.append(conn)
+            if conn.recv(65536).startswith(b"HEAD /api/models"):
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setattr(hub, "STALL_SECONDS", 3.0)  # huggingface_hub's own retries waited over 13 minutes here
+    try:
+        ready, note = hub.fetch((9, 0))
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+    assert not ready and note.startswith("hub: fetching FA3 failed (varunneal/flash-attention-3 v1: nothing arrived "
+                                         "for 3s) and "), note  # the second build is not tried against a stalled hub
