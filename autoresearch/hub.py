@@ -28,6 +28,7 @@ FETCH_SECONDS = 600.0  # every build tried, together: one is a few hundred MB
 STALL_SECONDS = 30.0  # a hub that answered the probe, then sends nothing
 DEFAULT_ENDPOINT = "https://huggingface.co"
 TRUE = ("1", "on", "yes", "true")
+COMMIT = re.compile(r"[0-9a-f]{40}")  # what a ref in the cache holds; anything else names no snapshot
 # kernels fetches a build by its commit, which leaves no refs/v<version> in the cache, and an offline load looks the
 # version up there; the same files fetched again by the branch's name record it (no file is downloaded twice).
 FETCH = ("import sys; from huggingface_hub import snapshot_download; from kernels import install_kernel; "
@@ -49,9 +50,9 @@ def cache_root():
     """The hub cache `kernels` reads, resolved as huggingface_hub resolves it."""
     for name in ("KERNELS_CACHE", "HF_HUB_CACHE"):
         if os.environ.get(name):
-            return Path(os.environ[name])
+            return Path(os.environ[name]).expanduser()
     home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
-    return Path(home) / "hub"
+    return Path(home).expanduser() / "hub"
 
 
 def repo_folders(repo, root):
@@ -65,10 +66,11 @@ def cached(repo, version, root):
     cached_kernel: the snapshot refs/v<version> names)."""
     for folder in repo_folders(repo, root):
         try:
-            if (folder / "snapshots" / (folder / "refs" / f"v{version}").read_text().strip()).is_dir():
-                return True
+            commit = (folder / "refs" / f"v{version}").read_text().strip()
         except (OSError, ValueError):
             continue
+        if COMMIT.fullmatch(commit) and (folder / "snapshots" / commit).is_dir():
+            return True
     return False
 
 

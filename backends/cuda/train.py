@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import contextlib
 import gc
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -118,9 +119,9 @@ def cached_kernel(repo, version):
     for kind in ("kernels", "models"):
         folder = root / f"{kind}--{repo.replace('/', '--')}"
         ref = folder / "refs" / f"v{version}"
-        snapshot = folder / "snapshots" / ref.read_text().strip() if ref.is_file() else None
-        if snapshot and snapshot.is_dir():
-            return snapshot
+        commit = ref.read_text().strip() if ref.is_file() else ""
+        if re.fullmatch(r"[0-9a-f]{40}", commit) and (folder / "snapshots" / commit).is_dir():
+            return folder / "snapshots" / commit
     return None
 
 
