@@ -11,7 +11,8 @@ the probes. The model's process is sent inputs only (never a row's last token), 
 it does to its own interpreter reaches the number.
 
 - The scoring process gets every validation row once, in an order and in chunks drawn afresh per evaluation.
-- Then the reference process, a second fresh one, gets PROBE_ROWS rows drawn at random per evaluation: half as
+- Then the reference process, a second fresh one (built beside the first, or after it has ended on a GPU that
+  takes one process at a time: hardware.gpu_shared), gets PROBE_ROWS rows drawn at random per evaluation: half as
   they are (purity), half with natural text from another validation row spliced in from a random position on
   (causality). An honest model's output at a position is a function of the row's tokens up to it, so the two
   processes' log-probability vectors must agree at every position of a purity row and at every position before

@@ -155,6 +155,9 @@ def fetch(capability):
         return False, f"hub: {endpoint()} did not answer in {PROBE_SECONDS:g}s ({why}) and {fallback}"
     errors, deadline = [], time.time() + FETCH_SECONDS
     for repo, version in wanted:
+        # the one slow thing a command may do before it starts: say why it waits
+        print(f"hub: fetching {repo} v{version} for sm{capability[0]}{capability[1]} into {root} (once: every cuda "
+              f"run loads it from there, offline)", file=sys.stderr, flush=True)
         error = download(repo, version, root, deadline)
         if error is None:
             return True, None
