@@ -111,7 +111,8 @@ def start_evaluator(backend, root, checkpoint, env=None, state=None, name=EVALUA
     child_env.update(offline)
     notes = [n for n in (blas, hub_note) if n]
     # the harness's state folder too: its logs hold earlier runs' output
-    hidden = (str(prepare.cache_dir()), str(record.state_home()), str(Path(root) / ".autoresearch"))
+    hidden = (str(prepare.cache_dir()), str(record.state_home()), str(Path(root) / ".autoresearch"),
+              *hub.hidden(child_env))
     policy = sandbox.Policy(read=(str(root), str(checkpoint), *hub.readable(child_env)), hide=hidden, network=False)
     buffer = shared_buffer()
     argv, inside = sandbox.active().wrap([sys.executable, "-I", "-B", "-c", CHILD_MAIN, json.dumps(harness_path()),

@@ -83,18 +83,19 @@ def gpu_shared(backend):
     nor where nvidia-smi cannot say which mode the GPU is in. Always off an NVIDIA GPU."""
     if gpu_capability(backend) is None:
         return True
-    modes = _compute_modes(os.environ.get("CUDA_VISIBLE_DEVICES"))
+    modes = _compute_modes(os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("CUDA_DEVICE_ORDER"))
     return bool(modes) and set(modes) == {"Default"}
 
 
 @functools.lru_cache(maxsize=None)
-def _compute_modes(visible_devices):
-    """nvidia-smi's compute mode of each GPU CUDA_VISIBLE_DEVICES lets torch see (all where it names them by UUID)."""
+def _compute_modes(visible_devices, device_order):
+    """nvidia-smi's compute mode of each GPU CUDA_VISIBLE_DEVICES lets torch see: all of them where it names them
+    by UUID, or numbers them in CUDA's own order (fastest first), which is nvidia-smi's only under PCI_BUS_ID."""
     output = _run_quietly("nvidia-smi", "--query-gpu=index,compute_mode", "--format=csv,noheader")
     modes = dict(line.split(",", 1) for line in output.splitlines() if line.count(",") == 1)
     modes = {index.strip(): mode.strip() for index, mode in modes.items()}
     wanted = [i.strip() for i in (visible_devices or "").split(",") if i.strip()]
-    if visible_devices is not None and all(i.isdigit() for i in wanted):
+    if visible_devices is not None and all(i.isdigit() for i in wanted) and device_order == "PCI_BUS_ID":
         return [modes.get(i, "unknown") for i in wanted]
     return list(modes.values())
 

@@ -16,12 +16,15 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import prepare
+
+from . import sandbox
 
 PROBE_SECONDS = 5.0
 FETCH_SECONDS = 600.0  # every build tried, together: one is a few hundred MB
@@ -81,7 +84,16 @@ def builds_for(capability):
 
 @functools.lru_cache(maxsize=None)
 def probe(url, timeout):
-    """None when the hub at url answered within timeout (any HTTP status is an answer), else why not."""
+    """None when the hub at url answered within timeout (any HTTP status is an answer), else why not. The limit is
+    the whole answer's: a socket's timeout is per read, and a hub that sends a byte at a time would hold it forever."""
+    answer = []
+    asking = threading.Thread(target=lambda: answer.append(_ask(url, timeout)), daemon=True)
+    asking.start()
+    asking.join(timeout)
+    return answer[0] if answer else f"no whole answer within {timeout:g}s"
+
+
+def _ask(url, timeout):
     try:
         urllib.request.urlopen(urllib.request.Request(f"{url}/api/models?limit=1", method="HEAD"), timeout=timeout)
     except urllib.error.HTTPError:
@@ -99,8 +111,13 @@ def download(repo, version, root, deadline):
     # kernels 0.17 with telemetry off sends a user agent that ends in "; ", which huggingface_hub 2's HTTP client
     # refuses before any request leaves: every download would fail
     env.pop("HF_HUB_DISABLE_TELEMETRY", None)
-    proc = subprocess.Popen([sys.executable, "-c", FETCH, repo, str(version)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # In the sandbox, with a network and the hub cache its only writable folder: huggingface_hub 2.4 names a blob
+    # by the ETag the hub sends, unchecked, so a hostile hub or mirror could otherwise write any file of the user's.
+    root.mkdir(parents=True, exist_ok=True)
+    argv, inside = sandbox.active().wrap([sys.executable, "-I", "-c", FETCH, repo, str(version)], root,
+                                         sandbox.Policy(write=(str(root),), network=True))
+    proc = subprocess.Popen(argv, env=dict(env, **inside), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     progress, moved = None, time.time()
     while True:
         try:
@@ -175,6 +192,12 @@ def child_env(capability):
     _, note = fetch(tuple(capability))
     root = str(cache_root())
     return {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": root, "KERNELS_CACHE": root}, note
+
+
+def hidden(env):
+    """The hub cache of a child with these variables (child_env's), covered: where it lies inside something the
+    sandbox binds anyway (/opt, the checkout), only readable()'s folders show through."""
+    return (env["KERNELS_CACHE"],) if env.get("KERNELS_CACHE") and env.get("HF_HUB_OFFLINE") == "1" else ()
 
 
 def readable(env):

@@ -426,6 +426,7 @@ def trainer_policy(root, env):
     compiled = env.get(COMPILE_CACHE_ENV)
     read = (*(p for p in (str(root), view) if p), *hub.readable(env))  # FA3 from the hub cache, on a GPU
     return sandbox.Policy(read=read, write=(checkpoint,) if checkpoint else (),
-                          hide=(str(prepare.cache_dir()), str(record.state_home()), str(Path(root) / STATE_DIR)),
+                          hide=(str(prepare.cache_dir()), str(record.state_home()), str(Path(root) / STATE_DIR),
+                                *hub.hidden(env)),
                           network=False, binds=kernels.binds(compiled) if compiled else (),
                           env=kernels.TORCH_ENV if compiled else {})

@@ -479,9 +479,14 @@ def test_the_compute_mode_decides_whether_the_evaluators_share_the_gpu(tmp_path,
     nvidia_smi(["Default", "Exclusive_Process"])
     assert not hardware.gpu_shared("cuda") and hardware.gpu_shared("mps")  # no NVIDIA GPU under mps
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    assert not hardware.gpu_shared("cuda")  # CUDA numbers the fastest first: GPU 0 may be nvidia-smi's 1
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # nvidia-smi's order
     assert hardware.gpu_shared("cuda")  # the exclusive one is not the one torch sees
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     assert not hardware.gpu_shared("cuda")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8c2b1f3e-0000-0000-0000-000000000000")
+    assert not hardware.gpu_shared("cuda")  # named by UUID: all GPUs count
     (tmp_path / "nvidia-smi").unlink()
     hardware._run_quietly.cache_clear()
     hardware._compute_modes.cache_clear()

@@ -7,6 +7,7 @@ import inspect
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -286,12 +287,16 @@ def silent_server():
 
 HOPPER = ("NVIDIA H100 80GB HBM3", 81559, (9, 0))
 # cuda/train.py imported as on a Hopper GPU (torch here is the CPU build): its attention path and why
-AS_ON_HOPPER = ("import importlib.util, sys, torch\n"
-                "torch.cuda.is_available = lambda: True\n"
-                "torch.cuda.get_device_capability = lambda *a: (9, 0)\n"
-                f"spec = importlib.util.spec_from_file_location('t', {str(ROOT / 'backends/cuda/train.py')!r})\n"
-                "t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)\n"
-                "print('path:', t.attention_path)\n")
+def as_on_hopper(root=ROOT):
+    return ("import importlib.util, sys, torch\n"
+            "torch.cuda.is_available = lambda: True\n"
+            "torch.cuda.get_device_capability = lambda *a: (9, 0)\n"
+            f"spec = importlib.util.spec_from_file_location('t', {str(root / 'backends/cuda/train.py')!r})\n"
+            "t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)\n"
+            "print('path:', t.attention_path)\n")
+
+
+AS_ON_HOPPER = as_on_hopper()
 
 
 @pytest.fixture
@@ -357,12 +362,19 @@ def test_a_hub_that_never_answers_sends_every_child_offline_and_the_import_does_
     assert "path: flex" in done.stdout and "fa3: varunneal/flash-attention-3 v1 unavailable (" in done.stdout
 
 
+@pytest.mark.parametrize("inside_checkout", (False, True))  # True: under a folder the sandbox binds anyway
 def test_fa3_fetched_ahead_loads_in_the_sandbox_offline_and_the_child_sees_nothing_else_of_the_hub_cache(
-        hub_cache, use_cache, monkeypatch):
+        hub_cache, use_cache, monkeypatch, tmp_path, inside_checkout):
     kernels_or_skip()
     from autoresearch import hub, runner, sandbox
+    from conftest import make_checkout
 
     box = sandbox.resolve("require")
+    root = make_checkout(tmp_path / "project", backends=("cuda",)) if inside_checkout else ROOT
+    if inside_checkout:
+        hub_cache = root / "hf-hub"
+        hub_cache.mkdir()
+        monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
     private = hub_cache / "models--someone--pretrained-gpt" / "weights.txt"  # the user's own downloads
     private.parent.mkdir()
     private.write_text("weights nobody's trainer may read")
@@ -380,7 +392,7 @@ def test_fa3_fetched_ahead_loads_in_the_sandbox_offline_and_the_child_sees_nothi
     env["AUTORESEARCH_CACHE"] = str(prepare.trainer_view())
     assert notes == [] and env["HF_HUB_OFFLINE"] == "1"
     kernel = hub_cache / "kernels--kernels-community--flash-attn3"
-    script = AS_ON_HOPPER + (
+    script = as_on_hopper(root) + (
         "print('module:', t.fa3.WHO)\n"
         "import pathlib\n"
         f"for p in ({str(private)!r}, {str(kernel / 'refs' / 'v1')!r}):\n"
@@ -388,7 +400,7 @@ def test_fa3_fetched_ahead_loads_in_the_sandbox_offline_and_the_child_sees_nothi
         "    except OSError as e: print('not read', p, e.errno)\n"
         f"try: open({str(kernel / 'planted')!r}, 'w'); print('wrote')\n"
         "except OSError as e: print('not written', e.errno)\n")
-    argv, inside = box.wrap([sys.executable, "-c", script], ROOT, runner.trainer_policy(ROOT, env))
+    argv, inside = box.wrap([sys.executable, "-c", script], root, runner.trainer_policy(root, env))
     done = subprocess.run(argv, capture_output=True, text=True, env=dict(env, **inside), timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout.splitlines()
@@ -586,3 +598,60 @@ def test_a_hub_that_answers_the_probe_then_stalls_is_given_up_and_said_in_one_li
             conn.close()
     assert not ready and note.startswith("hub: fetching FA3 failed (varunneal/flash-attention-3 v1: nothing arrived "
                                          "for 3s) and "), note  # the second build is not tried against a stalled hub
+
+
+class PathInEtag(FakeHub):
+    """A hub (HF_ENDPOINT, a mirror, a proxy) whose files come with an ETag that is a path: huggingface_hub 2.4 names
+    the blob it writes by it, unchecked."""
+
+    def __init__(self, repos, etag):
+        self.etag = etag
+        super().__init__(repos)
+
+    def answer(self, path, query):
+        status, body, headers = super().answer(path, query)
+        return status, body, dict(headers, ETag=f'"{self.etag}"') if "/resolve/" in path and status == 200 else headers
+
+
+@pytest.mark.parametrize("relative", (True, False))
+def test_a_hostile_hub_writes_nothing_outside_the_hub_cache(hub_cache, monkeypatch, tmp_path, relative):
+    kernels_or_skip()
+    from autoresearch import hub, sandbox
+
+    sandbox.resolve("require")
+    outside = tmp_path / "outside" / "planted"  # stands for ~/.bashrc, a .pth file in site-packages
+    outside.parent.mkdir()
+    blobs = hub_cache / "kernels--kernels-community--flash-attn3" / "blobs"
+    served = PathInEtag({"kernels-community/flash-attn3": ("v1", KERNEL_COMMIT, KERNEL_FILES)},
+                        os.path.relpath(outside, blobs) if relative else str(outside))
+    monkeypatch.setenv("HF_ENDPOINT", served.url)
+    try:
+        hub.download("kernels-community/flash-attn3", 1, hub_cache, time.time() + 120)
+    finally:
+        served.close()
+    assert not outside.exists() and list(outside.parent.iterdir()) == []
+
+
+def test_a_hub_that_trickles_its_answer_to_the_probe_is_no_answer(hub_cache):
+    import socket
+    import threading
+
+    from autoresearch import hub
+
+    server, stop = socket.socket(), threading.Event()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+
+    def trickle():  # a header that never ends, a byte well inside each read's timeout
+        conn = server.accept()[0]
+        conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        while not stop.wait(0.2):
+            conn.sendall(b"a")
+        conn.close()
+
+    threading.Thread(target=trickle, daemon=True).start()
+    try:
+        assert hub.probe(f"http://127.0.0.1:{server.getsockname()[1]}", 1.0) == "no whole answer within 1s"
+    finally:
+        stop.set()
+        server.close()
