@@ -37,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,10 @@ TOLERANCE = {"float32": 1e-4}
 LOW_PRECISION_TOLERANCE = 2e-2
 EVALUATOR, REFERENCE = "evaluator", "reference"  # the two processes: their pid files, logs and log prefixes
 PROBE_ROWS = 32  # rows the reference process scores: half as they are (purity), half spliced (causality)
+# The causality rows' mean lean toward the real next token (Lean) that marks a lookahead: past LEAN_SIGMAS standard
+# errors of its own spread (an honest model's is symmetric noise: a t of 15 degrees of freedom passes 5 once in
+# about 10,000 evaluations) and past LEAN_FLOOR nats (float32 models agree to ~1e-7: no spread to divide by).
+LEAN_SIGMAS, LEAN_FLOOR, LEAN_MIN_ROWS = 5.0, 1e-3, 4
 LOGITS_BYTES = 256 << 20  # the shared buffer: the logits of as many rows as fit, copied out a slice at a time
 BUILD_SECONDS = 60  # from the checkpoint to a built model: loading weights takes seconds, never a minute
 SEALED_LINES = 2000  # of a child's output while it holds rows, kept in the record for a human
@@ -211,18 +215,21 @@ def score(main, reference, sets, vocab, note, turn=None):
     note(f"{REFERENCE} process built in {ref_hello['seconds']:.2f}s"
          + (" once the scoring process had ended (the GPU takes one process at a time)" if turn else ""))
     worst = {True: Disagreement(), False: Disagreement()}  # purity, causality: the largest of each kind
+    lean = Lean()
     for at in range(0, len(probes.rows), b):
         for i, logits in reference.logits(probes.inputs[at : at + b], vocab, at):
             if not np.all(np.isfinite(logits)):
                 raise EvaluatorFailed(NOT_FINITE)
-            r = int(probes.rows[i])
-            seen = Disagreement.of(kept.pop(r), logits, r, compared[r])
+            r, cut = int(probes.rows[i]), compared[int(probes.rows[i])]
+            if cut < T:
+                lean.add(kept[r][cut - 1], logits[cut - 1], int(rows[r, cut]), int(probes.inputs[i, cut]))
+            seen = Disagreement.of(kept.pop(r), logits, r, cut)
             worst[seen.cut == T] = max(worst[seen.cut == T], seen)
     scored = time.time() - t0
     val_bpb = prepare.evaluate_bpb(in_order(nats[: len(val)]), b, rows=val)
     held = prepare.evaluate_bpb(in_order(nats[len(val) :]), b, rows=holdout) if len(holdout) else None
     # purity first: a model whose outputs drift fails the causality comparison too, and would be misnamed
-    problem = worst[True].problem(tol, dtype, T) or worst[False].problem(tol, dtype, T)
+    problem = worst[True].problem(tol, dtype, T) or worst[False].problem(tol, dtype, T) or lean.problem()
     if problem:
         return "invalid", None, f"{problem} (not scored; it would have been val_bpb {val_bpb:.6f})"
     also = f"; holdout {held:.6f} on {len(holdout)} rows" if held is not None else ""
@@ -294,6 +301,31 @@ class Disagreement:
                 f"at position {self.position} that differs by {self.nats:.3g} nats ({tolerance}): the model's "
                 "output depends on more than the row's tokens up to the position (on later tokens, on what it "
                 "scored before, on the process it runs in, or on the other rows of its chunk)")
+
+
+@dataclass
+class Lean:
+    """The causality rows' signed lean toward the token that really followed the splice, at the position right
+    before it: the log-probability the scoring process (shown that token) gave it and took from the spliced-in one,
+    against the reference (shown the spliced one). An honest model's is noise around zero, whatever its precision;
+    a lookahead's is positive in every row, however far under the tolerance it keeps each one."""
+    values: list = field(default_factory=list)
+
+    def add(self, scored, logits, real, spliced):
+        """scored: the scoring process's log-probabilities at that position; logits: the reference's there."""
+        ref = log_softmax(logits)
+        self.values.append(float(scored[real] - ref[real] + ref[spliced] - scored[spliced]))
+
+    def problem(self):
+        n = len(self.values)
+        if n < LEAN_MIN_ROWS:
+            return None
+        mean, spread = float(np.mean(self.values)), float(np.std(self.values, ddof=1))
+        if not mean > max(LEAN_SIGMAS * spread / n**0.5, LEAN_FLOOR):
+            return None
+        return (f"causality probe: over {n} spliced rows, the scoring process gave the token that really came next "
+                f"{mean:+.3g} nats more than a fresh process shown another token there ({mean / spread * n**0.5:.1f} "
+                f"standard errors; at most {LEAN_SIGMAS:g} or {LEAN_FLOOR:g} nats): the model sees future tokens")
 
 
 def log_softmax(logits):

@@ -32,13 +32,28 @@ STALL_SECONDS = 30.0  # a hub that answered the probe, then sends nothing
 DEFAULT_ENDPOINT = "https://huggingface.co"
 TRUE = ("1", "on", "yes", "true")
 COMMIT = re.compile(r"[0-9a-f]{40}")  # what a ref in the cache holds; anything else names no snapshot
-# kernels fetches a build by its commit, which leaves no refs/v<version> in the cache, and an offline load looks the
-# version up there; the same files fetched again by the branch's name record it (no file is downloaded twice).
-FETCH = ("import sys; from huggingface_hub import snapshot_download; from kernels import install_kernel; "
-         "repo, version = sys.argv[1], int(sys.argv[2]); "
-         "build = install_kernel(repo, version=version, trust_remote_code=[repo]); "
-         "snapshot_download(repo, repo_type='kernel', revision=f'v{version}', "
-         "allow_patterns=[f'build/{build.name}/*'])")
+# The fetch child. kernels fetches a build by its commit, which leaves no refs/v<version> in the cache, and an
+# offline load looks the version up there: the same files fetched again by the branch's name record it (no file is
+# downloaded twice). huggingface_hub 2.4 names each blob by the ETag the hub sends, unchecked, so a hostile hub or
+# mirror could name any path: only a hash is let through (git's 40 hex digits, LFS's 64), sandbox or not.
+FETCH = """
+import re, sys
+from huggingface_hub import file_download, snapshot_download
+from kernels import install_kernel
+
+normalize = file_download._normalize_etag
+
+def hash_only(etag):
+    etag = normalize(etag)
+    if etag is not None and not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", etag):
+        raise ValueError(f"the hub sent an ETag that is not a hash: {etag[:80]!r}")
+    return etag
+
+file_download._normalize_etag = hash_only
+repo, version = sys.argv[1], int(sys.argv[2])
+build = install_kernel(repo, version=version, trust_remote_code=[repo])
+snapshot_download(repo, repo_type="kernel", revision=f"v{version}", allow_patterns=[f"build/{build.name}/*"])
+"""
 
 
 def endpoint():
@@ -53,9 +68,9 @@ def cache_root():
     """The hub cache `kernels` reads, resolved as huggingface_hub resolves it."""
     for name in ("KERNELS_CACHE", "HF_HUB_CACHE"):
         if os.environ.get(name):
-            return Path(os.environ[name]).expanduser()
+            return Path(os.environ[name]).expanduser().absolute()  # a relative one would bind and hide nothing
     home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
-    return Path(home).expanduser() / "hub"
+    return Path(home).expanduser().absolute() / "hub"
 
 
 def repo_folders(repo, root):
@@ -113,11 +128,14 @@ def download(repo, version, root, deadline):
     env.pop("HF_HUB_DISABLE_TELEMETRY", None)
     # In the sandbox, with a network and the hub cache its only writable folder: huggingface_hub 2.4 names a blob
     # by the ETag the hub sends, unchecked, so a hostile hub or mirror could otherwise write any file of the user's.
-    root.mkdir(parents=True, exist_ok=True)
     argv, inside = sandbox.active().wrap([sys.executable, "-I", "-c", FETCH, repo, str(version)], root,
                                          sandbox.Policy(write=(str(root),), network=True))
-    proc = subprocess.Popen(argv, env=dict(env, **inside), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen(argv, env=dict(env, **inside), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    except OSError as e:  # a cache folder that cannot be made, a sandbox that cannot start
+        return f"{type(e).__name__}: {e}"[:200]
     progress, moved = None, time.time()
     while True:
         try:

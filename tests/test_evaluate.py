@@ -493,3 +493,45 @@ def test_the_compute_mode_decides_whether_the_evaluators_share_the_gpu(tmp_path,
     assert not hardware.gpu_shared("cuda")  # the mode unknown: one at a time, which works in every mode
     hardware._run_quietly.cache_clear()
     hardware._compute_modes.cache_clear()
+
+
+# A lookahead kept under the low-precision tolerance: every position's logit of the next input token raised by 0.018
+# nats (under 2e-2), in a model that says it computes in bfloat16, which buys it that tolerance (found by an attack)
+SMALL_LOOKAHEAD = '''
+import contextlib
+
+autocast_ctx = contextlib.nullcontext  # it computes in float32
+_build = build_model
+
+
+class _Peek(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, idx, *args, **kwargs):
+        globals()["compute_dtype"] = torch.float32
+        try:
+            logits = self.inner(idx, *args, **kwargs)
+        finally:
+            globals()["compute_dtype"] = "bfloat16"  # what the hello reports
+        bump = torch.zeros_like(logits)
+        bump[:, :-1].scatter_(-1, idx[:, 1:].unsqueeze(-1), 0.018)
+        return logits + bump
+
+
+def build_model(config, weights):
+    model = _Peek(_build(config, weights))
+    globals()["compute_dtype"] = "bfloat16"
+    return model
+'''
+
+
+def test_a_lookahead_under_the_low_precision_tolerance_is_invalid(trained, use_cache, tmp_path):
+    result = scored_with(trained, "mps", tmp_path, SMALL_LOOKAHEAD)
+    assert result.status == "invalid" and result.val_bpb is None, result.log
+    assert re.match(r"causality probe: over 16 spliced rows, the scoring process gave the token that really came "
+                    r"next \+0\.0\d+ nats more than a fresh process shown another token there \([0-9.]+ standard "
+                    r"errors; at most 5 or 0\.001 nats\): the model sees future tokens \(not scored", result.reason), \
+        result.reason
+    assert "(bfloat16)" in result.log  # the tolerance it bought: the purity and per-row causality checks passed

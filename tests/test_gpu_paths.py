@@ -655,3 +655,16 @@ def test_a_hub_that_trickles_its_answer_to_the_probe_is_no_answer(hub_cache):
     finally:
         stop.set()
         server.close()
+
+
+def test_a_relative_or_unusable_hub_cache_is_made_absolute_or_said(hub_cache, monkeypatch, tmp_path):
+    from autoresearch import hub
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", "hf")  # relative: the cover and the binds must still name it
+    assert hub.cache_root() == tmp_path / "hf"
+    assert hub.hidden(hub.child_env((7, 5))[0]) == (str(tmp_path / "hf"),)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "a-file" / "hub"))  # cannot be made: a note, no exception
+    error = hub.download("kernels-community/flash-attn3", 1, hub.cache_root(), time.time() + 60)
+    assert error.startswith(("NotADirectoryError", "FileExistsError")), error
