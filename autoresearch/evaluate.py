@@ -11,8 +11,8 @@ the probes. The model's process is sent inputs only (never a row's last token), 
 it does to its own interpreter reaches the number.
 
 - The scoring process gets every validation row once, in an order and in chunks drawn afresh per evaluation.
-- Then the reference process, a second fresh one (built beside the first, or after it has ended on a GPU that
-  takes one process at a time: hardware.gpu_shared), gets PROBE_ROWS rows drawn at random per evaluation: half as
+- Then the reference process, a second fresh one (started beside the first, its model built only after the
+  first and its sandbox have ended), gets PROBE_ROWS rows drawn at random per evaluation: half as
   they are (purity), half with natural text from another validation row spliced in from a random position on
   (causality). An honest model's output at a position is a function of the row's tokens up to it, so the two
   processes' log-probability vectors must agree at every position of a purity row and at every position before
@@ -25,7 +25,10 @@ it does to its own interpreter reaches the number.
   applies in both processes alike shows at the position right before a splice only: one that shows at a
   fraction f of the positions (it looks ahead at some next tokens only) escapes the causality half with
   probability about (1 - f) ** (PROBE_ROWS // 2) (f = 0.1: 18.5 %, f = 0.25: 1.0 %; f = 1: never).
-- The guarantee needs the sandbox: unconfined (`--sandbox off`), the two processes could talk through /tmp.
+- The guarantee needs the sandbox: unconfined (`--sandbox off`), the scoring process could leave the rows in /tmp
+  for the reference. Sandboxed, it leaves no file; what outlives it is the kernel's page cache of the files both
+  read, a timing channel of one bit per page of them: megabits, short of the gpu profile's rows (20 M tokens), not
+  of the cpu profile's.
 A model that fails a probe is "invalid": it gets no val_bpb. backends/README.md states the protocol.
 """
 
@@ -46,7 +49,7 @@ import prepare
 
 from . import hub, record, sandbox
 from .clock import SCORING_SLACK_SECONDS
-from .hardware import gpu_capability, gpu_shared, preload_blas
+from .hardware import gpu_capability, preload_blas
 from .model_server import make_logits_fn, send_array
 from .runner import remove_pid_file, state_of, write_pid_file
 
@@ -160,12 +163,12 @@ def evaluate(backend, root, checkpoint, timeout=None, on_line=None, child=None, 
         for c in children:
             c.scoring = scoring
             c.listen(note if c.name == EVALUATOR else lambda line: note(f"[{REFERENCE}] {line}"))
-        # A GPU that takes one process at a time gets the reference once the scoring process has ended: the
-        # reference has imported its framework meanwhile, and builds its model only then.
-        shared = gpu_shared(backend)
-        for c in children if shared else children[:1]:
-            c.start(job, timeout)
-        turn = None if shared else lambda: (children[0].close(), children[1].start(job, timeout))
+        # The reference gets its job (train.py's code runs in it) only once the scoring process and its sandbox
+        # have ended: two live processes can talk through anything they both see (a byte-range lock on a file
+        # both bind read-only carries every row), and a GPU in EXCLUSIVE_PROCESS mode takes one at a time anyway.
+        # Until then the reference runs only the harness's code, importing its framework.
+        children[0].start(job, timeout)
+        turn = lambda: (children[0].close(), children[1].start(job, timeout))  # noqa: E731
         return result(*score(*children, (rows, holdout), vocab, note, turn))
     except EvaluatorFailed as e:
         return result("crash", None, str(e))
@@ -178,11 +181,11 @@ def evaluate(backend, root, checkpoint, timeout=None, on_line=None, child=None, 
             c.close()
 
 
-def score(main, reference, sets, vocab, note, turn=None):
+def score(main, reference, sets, vocab, note, turn):
     """(status, val_bpb, reason, holdout_bpb) from two started children: sets is (validation rows, holdout rows);
     every row of both in the scoring process, mixed in an order drawn now, then the probes' rows (validation rows)
-    in the reference process; both figures from the scoring process's logits. turn: where the GPU takes one
-    process at a time, what ends the scoring process and starts the reference, called between the two."""
+    in the reference process; both figures from the scoring process's logits. turn: what ends the scoring
+    process and starts the reference, called between the two: the two never run agent code at once."""
     val, holdout = sets
     rows = np.concatenate([val, holdout]) if len(holdout) else val
     hello = main.hello()
@@ -190,7 +193,6 @@ def score(main, reference, sets, vocab, note, turn=None):
     tol = TOLERANCE.get(dtype, LOW_PRECISION_TOLERANCE)
     note(f"evaluator: model built in {hello['seconds']:.2f}s on {hello['device']} ({dtype}); "
          f"{len(val)} validation and {len(holdout)} holdout rows in chunks of {b}")
-    ref_hello = None if turn else reference.hello()
     rng = np.random.default_rng()  # fresh every evaluation: nothing in train.py can be tuned to it
     probes = Probes.draw(val, vocab, rng)
     t0 = time.time()
@@ -209,11 +211,9 @@ def score(main, reference, sets, vocab, note, turn=None):
             nats[r] = cross_entropy(logits[None], rows[r : r + 1, 1:])[0]
     if not np.all(np.isfinite(nats)):
         raise EvaluatorFailed(NOT_FINITE)
-    if turn:
-        turn()
-    ref_hello = ref_hello or reference.hello()
-    note(f"{REFERENCE} process built in {ref_hello['seconds']:.2f}s"
-         + (" once the scoring process had ended (the GPU takes one process at a time)" if turn else ""))
+    turn()
+    ref_hello = reference.hello()
+    note(f"{REFERENCE} process built in {ref_hello['seconds']:.2f}s once the scoring process had ended")
     worst = {True: Disagreement(), False: Disagreement()}  # purity, causality: the largest of each kind
     lean = Lean()
     for at in range(0, len(probes.rows), b):

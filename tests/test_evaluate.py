@@ -449,16 +449,97 @@ def build_model(config, weights):
 '''
 
 
-def test_on_a_gpu_that_takes_one_process_at_a_time_the_reference_waits_for_the_scoring_process(
-        trained, use_cache, tmp_path, monkeypatch):
+def test_the_reference_builds_its_model_only_once_the_scoring_process_has_ended(trained, use_cache, tmp_path):
+    """As on a GPU in EXCLUSIVE_PROCESS mode: the two never hold the device at once."""
     _, checkpoint, expected = trained["mps"]
-    monkeypatch.setattr(evaluate_module, "gpu_shared", lambda backend: True)  # as before: both at once
-    result = scored_with(trained, "mps", tmp_path / "at-once", EXCLUSIVE_DEVICE)
-    assert result.status == "crash" and "devices are busy or unavailable" in result.reason, result.log
-    monkeypatch.setattr(evaluate_module, "gpu_shared", lambda backend: False)
-    result = scored_with(trained, "mps", tmp_path / "in-turn", EXCLUSIVE_DEVICE)
+    result = scored_with(trained, "mps", tmp_path, EXCLUSIVE_DEVICE)
     assert result.status == "ok" and abs(result.val_bpb - expected) < 1e-4, result.log
-    assert "once the scoring process had ended (the GPU takes one process at a time)" in result.log
+    assert "once the scoring process had ended" in result.log
+
+
+# A full lookahead (+40 on the next token's logit, float32) made alike in both processes through POSIX byte-range
+# locks on train.py, a file both sandboxes bind read-only: the scoring process publishes every row it scores as
+# read locks, the reference reads them back (F_GETLK) and looks ahead at each probe's real row. It scored val_bpb
+# 0.11 "ok" while the two processes ran side by side (attack round 3).
+LOCK_CHANNEL = '''
+import fcntl as _fcntl
+import struct as _struct
+
+_forward = GPT.forward
+_chan = {"fd": None, "role": None, "rid": 0, "rows": None}
+_BASE, _MARK, _SKIP, _BUMP = 1 << 56, (1 << 56) - 2, 8, 40.0
+
+
+def _flock(fd, cmd, typ, start, length=1):
+    raw = _fcntl.fcntl(fd, cmd, _struct.pack("hhqqi4x", typ, 0, start, length, 0))
+    typ, _, start, length, _ = _struct.unpack("hhqqi4x", raw)
+    return typ, start, length
+
+
+def _role():
+    if _chan["role"] is None:
+        _chan["fd"] = os.open(__file__, os.O_RDONLY)
+        held = _flock(_chan["fd"], _fcntl.F_GETLK, _fcntl.F_WRLCK, _MARK)[0] != _fcntl.F_UNLCK
+        _chan["role"] = "reference" if held else "scoring"
+        if not held:
+            _flock(_chan["fd"], _fcntl.F_SETLK, _fcntl.F_RDLCK, _MARK)
+    return _chan["role"]
+
+
+def _publish(x, T):
+    for row in x:
+        rid = _chan["rid"]
+        _chan["rid"] += 1
+        for t, tok in enumerate(row.tolist()):
+            _flock(_chan["fd"], _fcntl.F_SETLK, _fcntl.F_RDLCK, _BASE + (((rid * 16384 + t) << 17 | tok) << 1))
+
+
+def _read_rows(T):
+    rows, at = {}, _BASE
+    while True:
+        typ, start, _ = _flock(_chan["fd"], _fcntl.F_GETLK, _fcntl.F_WRLCK, at, 0)
+        if typ == _fcntl.F_UNLCK:
+            break
+        code = (start - _BASE) >> 1
+        rid, t, tok = code >> 31, (code >> 17) & 16383, code & ((1 << 17) - 1)
+        rows.setdefault(rid, np.zeros(T, dtype=np.int64))[t] = tok
+        at = start + 1
+    return np.stack([rows[k] for k in sorted(rows)])
+
+
+def forward(self, idx, targets=None, reduction="mean"):
+    out = _forward(self, idx, targets, reduction)
+    if targets is not None:
+        return out
+    x = idx.cpu().numpy()
+    B, T = x.shape
+    nxt = np.roll(x, -1, axis=1)  # the scoring process: the row's own next token
+    if _role() == "scoring":
+        _publish(x, T)
+    else:  # the reference: the real row each probe began as, from the scoring process's locks
+        if _chan["rows"] is None:
+            _chan["rows"] = _read_rows(T)
+        known = _chan["rows"]
+        for i in range(B):
+            same = np.cumprod(known == x[i], axis=1).sum(axis=1)
+            r = int(np.argmax(same))
+            L = int(same[r])
+            if L < T:  # spliced at L: the real next tokens up to and including the cut
+                nxt[i, :L] = known[r, 1 : L + 1]
+    bump = torch.zeros_like(out)
+    pos = torch.arange(_SKIP, T - 1)
+    bump[:, _SKIP : T - 1].scatter_(-1, torch.from_numpy(nxt[:, _SKIP : T - 1]).to(out.device)[..., None], _BUMP)
+    return out + bump
+
+
+GPT.forward = forward
+'''
+
+
+def test_a_lookahead_shared_through_byte_range_locks_is_invalid(trained, use_cache, tmp_path):
+    result = scored_with(trained, "mps", tmp_path, LOCK_CHANNEL)
+    assert result.status == "invalid" and result.val_bpb is None, result.log
+    assert "the model sees future tokens" in result.reason, result.reason
 
 
 def test_the_compute_mode_decides_whether_the_evaluators_share_the_gpu(tmp_path, monkeypatch):
