@@ -25,6 +25,9 @@ it does to its own interpreter reaches the number.
   applies in both processes alike shows at the position right before a splice only: one that shows at a
   fraction f of the positions (it looks ahead at some next tokens only) escapes the causality half with
   probability about (1 - f) ** (PROBE_ROWS // 2) (f = 0.1: 18.5 %, f = 0.25: 1.0 %; f = 1: never).
+- What the comparisons' tolerance lets through at each position, two one-sided tests add up over the rows (Lean):
+  a lookahead made alike in both processes leans toward the real token at the splice, one made only where the
+  model is scored drifts toward the real next tokens everywhere else.
 - The guarantee needs the sandbox: unconfined (`--sandbox off`), the scoring process could leave the rows in /tmp
   for the reference. Sandboxed, it leaves no file; what outlives it is the kernel's page cache of the files both
   read, a timing channel of one bit per page of them: megabits, short of the gpu profile's rows (20 M tokens), not
@@ -60,9 +63,10 @@ TOLERANCE = {"float32": 1e-4}
 LOW_PRECISION_TOLERANCE = 2e-2
 EVALUATOR, REFERENCE = "evaluator", "reference"  # the two processes: their pid files, logs and log prefixes
 PROBE_ROWS = 32  # rows the reference process scores: half as they are (purity), half spliced (causality)
-# The causality rows' mean lean toward the real next token (Lean) that marks a lookahead: past LEAN_SIGMAS standard
-# errors of its own spread (an honest model's is symmetric noise: a t of 15 degrees of freedom passes 5 once in
-# about 10,000 evaluations) and past LEAN_FLOOR nats (float32 models agree to ~1e-7: no spread to divide by).
+# A mean lean toward the real next token (Lean: the causality rows' at the splice, every probe row's drift) marks a
+# lookahead: past LEAN_SIGMAS standard errors of its own spread (an honest model's is symmetric noise: a t of 15
+# degrees of freedom passes 5 once in about 10,000 evaluations) and past LEAN_FLOOR nats (float32 models agree to
+# ~1e-7: no spread to divide by).
 LEAN_SIGMAS, LEAN_FLOOR, LEAN_MIN_ROWS = 5.0, 1e-3, 4
 LOGITS_BYTES = 256 << 20  # the shared buffer: the logits of as many rows as fit, copied out a slice at a time
 BUILD_SECONDS = 60  # from the checkpoint to a built model: loading weights takes seconds, never a minute
@@ -215,23 +219,30 @@ def score(main, reference, sets, vocab, note, turn):
     ref_hello = reference.hello()
     note(f"{REFERENCE} process built in {ref_hello['seconds']:.2f}s once the scoring process had ended")
     worst = {True: Disagreement(), False: Disagreement()}  # purity, causality: the largest of each kind
-    lean = Lean()
+    lean, drift = Lean(LEAN), Lean(DRIFT)
     for at in range(0, len(probes.rows), b):
         for i, logits in reference.logits(probes.inputs[at : at + b], vocab, at):
             if not np.all(np.isfinite(logits)):
                 raise EvaluatorFailed(NOT_FINITE)
             r, cut = int(probes.rows[i]), compared[int(probes.rows[i])]
+            scored, ref = kept.pop(r), log_softmax(logits[:cut])
+            alike = cut if cut == T else cut - 1  # the positions whose next token both were shown alike (or neither)
+            if alike:
+                real = rows[r, 1 : alike + 1]
+                drift.add(np.mean(scored[np.arange(alike), real] - ref[np.arange(alike), real]))
             if cut < T:
-                lean.add(kept[r][cut - 1], logits[cut - 1], int(rows[r, cut]), int(probes.inputs[i, cut]))
-            seen = Disagreement.of(kept.pop(r), logits, r, cut)
+                real, spliced = int(rows[r, cut]), int(probes.inputs[i, cut])
+                lean.add(scored[cut - 1, real] - ref[cut - 1, real] + ref[cut - 1, spliced] - scored[cut - 1, spliced])
+            seen = Disagreement.of(scored, ref, r, cut)
             worst[seen.cut == T] = max(worst[seen.cut == T], seen)
     scored = time.time() - t0
     val_bpb = prepare.evaluate_bpb(in_order(nats[: len(val)]), b, rows=val)
     held = prepare.evaluate_bpb(in_order(nats[len(val) :]), b, rows=holdout) if len(holdout) else None
     # purity first: a model whose outputs drift fails the causality comparison too, and would be misnamed
-    problem = worst[True].problem(tol, dtype, T) or worst[False].problem(tol, dtype, T) or lean.problem()
+    problem = (worst[True].problem(tol, dtype, T) or worst[False].problem(tol, dtype, T) or lean.problem()
+               or drift.problem())
     if problem:
-        return "invalid", None, f"{problem} (not scored; it would have been val_bpb {val_bpb:.6f})"
+        return "invalid", None, f"{problem} (not scored; it would have been val_bpb {val_bpb:.6f})", None
     also = f"; holdout {held:.6f} on {len(holdout)} rows" if held is not None else ""
     return "ok", val_bpb, (f"val_bpb {val_bpb:.6f} ({len(val)} rows scored in {scored:.1f}s{also}; purity and "
                            f"causality probes on {len(probes.rows)} rows passed)"), held
@@ -283,9 +294,9 @@ class Disagreement:
     cut: int = 0
 
     @classmethod
-    def of(cls, scored, logits, row, cut):
-        """The scoring process's log-probabilities against the reference's logits, over the first cut positions."""
-        diff = np.abs(log_softmax(logits[:cut]) - scored).max(axis=-1)
+    def of(cls, scored, ref, row, cut):
+        """The two processes' log-probabilities over the first cut positions."""
+        diff = np.abs(ref - scored).max(axis=-1)
         p = int(np.argmax(diff))
         return cls(float(diff[p]), row, p, cut)
 
@@ -303,18 +314,28 @@ class Disagreement:
                 "scored before, on the process it runs in, or on the other rows of its chunk)")
 
 
+# What the two one-sided tests (Lean) say when they fail; n, mean and t are filled in
+LEAN = ("causality probe: over {n} spliced rows, the scoring process gave the token that really came next {mean:+.3g} "
+        "nats more than a fresh process shown another token there ({t}): the model sees future tokens")
+DRIFT = ("purity probe: over {n} rows, the scoring process gave the tokens that really came next {mean:+.3g} nats a "
+         "position more than a fresh process shown the same tokens ({t}): the model does better on what it scores "
+         "where it is scored (it sees future tokens there, or adapts to them)")
+
+
 @dataclass
 class Lean:
-    """The causality rows' signed lean toward the token that really followed the splice, at the position right
-    before it: the log-probability the scoring process (shown that token) gave it and took from the spliced-in one,
-    against the reference (shown the spliced one). An honest model's is noise around zero, whatever its precision;
-    a lookahead's is positive in every row, however far under the tolerance it keeps each one."""
+    """A one-sided test on one value per probe row: the scoring process's log-probability of the token that really
+    came next, less the reference's. The causality rows' lean at the position right before the splice (the real
+    token's gain plus the spliced-in one's loss, the reference shown the spliced one) marks a lookahead made alike in
+    both processes; the drift over the positions both were shown alike marks one made only where the model is
+    scored; a model that plays one against the other shows in the sum of both. An honest model's values are noise
+    around zero, whatever its precision; a cheat's are positive in every row, however far under the tolerance it
+    keeps each position."""
+    claim: str
     values: list = field(default_factory=list)
 
-    def add(self, scored, logits, real, spliced):
-        """scored: the scoring process's log-probabilities at that position; logits: the reference's there."""
-        ref = log_softmax(logits)
-        self.values.append(float(scored[real] - ref[real] + ref[spliced] - scored[spliced]))
+    def add(self, value):
+        self.values.append(float(value))
 
     def problem(self):
         n = len(self.values)
@@ -323,9 +344,9 @@ class Lean:
         mean, spread = float(np.mean(self.values)), float(np.std(self.values, ddof=1))
         if not mean > max(LEAN_SIGMAS * spread / n**0.5, LEAN_FLOOR):
             return None
-        return (f"causality probe: over {n} spliced rows, the scoring process gave the token that really came next "
-                f"{mean:+.3g} nats more than a fresh process shown another token there ({mean / spread * n**0.5:.1f} "
-                f"standard errors; at most {LEAN_SIGMAS:g} or {LEAN_FLOOR:g} nats): the model sees future tokens")
+        t = f"{mean / spread * n**0.5:.1f}" if spread else "no spread: infinitely many"
+        limits = f"at most {LEAN_SIGMAS:g} or {LEAN_FLOOR:g} nats"
+        return self.claim.format(n=n, mean=mean, t=f"{t} standard errors; {limits}")
 
 
 def log_softmax(logits):

@@ -77,29 +77,6 @@ def gpu_gb(mib):
     return math.ceil(mib / 1024)
 
 
-def gpu_shared(backend):
-    """Whether two processes may hold the GPU a child of this backend runs on at once (the evaluator's scoring and
-    reference processes): not in the EXCLUSIVE_PROCESS compute mode, where the second cannot create its context,
-    nor where nvidia-smi cannot say which mode the GPU is in. Always off an NVIDIA GPU."""
-    if gpu_capability(backend) is None:
-        return True
-    modes = _compute_modes(os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("CUDA_DEVICE_ORDER"))
-    return bool(modes) and set(modes) == {"Default"}
-
-
-@functools.lru_cache(maxsize=None)
-def _compute_modes(visible_devices, device_order):
-    """nvidia-smi's compute mode of each GPU CUDA_VISIBLE_DEVICES lets torch see: all of them where it names them
-    by UUID, or numbers them in CUDA's own order (fastest first), which is nvidia-smi's only under PCI_BUS_ID."""
-    output = _run_quietly("nvidia-smi", "--query-gpu=index,compute_mode", "--format=csv,noheader")
-    modes = dict(line.split(",", 1) for line in output.splitlines() if line.count(",") == 1)
-    modes = {index.strip(): mode.strip() for index, mode in modes.items()}
-    wanted = [i.strip() for i in (visible_devices or "").split(",") if i.strip()]
-    if visible_devices is not None and all(i.isdigit() for i in wanted) and device_order == "PCI_BUS_ID":
-        return [modes.get(i, "unknown") for i in wanted]
-    return list(modes.values())
-
-
 def gpu_capability(backend):
     """The compute capability of the NVIDIA GPU a child of this backend trains on (where FA3 may load), or None."""
     return cuda_capability() if backend == "cuda" else None

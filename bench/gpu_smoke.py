@@ -40,7 +40,7 @@ def checkout(dest, constants):
 
 def gpu_facts():
     """GPU name and clocks from nvidia-smi (MHz), or {} without one."""
-    query = "name,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit"
+    query = "name,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,compute_mode"
     try:
         out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
@@ -106,10 +106,7 @@ def run(config, out):
         report["torch"] = torch.__version__
         report["triton"] = _version("triton")
         report["kernels"] = _version("kernels")
-        # the attention path the tag names (what the sandboxed runs can load), and whether the evaluator's two
-        # processes may hold the GPU at once (its compute mode)
-        report["hardware_tag"] = hardware.hardware_tag("cuda")
-        report["gpu_shared"] = hardware.gpu_shared("cuda")
+        report["hardware_tag"] = hardware.hardware_tag("cuda")  # its attention path: what the sandboxed runs can load
         checkpoint = work / "checkpoint"
         env = dict(os.environ, AUTORESEARCH_CACHE=str(prepare.trainer_view()), AUTORESEARCH_CHECKPOINT=str(checkpoint))
         lines = []

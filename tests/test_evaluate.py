@@ -542,40 +542,6 @@ def test_a_lookahead_shared_through_byte_range_locks_is_invalid(trained, use_cac
     assert "the model sees future tokens" in result.reason, result.reason
 
 
-def test_the_compute_mode_decides_whether_the_evaluators_share_the_gpu(tmp_path, monkeypatch):
-    from autoresearch import hardware
-
-    def nvidia_smi(modes):
-        path = tmp_path / "nvidia-smi"
-        path.write_text("#!/bin/sh\n" + "".join(f"echo '{i}, {mode}'\n" for i, mode in enumerate(modes)))
-        path.chmod(0o755)
-        hardware._run_quietly.cache_clear()
-        hardware._compute_modes.cache_clear()
-
-    monkeypatch.setattr(hardware, "cuda_properties", lambda: ("NVIDIA H100 80GB HBM3", 81559, (9, 0)))
-    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    nvidia_smi(["Default", "Default"])
-    assert hardware.gpu_shared("cuda") and hardware.gpu_shared("mlx")
-    nvidia_smi(["Default", "Exclusive_Process"])
-    assert not hardware.gpu_shared("cuda") and hardware.gpu_shared("mps")  # no NVIDIA GPU under mps
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
-    assert not hardware.gpu_shared("cuda")  # CUDA numbers the fastest first: GPU 0 may be nvidia-smi's 1
-    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # nvidia-smi's order
-    assert hardware.gpu_shared("cuda")  # the exclusive one is not the one torch sees
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
-    assert not hardware.gpu_shared("cuda")
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8c2b1f3e-0000-0000-0000-000000000000")
-    assert not hardware.gpu_shared("cuda")  # named by UUID: all GPUs count
-    (tmp_path / "nvidia-smi").unlink()
-    hardware._run_quietly.cache_clear()
-    hardware._compute_modes.cache_clear()
-    assert not hardware.gpu_shared("cuda")  # the mode unknown: one at a time, which works in every mode
-    hardware._run_quietly.cache_clear()
-    hardware._compute_modes.cache_clear()
-
-
 # A lookahead kept under the low-precision tolerance: every position's logit of the next input token raised by 0.018
 # nats (under 2e-2), in a model that says it computes in bfloat16, which buys it that tolerance (found by an attack)
 SMALL_LOOKAHEAD = '''

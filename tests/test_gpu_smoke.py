@@ -20,4 +20,4 @@ def test_gpu_smoke_dry_run_writes_its_json(tmp_path):
     assert set(report["forward_seconds"]) == {"eager", "compiled"}
     assert [r["depth"] for r in report["rungs"]] == [1, 2] and all(r["tokens_per_sec"] > 0 for r in report["rungs"])
     assert report["pick"]["choice"]["DEPTH"] in (1, 2) and "R(C)" in report["pick"]["reason"]
-    assert report["hardware_tag"].startswith("cuda-cpu-") and report["gpu_shared"] is True  # no NVIDIA GPU here
+    assert report["hardware_tag"].startswith("cuda-cpu-") and report["gpu"] == {}  # no NVIDIA GPU here
