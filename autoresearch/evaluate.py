@@ -65,7 +65,7 @@ EVALUATOR, REFERENCE = "evaluator", "reference"  # the two processes: their pid 
 PROBE_ROWS = 32  # rows the reference process scores: half as they are (purity), half spliced (causality)
 # A mean lean toward the real next token (Lean: the causality rows' at the splice, every probe row's drift) marks a
 # lookahead: past LEAN_SIGMAS standard errors of its own spread (an honest model's is symmetric noise: a t of 15
-# degrees of freedom passes 5 once in about 10,000 evaluations) and past LEAN_FLOOR nats (float32 models agree to
+# or more degrees of freedom passes 5 once in about 10,000 evaluations) and past LEAN_FLOOR nats (float32 models agree to
 # ~1e-7: no spread to divide by).
 LEAN_SIGMAS, LEAN_FLOOR, LEAN_MIN_ROWS = 5.0, 1e-3, 4
 LOGITS_BYTES = 256 << 20  # the shared buffer: the logits of as many rows as fit, copied out a slice at a time
@@ -225,15 +225,15 @@ def score(main, reference, sets, vocab, note, turn):
             if not np.all(np.isfinite(logits)):
                 raise EvaluatorFailed(NOT_FINITE)
             r, cut = int(probes.rows[i]), compared[int(probes.rows[i])]
-            scored, ref = kept.pop(r), log_softmax(logits[:cut])
+            ours, theirs = kept.pop(r), log_softmax(logits[:cut])  # the scoring process's and the reference's
             alike = cut if cut == T else cut - 1  # the positions whose next token both were shown alike (or neither)
             if alike:
                 real = rows[r, 1 : alike + 1]
-                drift.add(np.mean(scored[np.arange(alike), real] - ref[np.arange(alike), real]))
+                drift.add(np.mean(ours[np.arange(alike), real] - theirs[np.arange(alike), real]))
             if cut < T:
                 real, spliced = int(rows[r, cut]), int(probes.inputs[i, cut])
-                lean.add(scored[cut - 1, real] - ref[cut - 1, real] + ref[cut - 1, spliced] - scored[cut - 1, spliced])
-            seen = Disagreement.of(scored, ref, r, cut)
+                lean.add(ours[cut - 1, real] - theirs[cut - 1, real] + theirs[cut - 1, spliced] - ours[cut - 1, spliced])
+            seen = Disagreement.of(ours, theirs, r, cut)
             worst[seen.cut == T] = max(worst[seen.cut == T], seen)
     scored = time.time() - t0
     val_bpb = prepare.evaluate_bpb(in_order(nats[: len(val)]), b, rows=val)
