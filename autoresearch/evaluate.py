@@ -63,10 +63,10 @@ TOLERANCE = {"float32": 1e-4}
 LOW_PRECISION_TOLERANCE = 2e-2
 EVALUATOR, REFERENCE = "evaluator", "reference"  # the two processes: their pid files, logs and log prefixes
 PROBE_ROWS = 32  # rows the reference process scores: half as they are (purity), half spliced (causality)
-# A mean lean toward the real next token (Lean: the causality rows' at the splice, every probe row's drift) marks a
-# lookahead: past LEAN_SIGMAS standard errors of its own spread (an honest model's is symmetric noise: a t of 15
-# or more degrees of freedom passes 5 once in about 10,000 evaluations) and past LEAN_FLOOR nats (float32 models agree to
-# ~1e-7: no spread to divide by).
+# A mean lean toward the real next token (Lean: the causality rows' at the splice, every probe row's drift) marks
+# a lookahead: past LEAN_SIGMAS standard errors of its own spread (an honest model's is symmetric noise: a t of 15
+# or more degrees of freedom passes 5 once in about 10,000 evaluations) and past LEAN_FLOOR nats (float32 models
+# agree to ~1e-7: no spread to divide by).
 LEAN_SIGMAS, LEAN_FLOOR, LEAN_MIN_ROWS = 5.0, 1e-3, 4
 LOGITS_BYTES = 256 << 20  # the shared buffer: the logits of as many rows as fit, copied out a slice at a time
 BUILD_SECONDS = 60  # from the checkpoint to a built model: loading weights takes seconds, never a minute
@@ -232,7 +232,8 @@ def score(main, reference, sets, vocab, note, turn):
                 drift.add(np.mean(ours[np.arange(alike), real] - theirs[np.arange(alike), real]))
             if cut < T:
                 real, spliced = int(rows[r, cut]), int(probes.inputs[i, cut])
-                lean.add(ours[cut - 1, real] - theirs[cut - 1, real] + theirs[cut - 1, spliced] - ours[cut - 1, spliced])
+                at_cut = ours[cut - 1], theirs[cut - 1]
+                lean.add(at_cut[0][real] - at_cut[1][real] + at_cut[1][spliced] - at_cut[0][spliced])
             seen = Disagreement.of(ours, theirs, r, cut)
             worst[seen.cut == T] = max(worst[seen.cut == T], seen)
     scored = time.time() - t0
