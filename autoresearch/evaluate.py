@@ -232,8 +232,8 @@ def score(main, reference, sets, vocab, note, turn):
                 drift.add(np.mean(ours[np.arange(alike), real] - theirs[np.arange(alike), real]))
             if cut < T:
                 real, spliced = int(rows[r, cut]), int(probes.inputs[i, cut])
-                at_cut = ours[cut - 1], theirs[cut - 1]
-                lean.add(at_cut[0][real] - at_cut[1][real] + at_cut[1][spliced] - at_cut[0][spliced])
+                mine, ref = ours[cut - 1], theirs[cut - 1]  # at the position right before the splice
+                lean.add(mine[real] - ref[real] + ref[spliced] - mine[spliced])
             seen = Disagreement.of(ours, theirs, r, cut)
             worst[seen.cut == T] = max(worst[seen.cut == T], seen)
     scored = time.time() - t0
