@@ -203,7 +203,7 @@ def score(main, reference, sets, vocab, note, turn):
     # The scoring process first: it has committed every output before any probe row exists outside the harness.
     # The holdout rows go in among the validation rows: nothing tells the model which of them a decision reads.
     order, T = rng.permutation(len(rows)), rows.shape[1] - 1
-    nats = np.empty((len(rows), T), dtype=np.float32)
+    nats = np.empty((len(rows), T), dtype=np.float64)
     compared = {int(r): int(cut) for r, cut in zip(probes.rows, probes.cuts)}
     kept = {}  # validation row -> the scoring process's log-probabilities at the positions compared
     for at in range(0, len(order), b):
@@ -211,6 +211,8 @@ def score(main, reference, sets, vocab, note, turn):
         for i, logits in main.logits(rows[picked, :-1], vocab):
             r = int(picked[i])
             if r in compared:
+                if not np.all(np.isfinite(logits[: compared[r]])):
+                    raise EvaluatorFailed(NOT_FINITE)
                 kept[r] = log_softmax(logits[: compared[r]])
             nats[r] = cross_entropy(logits[None], rows[r : r + 1, 1:])[0]
     if not np.all(np.isfinite(nats)):
@@ -219,7 +221,7 @@ def score(main, reference, sets, vocab, note, turn):
     ref_hello = reference.hello()
     note(f"{REFERENCE} process built in {ref_hello['seconds']:.2f}s once the scoring process had ended")
     worst = {True: Disagreement(), False: Disagreement()}  # purity, causality: the largest of each kind
-    lean, drift = Lean(LEAN), Lean(DRIFT)
+    lean, drift = Lean(LEAN, null=[]), Lean(DRIFT)
     for at in range(0, len(probes.rows), b):
         for i, logits in reference.logits(probes.inputs[at : at + b], vocab, at):
             if not np.all(np.isfinite(logits)):
@@ -227,13 +229,18 @@ def score(main, reference, sets, vocab, note, turn):
             r, cut = int(probes.rows[i]), compared[int(probes.rows[i])]
             ours, theirs = kept.pop(r), log_softmax(logits[:cut])  # the scoring process's and the reference's
             alike = cut if cut == T else cut - 1  # the positions whose next token both were shown alike (or neither)
+            pos, real = np.arange(alike), rows[r, 1 : alike + 1]
+            gain = ours[pos, real] - theirs[pos, real]  # the real next token's, the scoring process's less the reference's
             if alike:
-                real = rows[r, 1 : alike + 1]
-                drift.add(np.mean(ours[np.arange(alike), real] - theirs[np.arange(alike), real]))
+                drift.add(np.mean(gain))
             if cut < T:
                 real, spliced = int(rows[r, cut]), int(probes.inputs[i, cut])
                 mine, ref = ours[cut - 1], theirs[cut - 1]  # at the position right before the splice
                 lean.add(mine[real] - ref[real] + ref[spliced] - mine[spliced])
+            else:  # the lean's null: every position of a purity row as if another row's token had been spliced there
+                decoy = probes.decoys[i]
+                other = decoy != real
+                lean.add_null((gain - ours[pos, decoy] + theirs[pos, decoy])[other])
             seen = Disagreement.of(ours, theirs, r, cut)
             worst[seen.cut == T] = max(worst[seen.cut == T], seen)
     scored = time.time() - t0
@@ -263,11 +270,13 @@ def in_order(nats):
 @dataclass(frozen=True)
 class Probes:
     """The rows the reference process scores: their indices in the validation rows, what it is shown (a row's
-    inputs, or its inputs up to cut with another row's text from there on) and how many leading positions must
-    agree (cut; T for a row shown as it is)."""
+    inputs, or its inputs up to cut with another row's text from there on), how many leading positions must
+    agree (cut; T for a row shown as it is), and for each a random other row's next tokens (decoys: the tokens a
+    splice could have put at each position of a row shown as it is)."""
     rows: np.ndarray
     inputs: np.ndarray
     cuts: np.ndarray
+    decoys: np.ndarray
 
     @classmethod
     def draw(cls, rows, vocab, rng, k=PROBE_ROWS):
@@ -275,7 +284,8 @@ class Probes:
         picked = rng.choice(n, size=min(k, n), replace=False)
         inputs = np.ascontiguousarray(rows[picked, :-1])
         cuts = np.full(len(picked), T)
-        for i in range(len(picked) // 2, len(picked) if T > 1 else 0):  # picked is in random order
+        # which half is spliced is drawn too: the reference is sent the rows in this order
+        for i in rng.permutation(len(picked))[len(picked) // 2 :] if T > 1 else ():
             cut = int(rng.integers(1, T))
             donors = np.flatnonzero(rows[:, cut] != inputs[i, cut])  # natural text, and a new token right at cut
             if len(donors):
@@ -283,7 +293,7 @@ class Probes:
             else:  # every row has this token here (a one-row split)
                 inputs[i, cut] = (inputs[i, cut] + 1) % vocab
             cuts[i] = cut
-        return cls(picked, inputs, cuts)
+        return cls(picked, inputs, cuts, rows[rng.integers(0, n, len(picked)), 1:])
 
 
 @dataclass(frozen=True, order=True)
@@ -302,7 +312,7 @@ class Disagreement:
         return cls(float(diff[p]), row, p, cut)
 
     def problem(self, tol, dtype, T):
-        if not self.nats > tol:  # NaN from non-finite logits is caught before this
+        if self.nats <= tol:  # so that NaN fails, were one to get here
             return None
         tolerance = f"tolerance {tol:g} for {dtype}"
         if self.cut < T:
@@ -330,40 +340,54 @@ class Lean:
     token's gain plus the spliced-in one's loss, the reference shown the spliced one) marks a lookahead made alike in
     both processes; the drift over the positions both were shown alike marks one made only where the model is
     scored; a model that plays one against the other shows in the sum of both. An honest model's values are noise
-    around zero, whatever its precision; a cheat's are positive in every row, however far under the tolerance it
-    keeps each position."""
+    around zero, whatever its precision; a cheat's lean toward the real token, however far under the tolerance it
+    keeps each position. null: values an honest model's are spread like and no lookahead moves (the lean's, the same
+    sum at every position of the purity rows with a decoy for the spliced-in token), which the mean is held to: a
+    model that makes its own noise, alike in both processes, spreads its values and not these. Without a null (the
+    drift's: the real token's gain is what a lookahead moves), the values' own spread."""
     claim: str
     values: list = field(default_factory=list)
+    null: list | None = None
 
     def add(self, value):
         self.values.append(float(value))
+
+    def add_null(self, values):
+        self.null.extend(np.asarray(values, dtype=np.float64).tolist())
 
     def problem(self):
         n = len(self.values)
         if n < LEAN_MIN_ROWS:
             return None
-        mean, spread = float(np.mean(self.values)), float(np.std(self.values, ddof=1))
-        if not mean > max(LEAN_SIGMAS * spread / n**0.5, LEAN_FLOOR):
+        base = self.null if self.null is not None and len(self.null) >= LEAN_MIN_ROWS else self.values
+        mean, spread = float(np.mean(self.values)), float(np.std(base, ddof=1))
+        if mean <= max(LEAN_SIGMAS * spread / n**0.5, LEAN_FLOOR):  # NaN anywhere fails
             return None
         t = f"{mean / spread * n**0.5:.1f}" if spread else "no spread: infinitely many"
+        of = "of the purity rows' spread" if base is self.null else "of their spread"
         limits = f"at most {LEAN_SIGMAS:g} or {LEAN_FLOOR:g} nats"
-        return self.claim.format(n=n, mean=mean, t=f"{t} standard errors; {limits}")
+        return self.claim.format(n=n, mean=mean, t=f"{t} standard errors {of}; {limits}")
 
 
 def log_softmax(logits):
-    """(..., V) float32 logits -> log-probabilities, in float32."""
-    peak = logits.max(axis=-1, keepdims=True)
-    shifted = logits - peak
+    """(..., V) float32 logits -> log-probabilities, in float64: float32 logits 3e38 apart overflow a float32
+    subtraction to -inf, and -inf less -inf (a cheat's, alike in both processes) is a NaN no comparison catches."""
+    shifted = logits.astype(np.float64)
+    shifted -= shifted.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def cross_entropy(logits, targets):
-    """Nats of (b, T, V) float32 logits (overwritten: they are the harness's own copy) against (b, T) targets."""
+    """Nats, in float64, of (b, T, V) float32 logits (overwritten: they are the harness's own copy) against (b, T)
+    targets. The exponentials are float32's (one that underflows to 0 is 0); the peak less the target's logit is
+    float64's, where no two float32 logits' difference overflows."""
     target_logits = np.take_along_axis(logits, targets[..., None].astype(np.int64), axis=-1)[..., 0]
     peak = logits.max(axis=-1, keepdims=True)
-    np.subtract(logits, peak, out=logits)
-    np.exp(logits, out=logits)
-    return (np.log(logits.sum(axis=-1)) + peak[..., 0] - target_logits).astype(np.float32)
+    with np.errstate(over="ignore", under="ignore"):
+        np.subtract(logits, peak, out=logits)
+        np.exp(logits, out=logits)
+    return (np.log(logits.sum(axis=-1, dtype=np.float64)) + peak[..., 0].astype(np.float64)
+            - target_logits.astype(np.float64))
 
 
 class Child:
@@ -443,7 +467,7 @@ class Child:
             self.build_timer.cancel()
             hello = dict(hello, rows_per_chunk=int(hello["rows_per_chunk"]), dtype=str(hello["dtype"])[:40],
                          device=str(hello["device"])[:200], seconds=float(hello["seconds"]))
-        except (ValueError, KeyError, TypeError, AttributeError, OverflowError):  # int(Infinity) too
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):  # int(Infinity), [[[...
             raise EvaluatorFailed(self.failure()) from None
         if hello["rows_per_chunk"] < 1:
             raise EvaluatorFailed(f"the evaluator's model asks for chunks of {hello['rows_per_chunk']} rows "

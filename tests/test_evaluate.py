@@ -580,7 +580,39 @@ def test_a_lookahead_under_the_low_precision_tolerance_is_invalid(trained, use_c
     result = scored_with(trained, "mps", tmp_path, SMALL_LOOKAHEAD)
     assert result.status == "invalid" and result.val_bpb is None, result.log
     assert re.match(r"causality probe: over 16 spliced rows, the scoring process gave the token that really came "
-                    r"next \+0\.0\d+ nats more than a fresh process shown another token there \([0-9.]+ standard "
-                    r"errors; at most 5 or 0\.001 nats\): the model sees future tokens \(not scored", result.reason), \
+                    r"next \+0\.0\d+ nats more than a fresh process shown another token there \((?:[0-9.]+|no "
+                    r"spread: infinitely many) standard errors of the purity rows. spread; at most 5 or 0\.001 "
+                    r"nats\): the model sees future tokens \(not scored", result.reason), \
         result.reason
     assert "(bfloat16)" in result.log  # the tolerance it bought: the purity and per-row causality checks passed
+
+
+# A full lookahead at float32's limits (found by an attack): +3e38 on the next input token's logit and -3e38 on every
+# other, alike in both processes. Its float32 log-probabilities are 0 and -inf, and -inf less -inf is a NaN that no
+# comparison caught: it scored ok at val_bpb 0.0126.
+OVERFLOW = '''
+_build = build_model
+
+
+class _Certain(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, idx, *args, **kwargs):
+        logits = self.inner(idx, *args, **kwargs)
+        certain = torch.full_like(logits, -3e38)
+        certain[:, :-1].scatter_(-1, idx[:, 1:].unsqueeze(-1), 3e38)
+        certain[:, -1] = logits[:, -1]
+        return certain
+
+
+def build_model(config, weights):
+    return _Certain(_build(config, weights))
+'''
+
+
+def test_a_lookahead_at_float32s_limits_is_invalid(trained, use_cache, tmp_path):
+    result = scored_with(trained, "mps", tmp_path, OVERFLOW)
+    assert result.status == "invalid" and result.val_bpb is None, result.log
+    assert re.match(CAUSALITY, result.reason) and "moved by 6e+38 nats" in result.reason, result.reason

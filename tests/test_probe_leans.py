@@ -5,6 +5,8 @@ low-precision tolerance, so only the sum over the rows can show it. The two proc
 with a bigram model of the real validation rows; the real children and their sandbox are test_evaluate's.
 """
 
+import re
+
 import numpy as np
 import pytest
 
@@ -15,10 +17,11 @@ from autoresearch.evaluate import LOW_PRECISION_TOLERANCE, score
 class Bigram:
     """A child as score() sees it: the log-probabilities of a bigram model fitted to the rows, in float32, plus a bump
     on the logit of each position's next input token (a lookahead) and, where noise is given, independent noise on
-    every logit (kernels that are not bitwise deterministic)."""
+    every logit (kernels that are not bitwise deterministic). signed: the bump's sign at each position a hash of the
+    prefix, positive 7 times in 10, the same in both processes (noise a model makes itself, to spread the lean)."""
 
-    def __init__(self, table, bump=0.0, noise=0.0, seed=0):
-        self.table, self.bump, self.noise = table, bump, noise
+    def __init__(self, table, bump=0.0, noise=0.0, seed=0, signed=False):
+        self.table, self.bump, self.noise, self.signed = table, bump, noise, signed
         self.rng = np.random.default_rng(seed)
 
     def hello(self):
@@ -29,7 +32,22 @@ class Bigram:
             out = self.table[row]  # fancy indexing: a fresh (T, V) array, which the harness may overwrite
             if self.noise:
                 out += self.rng.normal(0.0, self.noise, out.shape).astype(np.float32)
-            out[np.arange(len(row) - 1), row[1:]] += self.bump
+            bump = np.full(len(row) - 1, self.bump, dtype=np.float32)
+            if self.signed:  # the last two tokens and the position: a function of the prefix
+                key = (row[1:].astype(np.int64) * 2654435761 + row[:-1] * 40503 + np.arange(len(row) - 1)) % 10
+                bump[key >= 7] *= -1
+            out[np.arange(len(row) - 1), row[1:]] += bump
+            yield first + i, out
+
+
+class Overflow(Bigram):
+    """A full lookahead at float32's limits: +3e38 on the next input token's logit, -3e38 on every other, alike in
+    both processes. Float32 log-probabilities of it are 0 and -inf, and the two processes' -inf less -inf is NaN."""
+
+    def logits(self, inputs, vocab, first=0):
+        for i, (_, out) in enumerate(super().logits(inputs, vocab, first)):
+            out[:-1] = -3e38
+            out[np.arange(len(inputs[i]) - 1), inputs[i, 1:]] = 3e38
             yield first + i, out
 
 
@@ -63,10 +81,11 @@ def test_a_lookahead_only_where_the_model_is_scored_is_invalid(bigram, use_cache
     """+b in the scoring process and -b in the reference cancel in the lean at the splice; the drift doubles."""
     status, val_bpb, reason = scored(bigram, Bigram(bigram[2], BUMP), Bigram(bigram[2], -BUMP))
     assert status == "invalid" and val_bpb is None, reason
-    assert reason.startswith("purity probe: over 32 rows, the scoring process gave the tokens that really came next "
-                             "+0.0"), reason
-    assert "standard errors; at most 5 or 0.001 nats): the model does better on what it scores where it is scored" \
-        in reason, reason
+    # 31 where a spliced row is cut at 1 (no position shown alike to both)
+    assert re.match(r"purity probe: over 3[12] rows, the scoring process gave the tokens that really came next \+0\.0",
+                    reason), reason
+    assert ("standard errors of their spread; at most 5 or 0.001 nats): the model does better on what it scores where it "
+            "is scored") in reason, reason
 
 
 @pytest.mark.parametrize("reference_bump", [BUMP, 0.0])
@@ -90,3 +109,23 @@ def test_it_would_have_gained_and_an_honest_model_with_noisy_kernels_is_scored(b
     status, _, reason = scored(bigram, Bigram(table, BUMP), Bigram(table, -BUMP))
     cheat = float(reason.rsplit("it would have been val_bpb ", 1)[1].rstrip(")"))
     assert cheat < min(honest), (cheat, honest)
+
+
+def test_noise_a_model_makes_alike_in_both_processes_does_not_hide_a_lookahead(bigram, use_cache):
+    """+-0.015 on the next token's logit, positive 7 times in 10 (a mean of +0.006 nats a position): the lean's values
+    are spread as widely as their mean, so their own standard error would pass it (found by an attack: 8 runs of 8
+    scored ok); the purity rows' positions, where both processes add the same, are not spread at all."""
+    table = bigram[2]
+    status, val_bpb, reason = scored(bigram, Bigram(table, 0.015, signed=True), Bigram(table, 0.015, signed=True))
+    assert status == "invalid" and val_bpb is None, reason
+    assert reason.startswith("causality probe: over 16 spliced rows"), reason
+    assert "standard errors of the purity rows' spread; at most 5 or 0.001 nats" in reason, reason
+
+
+def test_logits_at_float32s_limits_are_compared_and_a_lookahead_there_is_invalid(bigram, use_cache):
+    status, val_bpb, reason = scored(bigram, Overflow(bigram[2]), Overflow(bigram[2]))
+    assert status == "invalid" and val_bpb is None, reason
+    assert reason.startswith("causality probe: the next-token distribution at position "), reason
+    assert re.search(r"moved by 6e\+38 nats", reason), reason
+    # had it been scored: a loss of 0 at every position it saw the next token of
+    assert float(reason.rsplit("it would have been val_bpb ", 1)[1].rstrip(")")) < 0.1, reason
