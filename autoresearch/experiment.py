@@ -5,6 +5,7 @@ import ast
 import hashlib
 import math
 import os
+import re
 import shutil
 import site
 import statistics
@@ -40,6 +41,16 @@ SLOWED_MARK = "[slowed by the machine:"  # in a row's description: its run train
 
 class CacheBroken(Exception):
     """The prepared cache does not match what prepare recorded: the harness's fault, not the candidate's."""
+
+
+class DiskFull(CacheBroken):
+    """train.py failed for want of space where the cache is (its checkpoint is written there): the machine's fault,
+    not the candidate's, so no row: the same program recorded as a crash would be refused as a repeat."""
+
+
+# What a failed write says when the disk or the user's quota is full (Python's OSError, C's strerror)
+NO_SPACE = re.compile(r"(?:\[Errno (?:28|122)\] )?(?:No space left on device|Disk quota exceeded)|\[Errno (?:28|122)\]")
+NO_SPACE_FREE = 256 << 20  # what the cache's disk has free after such a failure when it is the disk's fault
 
 
 class SetupFailed(Refused):
@@ -307,6 +318,9 @@ def train_and_evaluate(run, seed=None, on_line=None, guard=Guard()):
         if stop:
             return result, None, stop
         if not result.ok:
+            full = out_of_space(result, checkpoint)
+            if full:
+                raise DiskFull(full)
             why = "timeout" if result.timed_out else f"exit {result.returncode}" if result.returncode else "no summary"
             return result, None, ("crash", why)
         started = time.time()
@@ -326,6 +340,20 @@ def train_and_evaluate(run, seed=None, on_line=None, guard=Guard()):
         if ahead:
             ahead.close()  # unused (training failed): killed; used: already closed
         shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def out_of_space(result, checkpoint):
+    """Why a failed run is the disk's fault, or None: its output's tail says a write found no space, and the disk
+    it wrote its checkpoint to has less than NO_SPACE_FREE free, measured before the checkpoint is removed (a
+    train.py that prints the words on a roomy disk is the candidate's crash)."""
+    said = NO_SPACE.search(result.tail())
+    if not said:
+        return None
+    free = shutil.disk_usage(checkpoint).free
+    if free >= NO_SPACE_FREE:
+        return None
+    return (f"train.py failed for want of disk space ({said.group(0)}): {free / 2**20:.1f} MiB free on the disk of "
+            f"{checkpoint.parent}, where its checkpoint is written; nothing recorded: free some space and run again")
 
 
 def measure(branch, seed, on_line=None, warm=None):

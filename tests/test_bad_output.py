@@ -5,6 +5,8 @@ must do where no OS sandbox exists). After each: a row that parses back, command
 agent is driving, the next experiment runs."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,6 +17,7 @@ import git
 import pytest
 
 from conftest import BUDGET, cli, copy_checkout, edit
+from autoresearch.evaluate import Child, EvaluatorFailed
 from autoresearch.ledger import (COLUMNS, LEDGER_NAME, MISSING_NUMBER, format_row, git_identity, notes_rows,
                                  read_ledger)
 from autoresearch.loop import build_prompt
@@ -262,3 +265,46 @@ def test_an_evaluator_that_breaks_the_protocol_is_a_crash_and_the_loop_goes_on(r
     assert [r.status for r in rows[1:3]] == ["crash", "crash"] and rows[3].status in ("keep", "discard")
     assert all(r.val_bpb == 0.0 and r.samples == "-" for r in rows[1:3]) and rows[3].val_bpb > 0
     assert not git.Repo(repo_dir).is_dirty(untracked_files=True)
+
+
+def test_a_first_message_nested_past_the_recursion_limit_is_the_evaluators_failure(tmp_path):
+    """json.loads raises RecursionError on 60,000 open brackets: a crash of the candidate, not of the harness."""
+    child = Child([sys.executable, "-c", "import sys; sys.stdin.readline(); print('[' * 60000)"],
+                  tmp_path, dict(os.environ), "evaluator", os.memfd_create("logits"))
+    child.start({}, timeout=60)
+    try:
+        with pytest.raises(EvaluatorFailed, match=r"^the evaluator exited with code 0$"):
+            child.hello()
+    finally:
+        child.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path, use_cache):
+    """The prepared cache on a tmpfs with 1 MiB to spare: the candidate's checkpoint does not fit. Needs root."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    size = sum(f.stat().st_size for f in use_cache.rglob("*") if f.is_file()) + (1 << 20)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        shutil.copytree(use_cache, disk / "cache", symlinks=True, ignore=shutil.ignore_patterns("runs", "kernels"))
+        yield disk / "cache"
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
+
+
+def test_a_checkpoint_that_finds_the_disk_full_is_an_error_and_no_row(repo_dir, small_disk):
+    """The machine's fault, not the program's: recorded as a crash, the same program would be refused as a repeat."""
+    ledger = (repo_dir / LEDGER_NAME).read_text()
+    head = git.Repo(repo_dir).head.commit.hexsha
+    edit(repo_dir, MATRIX_LR=0.03)
+    proc = cli(repo_dir, "--backend", "mlx", "run", "-m", "lr 0.03", "--budget", BUDGET,
+               env={"AUTORESEARCH_CACHE": str(small_disk)})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: train.py failed for want of disk space ([Errno 28] No space left on device): 0.0 MiB free"), proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert (repo_dir / LEDGER_NAME).read_text() == ledger
+    assert git.Repo(repo_dir).head.commit.hexsha == head and "not measured (kept as " in proc.stderr, proc.stderr
