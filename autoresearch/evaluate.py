@@ -578,6 +578,6 @@ def make_loss_fn(backend, module, model, vocab):
 
     def loss_fn(rows):
         rows = np.asarray(rows, dtype=np.int32)
-        return cross_entropy(logits_fn(rows[:, :-1])(0, len(rows)), rows[:, 1:])
+        return cross_entropy(logits_fn(rows[:, :-1])(0, len(rows)), rows[:, 1:]).astype(np.float32)
 
     return loss_fn

@@ -9,7 +9,6 @@ import re
 import shutil
 import site
 import statistics
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -301,9 +300,7 @@ def train_and_evaluate(run, seed=None, on_line=None, guard=Guard()):
     None, stop)."""
     root, backend = run.root, run.backend
     # in the cache, which no agent's turn sees (a swarm trains while other workers' agents work)
-    runs = prepare.cache_dir() / "runs"
-    runs.mkdir(exist_ok=True)
-    checkpoint = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=runs))
+    checkpoint = kernels.run_folder("checkpoint")
     # On a GPU the evaluator's process starts now and imports while training runs; on a CPU it would take cores
     # from training, so it starts after.
     on_gpu = available_backends().get(backend) == "gpu"

@@ -10,7 +10,9 @@ A new branch has no cache yet: its baseline starts from the cache a kept baselin
 
 import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -49,10 +51,34 @@ def copy_of(run_dir):
     return _copy(Path(run_dir))
 
 
-def _copy(home):
+def run_folder(kind):
+    """A new folder for one run in the cache's runs/ (kind: checkpoint or compile), named for this host and process.
+    First, this host's folders whose process is gone (a harness killed before it could remove them) are removed."""
     runs = prepare.cache_dir() / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    run_dir = Path(tempfile.mkdtemp(prefix="compile-", dir=runs))
+    host = re.sub(r"\W", "_", socket.gethostname())
+    for old in runs.iterdir():
+        owner = RUN_FOLDER.match(old.name)
+        if owner and owner["host"] == host and not _alive(int(owner["pid"])):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{kind}-{host}.{os.getpid()}.", dir=runs))
+
+
+RUN_FOLDER = re.compile(r"^(?:checkpoint|compile)-(?P<host>\w+)\.(?P<pid>\d+)\.\w+$")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's: alive; a number no pid can be: not ours to judge
+        return True
+    return True
+
+
+def _copy(home):
+    run_dir = run_folder("compile")
     for sub in ("mlx", "torch"):
         if (home / sub).is_dir():
             shutil.copytree(home / sub, run_dir / sub, symlinks=True)

@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+from .ledger import LedgerError
+
 STATE_ENV = "AUTORESEARCH_STATE"
 GUARDED = ("results.tsv", ".autoresearch/noise.json")  # what the harness writes and decides by
 
@@ -36,10 +38,20 @@ def _copy_name(name):
     return name.replace("/", "__")
 
 
+class RecordUnwritable(LedgerError):
+    """The record's folder cannot be written (a full disk, a quota, no permission): nothing was changed."""
+
+
 def _write(path, data):
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RecordUnwritable(f"the harness's record of this checkout cannot be written in {path.parent} "
+                               f"({e.strerror or e}): free space there, or set {STATE_ENV} to another folder, and "
+                               "run again") from None
 
 
 def _read(path):
@@ -66,7 +78,7 @@ def save(root):
             copy.unlink(missing_ok=True)
         else:
             _write(copy, data)
-    (folder / "checkout").write_text(str(Path(root).resolve()) + "\n")
+    _write(folder / "checkout", (str(Path(root).resolve()) + "\n").encode())
 
 
 def check(root, say=None):

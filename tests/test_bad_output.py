@@ -289,7 +289,7 @@ def small_disk(tmp_path, use_cache):
                       capture_output=True).returncode:
         pytest.skip("mounting a tmpfs needs root")
     try:
-        shutil.copytree(use_cache, disk / "cache", symlinks=True, ignore=shutil.ignore_patterns("runs", "kernels"))
+        shutil.copytree(use_cache, disk / "cache", symlinks=True, ignore=shutil.ignore_patterns("runs", "compile"))
         yield disk / "cache"
     finally:
         subprocess.run(["umount", "-l", str(disk)])

@@ -1,5 +1,10 @@
 """Compile caches across sandboxed runs: a branch's own, and a new branch's start from its program's baseline."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 from autoresearch import kernels, sandbox
 
 
@@ -76,3 +81,43 @@ def test_a_baselines_later_seeds_start_from_its_first_seeds_kernels(run_repo, us
     log = (run_repo / ".autoresearch" / "run.log").read_text()
     counts = [int(line.split(":")[1]) for line in log.splitlines() if line.startswith("kernels at start:")]
     assert len(counts) == 3 and counts[0] == 0 and counts[1] > 0 and counts[2] >= counts[1], counts
+
+
+
+# A harness's run folders, left as a SIGKILL leaves them (no finally removes them): their paths, one a line
+LEAVES = """
+import os, sys
+sys.path.insert(0, sys.argv[2])
+os.environ["AUTORESEARCH_CACHE"] = sys.argv[1]
+from autoresearch import kernels
+for kind in ("checkpoint", "compile"):
+    folder = kernels.run_folder(kind)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    print(folder, flush=True)
+"""
+
+
+def leaver(cache, then=""):
+    return subprocess.Popen([sys.executable, "-c", LEAVES + then, str(cache), str(Path(kernels.__file__).parents[1])],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def test_a_killed_harnesss_run_folders_go_with_the_next_run(tmp_path, monkeypatch):
+    """The next run on this host removes the run folders whose process is gone, and no live process's."""
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path / "cache"))
+    gone = leaver(tmp_path / "cache")
+    left = [Path(line) for line in gone.stdout.read().split()]
+    gone.wait()
+    assert len(left) == 2 and all(p.is_dir() for p in left), left
+    live = leaver(tmp_path / "cache", "\nimport time; time.sleep(60)")
+    try:
+        theirs = [Path(live.stdout.readline().strip()) for _ in range(2)]
+        assert not any(p.exists() for p in left), left  # the live one's first run_folder removed them
+        mine = kernels.run_folder("checkpoint")
+        assert mine.is_dir() and all(p.is_dir() for p in theirs), theirs
+        assert f".{os.getpid()}." in mine.name and f".{live.pid}." in theirs[0].name
+    finally:
+        live.kill()
+        live.wait()
+    new = kernels.run_folder("compile")  # and once it has gone, its folders go too
+    assert set((tmp_path / "cache" / "runs").iterdir()) == {mine, new}

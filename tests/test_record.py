@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import git
+import pytest
 
 from conftest import cli
 from autoresearch.ledger import LEDGER_NAME, NOTES_REF, format_row, read_ledger
@@ -116,3 +117,25 @@ def test_recovery_refuses_a_last_keep_off_the_branch_history(repo_dir):
     proc = untouched_run(repo_dir, env=fresh)
     assert proc.returncode == 2 and len(errors(proc)) == 1 and "not on" in errors(proc)[0], proc.stderr
     assert repo.head.commit.hexsha == head and not (repo_dir / "autoresearch_cli.py").exists()
+
+
+def test_a_full_state_folder_is_one_line_and_leaves_no_half_written_copy(repo_dir, tmp_path):
+    """The record's folder on a full disk: an error in one line (exit 1), no traceback, no *.tmp left in it."""
+    state = tmp_path / "state"
+    state.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(state)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        with open(state / "filler", "wb", buffering=0) as f:  # fill it: the last write fails with ENOSPC
+            with pytest.raises(OSError, match="No space left"):
+                while True:
+                    f.write(b"x" * 4096)
+        proc = untouched_run(repo_dir, env={"AUTORESEARCH_STATE": str(state)})
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr, proc.stderr
+        assert errors(proc) and errors(proc)[0].startswith("error: the harness's record of this checkout cannot "
+                                                           "be written in "), proc.stderr
+        assert "No space left on device" in errors(proc)[0], proc.stderr
+        assert not list(state.rglob("*.tmp")), list(state.rglob("*"))
+    finally:
+        subprocess.run(["umount", "-l", str(state)])
