@@ -230,7 +230,8 @@ def score(main, reference, sets, vocab, note, turn):
             ours, theirs = kept.pop(r), log_softmax(logits[:cut])  # the scoring process's and the reference's
             alike = cut if cut == T else cut - 1  # the positions whose next token both were shown alike (or neither)
             pos, real = np.arange(alike), rows[r, 1 : alike + 1]
-            gain = ours[pos, real] - theirs[pos, real]  # the real next token's, the scoring process's less the reference's
+            # the real next token's log-probability: the scoring process's less the reference's
+            gain = ours[pos, real] - theirs[pos, real]
             if alike:
                 drift.add(np.mean(gain))
             if cut < T:
@@ -467,7 +468,8 @@ class Child:
             self.build_timer.cancel()
             hello = dict(hello, rows_per_chunk=int(hello["rows_per_chunk"]), dtype=str(hello["dtype"])[:40],
                          device=str(hello["device"])[:200], seconds=float(hello["seconds"]))
-        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):  # int(Infinity), [[[...
+        # int(Infinity) overflows; 60,000 brackets pass json's recursion limit
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
             raise EvaluatorFailed(self.failure()) from None
         if hello["rows_per_chunk"] < 1:
             raise EvaluatorFailed(f"the evaluator's model asks for chunks of {hello['rows_per_chunk']} rows "
