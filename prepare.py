@@ -1003,6 +1003,9 @@ def checkpoint_dir():
     return Path(os.environ.get("AUTORESEARCH_CHECKPOINT") or cache_dir() / "checkpoint")
 
 
+CHECKPOINT_FILES = ("config.json", "weights.npz")  # a checkpoint is these files and nothing else
+
+
 def save_checkpoint(config, weights, path=None):
     """
     The trained model for the evaluator: config.json (the GPTConfig fields) and weights.npz (float32 arrays

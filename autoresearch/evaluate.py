@@ -30,14 +30,17 @@ it does to its own interpreter reaches the number.
   model is scored drifts toward the real next tokens everywhere else.
 - The guarantee needs the sandbox: unconfined (`--sandbox off`), the scoring process could leave the rows in /tmp
   for the reference. Sandboxed, it leaves no file; what outlives it is the kernel's page cache of the files both
-  read, a timing channel of one bit per page of them: megabits, short of the gpu profile's rows (20 M tokens), not
-  of the cpu profile's.
+  read, one bit per page of them, read exactly (mincore). Each process gets its own copy of the checkpoint's files
+  and train.py is at most 1 MiB, so no file the candidate wrote is among them; the interpreter's and the venv's
+  are (megabits: short of the gpu profile's rows, 20 M tokens, not of the cpu and smoke profiles').
 A model that fails a probe is "invalid": it gets no val_bpb. backends/README.md states the protocol.
 """
 
 import json
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -50,7 +53,7 @@ import numpy as np
 
 import prepare
 
-from . import hub, record, sandbox
+from . import hub, kernels, record, sandbox
 from .clock import SCORING_SLACK_SECONDS
 from .hardware import gpu_capability, preload_blas
 from .model_server import make_logits_fn, send_array
@@ -124,12 +127,37 @@ def start_evaluator(backend, root, checkpoint, env=None, state=None, name=EVALUA
     # the harness's state folder too: its logs hold earlier runs' output
     hidden = (str(prepare.cache_dir()), str(record.state_home()), str(Path(root) / ".autoresearch"),
               *hub.hidden(child_env))
-    policy = sandbox.Policy(read=(str(root), str(checkpoint), *hub.readable(child_env)), hide=hidden, network=False)
+    # Its own copy of the checkpoint, made when the job comes, not the trainer's folder: a file train.py planted
+    # there, read by both processes, would carry the rows from one to the other through the page cache (which of
+    # its pages are cached: mincore reads them exactly). A copy is a new file, its pages its own.
+    model = Model(Path(checkpoint), kernels.run_folder("evaluator"))
+    policy = sandbox.Policy(read=(str(root), str(model.copy), *hub.readable(child_env)), hide=hidden, network=False)
     buffer = shared_buffer()
     argv, inside = sandbox.active().wrap([sys.executable, "-I", "-B", "-c", CHILD_MAIN, json.dumps(harness_path()),
                                           backend, str(buffer)], root, policy)
     child_env.update(inside)
-    return Child(argv, root, child_env, name, buffer, Path(state) / f"{name}.pid" if state else None, notes)
+    return Child(argv, root, child_env, name, buffer, Path(state) / f"{name}.pid" if state else None, notes, model)
+
+
+@dataclass(frozen=True)
+class Model:
+    """The trainer's checkpoint folder and the one child's copy of it."""
+    checkpoint: Path
+    copy: Path
+
+    def fill(self):
+        """The checkpoint's files (prepare.CHECKPOINT_FILES) copied into the child's folder, regular files only: a
+        link would copy what it names (a file the sandbox hides, the validation rows among them), a FIFO would hold
+        the harness. What is not copied is missing for the child, whose build then fails."""
+        for name in prepare.CHECKPOINT_FILES:
+            try:
+                fd = os.open(self.checkpoint / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                continue
+            with open(fd, "rb") as f:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    with open(self.copy / name, "wb") as out:
+                        shutil.copyfileobj(f, out, 1 << 20)
 
 
 def evaluate(backend, root, checkpoint, timeout=None, on_line=None, child=None, scoring=None):
@@ -395,8 +423,8 @@ class Child:
     """One evaluator process, in its own session (its group is killed as one): stdin carries the job and the
     inputs, stdout the replies, a shared buffer the logits; stderr is the log; timers kill it at its limits."""
 
-    def __init__(self, argv, cwd, env, name, buffer, pid_file=None, notes=()):
-        self.name, self.buffer, self.capacity = name, buffer, 0
+    def __init__(self, argv, cwd, env, name, buffer, pid_file=None, notes=(), model=None):
+        self.name, self.buffer, self.capacity, self.model = name, buffer, 0, model
         self.timeout, self.timed_out, self.tail, self.timer, self.started = None, False, "", None, False
         self.build_timer, self.scoring, self.scoring_timer = None, None, None
         self.cwd, self.holds_rows, self.sealed, self.sealed_log, self.logged = cwd, False, 0, None, 0
@@ -440,6 +468,9 @@ class Child:
         """The job (the checkpoint's path, the vocabulary size) to the child; the time limit runs from here, and
         the model must be built within BUILD_SECONDS of it: a build that trains would be time outside the clock."""
         self.timeout, self.started = timeout, True
+        if self.model:
+            self.model.fill()
+            job = dict(job, checkpoint=str(self.model.copy))
         if timeout:
             self.timer = threading.Timer(timeout, self._expire)
             self.timer.start()
@@ -571,6 +602,8 @@ class Child:
             self.buffer = None
         if self.pid_file:
             remove_pid_file(self.pid_file)
+        if self.model:
+            shutil.rmtree(self.model.copy, ignore_errors=True)
 
 
 def make_loss_fn(backend, module, model, vocab):

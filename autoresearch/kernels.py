@@ -52,7 +52,7 @@ def copy_of(run_dir):
 
 
 def run_folder(kind):
-    """A new folder for one run in the cache's runs/ (kind: checkpoint or compile), named for this host and process.
+    """A new folder for one run in the cache's runs/ (kind: checkpoint, compile or evaluator), named for this host and process.
     First, this host's folders whose process is gone (a harness killed before it could remove them) are removed."""
     runs = prepare.cache_dir() / "runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -64,7 +64,7 @@ def run_folder(kind):
     return Path(tempfile.mkdtemp(prefix=f"{kind}-{host}.{os.getpid()}.", dir=runs))
 
 
-RUN_FOLDER = re.compile(r"^(?:checkpoint|compile)-(?P<host>\w+)\.(?P<pid>\d+)\.\w+$")
+RUN_FOLDER = re.compile(r"^(?:checkpoint|compile|evaluator)-(?P<host>\w+)\.(?P<pid>\d+)\.\w+$")
 
 
 def _alive(pid):

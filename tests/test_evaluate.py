@@ -616,3 +616,43 @@ def test_a_lookahead_at_float32s_limits_is_invalid(trained, use_cache, tmp_path)
     result = scored_with(trained, "mps", tmp_path, OVERFLOW)
     assert result.status == "invalid" and result.val_bpb is None, result.log
     assert re.match(CAUSALITY, result.reason) and "moved by 6e+38 nats" in result.reason, result.reason
+
+
+# In the evaluator's processes: the checkpoint folder load_checkpoint is given holds the checkpoint's files only, and
+# is not the trainer's (a file train.py planted there, read by both processes, carried every row from one to the
+# other through the page cache: a full lookahead scored val_bpb 0.0128 ok, found by an attack)
+OWN_COPY = '''
+from pathlib import Path as _Path
+
+import prepare
+
+_load = prepare.load_checkpoint
+
+
+def _checked(path=None):
+    names = sorted(p.name for p in _Path(path).iterdir())
+    if names != sorted(prepare.CHECKPOINT_FILES) or not _Path(path).name.startswith("evaluator-"):
+        raise RuntimeError(f"the trainer's folder reached the evaluator: {path} {names}")
+    return _load(path)
+
+
+prepare.load_checkpoint = _checked
+'''
+
+
+def test_each_evaluator_process_reads_its_own_copy_of_the_checkpoints_files_only(trained, use_cache, tmp_path):
+    honest_root, honest, expected = trained["mps"]
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(honest, checkpoint)
+    (checkpoint / "planted.bin").write_bytes(b"\1" * (1 << 20))
+    root = tmp_path / "project"
+    shutil.copytree(honest_root, root, ignore=shutil.ignore_patterns("checkpoint"))
+    add_before_main(root, "mps", OWN_COPY)
+    result = evaluate("mps", root, checkpoint, timeout=300)
+    assert result.status == "ok" and abs(result.val_bpb - expected) < 1e-4, result.log
+    # a link is not followed: what it names could be a file the sandbox hides from the children
+    (checkpoint / "weights.npz").rename(tmp_path / "elsewhere.npz")
+    (checkpoint / "weights.npz").symlink_to(tmp_path / "elsewhere.npz")
+    result = evaluate("mps", root, checkpoint, timeout=300)
+    assert result.status == "crash" and result.val_bpb is None, result.log
+    assert not list((use_cache / "runs").glob("evaluator-*"))  # each child's copy went with it
