@@ -34,6 +34,9 @@ from .runner import COMPILE_CACHE_ENV, CappedLog, Interrupted, run_training
 
 EXIT = {"ok": 0, "keep": 0, "holds": 0, "error": 1, "refused": 2, "discard": 3, "regressed": 3, "crash": 4, "repeat": 5,
         "invalid": 6, "agent": 7}  # agent: the loop stopped after too many agent turns in a row without an experiment
+# Both evaluator processes read train.py: one much larger could carry the rows from one to the other through which
+# of its pages the page cache holds
+MAX_TRAIN_BYTES = 1 << 20
 PROTECTED = (LEDGER_NAME, f"{STATE_DIR}/noise.json")  # ignored files a train.py must not touch
 SLOWED_MARK = "[slowed by the machine:"  # in a row's description: its run trained far below the series' typical rate
 
@@ -341,13 +344,14 @@ def train_and_evaluate(run, seed=None, on_line=None, guard=Guard()):
 
 def out_of_space(result, checkpoint):
     """Why a failed run is the disk's fault, or None: its output's tail says a write found no space, and the disk
-    it wrote its checkpoint to has less than NO_SPACE_FREE free, measured before the checkpoint is removed (a
-    train.py that prints the words on a roomy disk is the candidate's crash)."""
+    it wrote its checkpoint to has less than NO_SPACE_FREE free, counting what its checkpoint folder holds as free
+    (a train.py that prints the words on a roomy disk, or fills the disk itself, is the candidate's crash)."""
     said = NO_SPACE.search(result.tail())
     if not said:
         return None
     free = shutil.disk_usage(checkpoint).free
-    if free >= NO_SPACE_FREE:
+    own = sum(f.lstat().st_blocks * 512 for f in checkpoint.rglob("*"))  # what train.py itself took of the disk
+    if free + own >= NO_SPACE_FREE:
         return None
     return (f"train.py failed for want of disk space ({said.group(0)}): {free / 2**20:.1f} MiB free on the disk of "
             f"{checkpoint.parent}, where its checkpoint is written; nothing recorded: free some space and run again")
@@ -687,6 +691,11 @@ def check_candidate(repo, backend):
                       f"git checkout -- FILE, or delete new files)")
     if target not in changed:
         raise Refused(f"{target} is unchanged: edit it, then run again")
+    path = Path(repo.working_tree_dir) / target
+    size = path.stat().st_size if path.exists() else 0
+    if size > MAX_TRAIN_BYTES:
+        raise Refused(f"{target} is {size:,} bytes, over the {MAX_TRAIN_BYTES:,} a train.py may be (upstream's is "
+                      "about 25,000)")
     return target
 
 

@@ -4,6 +4,7 @@ real loop, on a real run branch with real (few-second) training, with --sandbox 
 must do where no OS sandbox exists). After each: a row that parses back, commands that still work, and where an
 agent is driving, the next experiment runs."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import pytest
 
 from conftest import BUDGET, cli, copy_checkout, edit
 from autoresearch.evaluate import Child, EvaluatorFailed
+from autoresearch.experiment import EXIT
 from autoresearch.ledger import (COLUMNS, LEDGER_NAME, MISSING_NUMBER, format_row, git_identity, notes_rows,
                                  read_ledger)
 from autoresearch.loop import build_prompt
@@ -279,21 +281,28 @@ def test_a_first_message_nested_past_the_recursion_limit_is_the_evaluators_failu
         child.close()
 
 
-@pytest.fixture
-def small_disk(tmp_path, use_cache):
-    """The prepared cache on a tmpfs with 1 MiB to spare: the candidate's checkpoint does not fit. Needs root."""
+@contextlib.contextmanager
+def cache_on_tmpfs(tmp_path, cache, spare):
+    """The prepared cache copied onto a tmpfs with spare bytes beside it. Needs root."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    size = sum(f.stat().st_size for f in use_cache.rglob("*") if f.is_file() and not {"runs", "compile"} &
-               set(f.relative_to(use_cache).parts)) + (1 << 20)  # what is copied, plus 1 MiB
+    size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file() and not {"runs", "compile"} &
+               set(f.relative_to(cache).parts)) + spare  # what is copied, plus the spare
     if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
                       capture_output=True).returncode:
         pytest.skip("mounting a tmpfs needs root")
     try:
-        shutil.copytree(use_cache, disk / "cache", symlinks=True, ignore=shutil.ignore_patterns("runs", "compile"))
+        shutil.copytree(cache, disk / "cache", symlinks=True, ignore=shutil.ignore_patterns("runs", "compile"))
         yield disk / "cache"
     finally:
         subprocess.run(["umount", "-l", str(disk)])
+
+
+@pytest.fixture
+def small_disk(tmp_path, use_cache):
+    """1 MiB to spare: the candidate's checkpoint does not fit."""
+    with cache_on_tmpfs(tmp_path, use_cache, 1 << 20) as cache:
+        yield cache
 
 
 def test_a_checkpoint_that_finds_the_disk_full_is_an_error_and_no_row(repo_dir, small_disk):
@@ -309,3 +318,29 @@ def test_a_checkpoint_that_finds_the_disk_full_is_an_error_and_no_row(repo_dir, 
     assert "Traceback" not in proc.stderr, proc.stderr
     assert (repo_dir / LEDGER_NAME).read_text() == ledger
     assert git.Repo(repo_dir).head.commit.hexsha == head and "not measured (kept as " in proc.stderr, proc.stderr
+
+
+# A candidate that fills the disk itself (fallocate: no data written, at once), says the words and fails (found by an
+# attack): as the disk's fault it would have dodged its crash row
+FILLS_THE_DISK = ("def main():", """def main():
+    import prepare as _p
+    ckpt = _p.checkpoint_dir()
+    free = os.statvfs(ckpt).f_bavail * os.statvfs(ckpt).f_frsize
+    fd = os.open(ckpt / "fill.bin", os.O_WRONLY | os.O_CREAT, 0o600)
+    os.posix_fallocate(fd, 0, max(0, free - (1 << 20)))
+    print("OSError: [Errno 28] No space left on device", flush=True)
+    sys.exit(1)
+
+
+def _honest_main():""")
+
+
+def test_a_candidate_that_fills_the_disk_itself_is_its_own_crash(repo_dir, tmp_path, use_cache):
+    train = repo_dir / "backends/mlx/train.py"
+    assert train.read_text().count(FILLS_THE_DISK[0]) == 1
+    train.write_text(train.read_text().replace(*FILLS_THE_DISK))
+    with cache_on_tmpfs(tmp_path, use_cache, 300 << 20) as cache:
+        proc = cli(repo_dir, "--backend", "mlx", "run", "-m", "fills the disk", "--budget", BUDGET,
+                   env={"AUTORESEARCH_CACHE": str(cache)})
+    assert proc.returncode == EXIT["crash"], proc.stdout + proc.stderr
+    assert read_ledger(repo_dir / LEDGER_NAME)[-1].status == "crash"

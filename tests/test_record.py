@@ -139,3 +139,15 @@ def test_a_full_state_folder_is_one_line_and_leaves_no_half_written_copy(repo_di
         assert not list(state.rglob("*.tmp")), list(state.rglob("*"))
     finally:
         subprocess.run(["umount", "-l", str(state)])
+
+
+def test_a_train_py_of_more_than_a_megabyte_is_refused(repo_dir):
+    """Both evaluator processes read it: which of a huge file's pages are cached could carry the rows across."""
+    train = repo_dir / "backends/mlx/train.py"
+    train.write_text(train.read_text() + "#" * (1 << 20) + "\n")
+    head = git.Repo(repo_dir).head.commit.hexsha
+    proc = untouched_run(repo_dir)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert errors(proc) == [f"error: backends/mlx/train.py is {train.stat().st_size:,} bytes, over the 1,048,576 a "
+                            "train.py may be (upstream's is about 25,000)"], proc.stderr
+    assert git.Repo(repo_dir).head.commit.hexsha == head
