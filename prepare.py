@@ -30,6 +30,7 @@ import queue
 import re
 import shlex
 import shutil
+import tempfile
 import threading
 import time
 import urllib.error
@@ -1003,36 +1004,101 @@ def checkpoint_dir():
     return Path(os.environ.get("AUTORESEARCH_CHECKPOINT") or cache_dir() / "checkpoint")
 
 
-CHECKPOINT_FILES = ("config.json", "weights.npz")  # a checkpoint is these files and nothing else
+CHECKPOINT_FILES = ("graph.json", "graph.mlxfn", "tensors.npz")  # a checkpoint is some of these and nothing else
+GRAPH_FILE = {"torch": "graph.json", "mlx": "graph.mlxfn"}
 
 
-def save_checkpoint(config, weights, path=None):
+def export_model(model, batch_size, seq_len, context=None):
     """
-    The trained model for the evaluator: config.json (the GPTConfig fields) and weights.npz (float32 arrays
-    under export_weights' names). Each file is written to a temporary name and renamed; config.json goes
-    last and is removed first, so a checkpoint without it is incomplete and never read.
+    Trace train.py's model into a graph the harness runs (backends/README.md, "Scoring"), and return save(), which
+    writes the checkpoint: that graph and the trained values of its tensors. Call it once the model is built,
+    before training: the trace costs seconds of startup, and save() at the end only writes arrays. The graph takes
+    (batch_size, seq_len) token ids and returns (batch_size, seq_len, vocab) float32 logits; context is what the
+    forward runs under (the PyTorch files' autocast_ctx()).
     """
+    if type(model).__module__.startswith("mlx") or hasattr(model, "trainable_parameters"):
+        return _export_mlx(model, batch_size, seq_len)
+    return _export_torch(model, batch_size, seq_len, context)
+
+
+def _export_torch(model, batch_size, seq_len, context):
+    import contextlib
+
+    import torch
+    from torch._export.serde.serialize import serialize
+
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper keeps the real module here
+    device = next(model.parameters()).device
+    example = torch.zeros((batch_size, seq_len), dtype=torch.long, device=device)
+    with context or contextlib.nullcontext(), torch.no_grad():
+        program = torch.export.export(model, (example,)).run_decompositions({})
+    graph = serialize(program).exported_program  # the graph's JSON; its pickled parts are never written
+    tensors = {**program.state_dict, **program.constants}  # the model's own tensors: save() writes their values
+
+    def save(path=None):
+        path = _checkpoint_folder(path)
+        _write(path / "graph.json", lambda f: f.write(graph))
+        arrays = {}
+        for name, t in tensors.items():
+            t = t.detach().cpu().contiguous()
+            arrays[name] = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bf16
+        _write(path / "tensors.npz", lambda f: np.savez(f, **arrays))
+        return path
+
+    return save
+
+
+def _export_mlx(model, batch_size, seq_len):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_map_with_path
+
+    names = [name for name, _ in tree_flatten(model.parameters())]
+
+    def put(values):
+        given = dict(zip(names, values))
+        model.update(tree_map_with_path(lambda name, p: given[name], model.parameters()))
+
+    def forward(idx, *values):  # the weights are the graph's inputs, so the trace holds none of their values
+        put(values)
+        return model(idx).astype(mx.float32)
+
+    values = [p for _, p in tree_flatten(model.parameters())]
+    meta = json.dumps({"tensors": names, "dtypes": [str(v.dtype).rsplit(".", 1)[-1] for v in values],
+                       "input": [batch_size, seq_len]})
+    folder = Path(tempfile.mkdtemp(prefix="graph-"))
+    try:
+        mx.export_function(str(folder / "graph.mlxfn"), forward, mx.zeros((batch_size, seq_len), mx.int32), *values,
+                           metadata=meta)
+        graph = (folder / "graph.mlxfn").read_bytes()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    put(values)
+
+    def save(path=None):
+        path = _checkpoint_folder(path)
+        _write(path / "graph.mlxfn", lambda f: f.write(graph))
+        arrays = {}
+        for name, p in tree_flatten(model.parameters()):
+            arrays[name] = np.array(p.view(mx.int16) if p.dtype == mx.bfloat16 else p)
+        _write(path / "tensors.npz", lambda f: np.savez(f, **arrays))
+        return path
+
+    return save
+
+
+def _checkpoint_folder(path):
     path = Path(path or checkpoint_dir())
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").unlink(missing_ok=True)
-    tmp = path / "weights.npz.tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, **{name: np.asarray(w, dtype=np.float32) for name, w in weights.items()})
-    os.replace(tmp, path / "weights.npz")
-    tmp = path / "config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, path / "config.json")
+    (path / "tensors.npz").unlink(missing_ok=True)  # written last: a checkpoint without it is incomplete
     return path
 
 
-def load_checkpoint(path=None):
-    """(config dict, {name: float32 array}) of a checkpoint save_checkpoint wrote."""
-    path = Path(path or checkpoint_dir())
-    if not (path / "config.json").exists():
-        raise PrepareError(f"no checkpoint in {path}: train.py saves one at the end of training (prepare.save_checkpoint)")
-    config = json.loads((path / "config.json").read_text())
-    with np.load(path / "weights.npz", allow_pickle=False) as f:
-        return config, {name: f[name] for name in f.files}
+def _write(path, write):
+    """A file written under a temporary name and renamed: a reader never sees half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
 
 
 def _link_or_copy(src, dest):

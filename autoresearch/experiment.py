@@ -24,9 +24,9 @@ from .branch import (STATE_DIR, Lock, Refused, RunBranch, changed_files, disk_ch
                      open_repo, pin_of, refs_snapshot, refuse_dirty, run_branch_name, state_dir)
 from .calibrate import calibrate
 from .clock import Clock
-from .evaluate import evaluate, start_evaluator
+from .evaluate import evaluate
 from .gate import decide, judge_pace, load_noise, save_noise, spread
-from .hardware import available_backends, hardware_tag
+from .hardware import hardware_tag
 from .hparams import block_json, set_constants
 from .ledger import (LEDGER_NAME, MAX_DESCRIPTION_CHARS, MISSING_NUMBER, NOTES_REF, SCORED, UNJUDGED, LedgerError,
                      Row, append_row, format_row, now, one_line, write_note)
@@ -304,10 +304,6 @@ def train_and_evaluate(run, seed=None, on_line=None, guard=Guard()):
     root, backend = run.root, run.backend
     # in the cache, which no agent's turn sees (a swarm trains while other workers' agents work)
     checkpoint = kernels.run_folder("checkpoint")
-    # On a GPU the evaluator's process starts now and imports while training runs; on a CPU it would take cores
-    # from training, so it starts after.
-    on_gpu = available_backends().get(backend) == "gpu"
-    ahead = start_evaluator(backend, root, checkpoint, state=state_dir(root)) if on_gpu else None
     try:
         env = dict(os.environ, AUTORESEARCH_CACHE=str(prepare.trainer_view()), AUTORESEARCH_CHECKPOINT=str(checkpoint))
         if guard.compiled:
@@ -325,8 +321,7 @@ def train_and_evaluate(run, seed=None, on_line=None, guard=Guard()):
             return result, None, ("crash", why)
         started = time.time()
         try:
-            ev = evaluate(backend, root, checkpoint, timeout=run.hard_limit, on_line=on_line, child=ahead,
-                          scoring=guard.scoring)
+            ev = evaluate(backend, root, checkpoint, timeout=run.hard_limit, on_line=on_line, scoring=guard.scoring)
         except Interrupted:  # SIGTERM or SIGHUP of the harness: the command stops, as for Ctrl-C
             raise
         except prepare.PrepareError as e:  # the validation rows unreadable: the cache's fault, as check_cache says
@@ -337,8 +332,6 @@ def train_and_evaluate(run, seed=None, on_line=None, guard=Guard()):
                 on_line(f"evaluation: crash in {ev.seconds:.1f}s: {ev.reason}")
         return result, ev, None
     finally:
-        if ahead:
-            ahead.close()  # unused (training failed): killed; used: already closed
         shutil.rmtree(checkpoint, ignore_errors=True)
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prepare import load_profile, time_budget, Tokenizer, make_dataloader, save_checkpoint, gpu_peak_flops
+from prepare import load_profile, time_budget, Tokenizer, make_dataloader, export_model, gpu_peak_flops
 from prepare import FA3_KERNELS
 
 # ---------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def flex_window_attention(q, k, v, window, gqa=False):
 
 def window_mask(T, window, dev):
     """Boolean (T, T) mask: query i sees key j iff 0 <= i - j <= window."""
-    if torch.compiler.is_compiling():  # in a compiled graph the mask is built (and fused) in-graph
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # built (and fused) in the graph
         i = torch.arange(T, device=dev)
         d = i[:, None] - i[None, :]
         return (d >= 0) & (d <= window)
@@ -198,14 +198,16 @@ def attention(q, k, v, window):
     on_device = q.device.type == device.type  # a model kept on the CPU (the conformance test) stays float32
     dtype = compute_dtype if on_device else torch.float32
     q, k, v = (t.to(dtype) for t in (q, k, v))  # one dtype for all three, whatever autocast left them in
-    if fa3 is not None and on_device:  # FA3 (bf16 only) loads only on GPU, where compute_dtype is bf16
+    # The exported graph takes SDPA: the harness runs PyTorch's own operators only (backends/README.md, "Scoring").
+    exporting = torch.compiler.is_exporting()
+    if fa3 is not None and on_device and not exporting:  # FA3 (bf16 only) loads only on GPU, where compute_dtype is bf16
         y = fa3.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
         return y[0] if isinstance(y, tuple) else y
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     gqa = k.size(1) != q.size(1)  # grouped kv heads: SDPA and Flex share each across its query heads
     if window >= T - 1:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    elif use_flex and on_device and torch.compiler.is_compiling():  # eager Flex would materialise T x T scores
+    elif use_flex and on_device and torch.compiler.is_compiling() and not exporting:  # eager Flex would materialise T x T scores
         y = flex_window_attention(q, k, v, window, gqa)
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, window, q.device), enable_gqa=gqa)
@@ -546,15 +548,6 @@ def load_weights(model, weights):
     return model
 
 
-def build_model(config, weights):
-    """The trained model from its checkpoint (prepare.load_checkpoint: GPTConfig fields, export_weights' arrays),
-    on this backend's device, for the harness's evaluator: it scores the logits of model(idx) under autocast_ctx()."""
-    with torch.device(device):
-        model = GPT(GPTConfig(**config))
-    model.init_weights()  # gives the tables training's dtypes (embed_dtype); load_weights replaces every value
-    return load_weights(model, weights).eval()
-
-
 # ---------------------------------------------------------------------------
 # Hyperparameters
 # ---------------------------------------------------------------------------
@@ -626,6 +619,8 @@ def main():
     with torch.device(device):
         model = GPT(config)
     model.init_weights()
+    # the graph the harness scores, traced now (startup time); save() writes it with the trained weights at the end
+    save = export_model(model, DEVICE_BATCH_SIZE, seq_len, autocast_ctx()) if not calibrate_steps else None
     num_params = model.num_params()
     flops_per_token = model.estimate_flops()
     print(f"parameters: {num_params:,} | FLOPs per token: {flops_per_token:.3e}")
@@ -704,8 +699,8 @@ def main():
     total_tokens = step * TOTAL_BATCH_SIZE
 
     t_save = time.time()
-    if not calibrate_steps:  # the harness scores this checkpoint in its own process (autoresearch/evaluate.py)
-        save_checkpoint(asdict(config), export_weights(model))
+    if save:  # the harness scores this checkpoint in its own process (autoresearch/evaluate.py)
+        save()
     t_end = time.time()
     print(f"startup: {t_start_training - t_start:.1f}s | checkpoint: {t_end - t_save:.1f}s")
 

@@ -29,7 +29,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from prepare import load_profile, time_budget, Tokenizer, make_dataloader, save_checkpoint, gpu_peak_flops
+from prepare import load_profile, time_budget, Tokenizer, make_dataloader, export_model, gpu_peak_flops
 
 # ---------------------------------------------------------------------------
 # Device and precision
@@ -447,12 +447,6 @@ def load_weights(model, weights):
     return model
 
 
-def build_model(config, weights):
-    """The trained model from its checkpoint (prepare.load_checkpoint: GPTConfig fields, export_weights' arrays),
-    on this backend's device, for the harness's evaluator: it scores the logits of model(idx)."""
-    return load_weights(GPT(GPTConfig(**config)), weights)
-
-
 # ---------------------------------------------------------------------------
 # Hyperparameters
 # ---------------------------------------------------------------------------
@@ -546,6 +540,8 @@ def main():
     model = GPT(config)
     model.init_weights()
     mx.eval(model.parameters())
+    # the graph the harness scores, traced now (startup time); save() writes it with the trained weights at the end
+    save = export_model(model, DEVICE_BATCH_SIZE, seq_len) if not calibrate_steps else None
     num_params = model.num_params()
     flops_per_token = model.estimate_flops()
     print(f"parameters: {num_params:,} | FLOPs per token: {flops_per_token:.3e}")
@@ -615,8 +611,8 @@ def main():
     total_tokens = step * TOTAL_BATCH_SIZE
 
     t_save = time.time()
-    if not calibrate_steps:  # the harness scores this checkpoint in its own process (autoresearch/evaluate.py)
-        save_checkpoint(asdict(config), export_weights(model))
+    if save:  # the harness scores this checkpoint in its own process (autoresearch/evaluate.py)
+        save()
     t_end = time.time()
     print(f"startup: {t_start_training - t_start:.1f}s | checkpoint: {t_end - t_save:.1f}s")
 

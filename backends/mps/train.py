@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prepare import load_profile, time_budget, Tokenizer, make_dataloader, save_checkpoint
+from prepare import load_profile, time_budget, Tokenizer, make_dataloader, export_model
 
 # ---------------------------------------------------------------------------
 # Device and precision
@@ -146,6 +146,10 @@ _window_masks = {}
 
 def window_mask(T, window, dev):
     """Boolean (T, T) mask: query i sees key j iff 0 <= i - j <= window."""
+    if torch.compiler.is_exporting():  # built in the graph: a cached one would be the trace's placeholder
+        i = torch.arange(T, device=dev)
+        d = i[:, None] - i[None, :]
+        return (d >= 0) & (d <= window)
     key = (T, window, str(dev))
     if key not in _window_masks:
         i = torch.arange(T, device=dev)
@@ -494,15 +498,6 @@ def load_weights(model, weights):
     return model
 
 
-def build_model(config, weights):
-    """The trained model from its checkpoint (prepare.load_checkpoint: GPTConfig fields, export_weights' arrays),
-    on this backend's device, for the harness's evaluator: it scores the logits of model(idx) under autocast_ctx()."""
-    with torch.device(device):
-        model = GPT(GPTConfig(**config))
-    model.init_weights()  # gives the tables training's dtypes (embed_dtype); load_weights replaces every value
-    return load_weights(model, weights).eval()
-
-
 # ---------------------------------------------------------------------------
 # Hyperparameters
 # ---------------------------------------------------------------------------
@@ -573,6 +568,8 @@ def main():
     with torch.device(device):
         model = GPT(config)
     model.init_weights()
+    # the graph the harness scores, traced now (startup time); save() writes it with the trained weights at the end
+    save = export_model(model, DEVICE_BATCH_SIZE, seq_len, autocast_ctx()) if not calibrate_steps else None
     num_params = model.num_params()
     flops_per_token = model.estimate_flops()
     print(f"parameters: {num_params:,} | FLOPs per token: {flops_per_token:.3e}")
@@ -649,8 +646,8 @@ def main():
     total_tokens = step * TOTAL_BATCH_SIZE
 
     t_save = time.time()
-    if not calibrate_steps:  # the harness scores this checkpoint in its own process (autoresearch/evaluate.py)
-        save_checkpoint(asdict(config), export_weights(model))
+    if save:  # the harness scores this checkpoint in its own process (autoresearch/evaluate.py)
+        save()
     t_end = time.time()
     print(f"startup: {t_start_training - t_start:.1f}s | checkpoint: {t_end - t_save:.1f}s")
 

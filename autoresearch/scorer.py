@@ -1,0 +1,334 @@
+"""The evaluator's scoring process: the harness's own code running the graph train.py exported, never train.py.
+backends/README.md ("Scoring") states the protocol; autoresearch/evaluate.py is the other end of the pipe."""
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+MAX_GRAPH_BYTES = 256 << 20  # the graph alone, weights apart: a real one is a few MB
+MAX_NODES = 200_000
+
+# The operators a graph may use. Each is a pure function of its inputs: nothing random, nothing in place, nothing
+# that reads memory it did not write (torch.empty would hand out the allocator's earlier blocks: last batch's rows).
+TORCH_OPS = {
+    "abs", "add", "addmm", "alias", "amax", "amin", "any", "all", "arange", "argmax", "baddbmm", "bmm", "cat", "ceil",
+    "clamp", "clamp_max", "clamp_min", "clone", "constant_pad_nd", "contiguous", "cos", "cumsum", "div", "embedding",
+    "eq", "erf", "exp", "expand", "flatten", "flip", "floor", "full", "full_like", "gather", "ge", "gelu", "gt",
+    "index", "index_select", "layer_norm", "le", "lift_fresh_copy", "linear", "log", "log1p", "log_softmax",
+    "logical_and", "logical_not", "logical_or", "logsumexp", "lt", "masked_fill", "matmul", "max", "maximum", "mean",
+    "min", "minimum", "mm", "mul", "native_layer_norm", "ne", "neg", "ones", "ones_like", "permute", "pow",
+    "reciprocal", "relu", "repeat", "repeat_interleave", "reshape", "rms_norm", "round", "rsqrt", "scalar_tensor",
+    "scaled_dot_product_attention", "select", "sigmoid", "sign", "silu", "sin", "slice", "softmax", "softplus",
+    "split", "split_with_sizes", "sqrt", "square", "squeeze", "stack", "sub", "sum", "t", "tanh", "transpose",
+    "tril", "triu", "type_as", "unbind", "unflatten", "unsqueeze", "var", "view", "where", "zeros", "zeros_like",
+    "_assert_tensor_metadata", "_log_softmax", "_softmax", "_to_copy", "_unsafe_view", "__and__", "__or__",
+}
+MLX_OPS = {
+    "Abs", "Add", "AddMM", "Arange", "ArgReduce", "AsType", "Broadcast", "BroadcastAxes", "Ceil", "Concatenate",
+    "Contiguous", "Copy", "Cos", "CumSum", "Divide", "Equal", "Erf", "Exp", "ExpandDims", "Flatten", "Floor", "Full",
+    "Gather", "GatherAxis", "Greater", "GreaterEqual", "LayerNorm", "Less", "LessEqual", "Load", "Log", "Log1p",
+    "LogicalAnd", "LogicalNot", "LogicalOr", "LogSumExp", "Matmul", "Max", "Maximum", "Min", "Minimum", "Multiply",
+    "Negative", "NotEqual", "Pad", "Power", "Prod", "RMSNorm", "RoPE", "Reshape", "Round", "Rsqrt",
+    "ScaledDotProductAttention", "Select", "Sigmoid", "Sign", "Sin", "Slice", "Softmax", "Split", "Sqrt", "Square",
+    "Squeeze", "Subtract", "Remainder", "Sum", "Tanh", "Transpose", "Unflatten",
+}
+PROBLEM = "model:"  # the first word of a one-line reason the graph is refused, on the protocol stream
+
+
+class Refused(Exception):
+    """The graph or its tensors break the contract; the message says how, in one line."""
+
+
+def send_array(stream, array):
+    """One array on a pipe: its dtype and shape on a line, then its bytes."""
+    array = np.ascontiguousarray(array)
+    stream.write(f"{array.dtype.str} {' '.join(map(str, array.shape))}\n".encode() + array.tobytes())
+    stream.flush()
+
+
+def receive_array(stream):
+    head = stream.readline(256).split()
+    if not head:
+        raise EOFError("the other end closed the pipe")
+    dtype, shape = np.dtype(head[0].decode()), tuple(int(n) for n in head[1:])
+    if dtype.kind not in "iuf" or len(shape) > 3:
+        raise ValueError(f"not an array of numbers: {head!r}")
+    size = int(np.prod(shape)) * dtype.itemsize
+    data = stream.read(size)
+    if len(data) != size:
+        raise EOFError("the other end closed the pipe mid-array")
+    return np.frombuffer(data, dtype).reshape(shape)
+
+
+def load_tensors(folder):
+    """The checkpoint's named arrays: numpy's format, never a pickle."""
+    try:
+        with np.load(Path(folder) / "tensors.npz", allow_pickle=False) as f:
+            return {name: f[name] for name in f.files}
+    except (OSError, ValueError) as e:
+        raise Refused(f"tensors.npz is not a numpy archive of arrays ({type(e).__name__})") from None
+
+
+class TorchGraph:
+    """A torch.export graph (its JSON) run node by node with the checkpoint's tensors: the same operators the
+    exported program would call, each one from the allowlist, with no Python of the agent's."""
+
+    def __init__(self, folder):
+        import torch
+        from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE, _SERIALIZE_TO_TORCH_LAYOUT
+
+        self.torch, self.dtypes, self.layouts = torch, _SERIALIZE_TO_TORCH_DTYPE, _SERIALIZE_TO_TORCH_LAYOUT
+        path = Path(folder) / "graph.json"
+        if path.stat().st_size > MAX_GRAPH_BYTES:
+            raise Refused(f"graph.json is over {MAX_GRAPH_BYTES >> 20} MB")
+        try:
+            program = json.loads(path.read_bytes())
+            module = program["graph_module"]
+            graph, signature = module["graph"], module["signature"]
+            self.nodes, self.metas = graph["nodes"], graph["tensor_values"]
+            specs = signature["input_specs"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            raise Refused("graph.json is not a torch.export program") from None
+        if program.get("range_constraints") or graph.get("sym_int_values") or graph.get("custom_obj_values"):
+            raise Refused("the graph has symbolic shapes or custom objects: export it with static shapes")
+        if len(self.nodes) > MAX_NODES:
+            raise Refused(f"the graph has {len(self.nodes)} nodes, over {MAX_NODES}")
+        self.ops = [self.operator(node.get("target")) for node in self.nodes]
+        tensors = load_tensors(folder)
+        self.env, self.input = {}, None
+        for spec in specs:
+            (kind, body), = spec.items()
+            if kind == "user_input" and self.input is None:
+                self.input = body["arg"]["as_tensor"]["name"]
+            elif kind in ("parameter", "buffer", "tensor_constant"):
+                name = body["arg"]["name"]
+                target = body.get("parameter_name") or body.get("buffer_name") or body.get("tensor_constant_name")
+                self.env[name] = self.tensor(name, tensors.get(target), target)
+            else:
+                raise Refused(f"the graph takes a {kind} input: it may take the token ids and its own tensors only")
+        outputs = signature["output_specs"]
+        if self.input is None or [next(iter(o)) for o in outputs] != ["user_output"]:
+            raise Refused("the graph must take one input (the token ids) and return one output (the logits), "
+                          "mutating nothing")
+        self.output = outputs[0]["user_output"]["arg"]["as_tensor"]["name"]
+        meta = self.metas[self.input]
+        self.batch, self.seq_len = (int(s["as_int"]) for s in meta["sizes"])
+        self.device = self.torch.device(meta["device"]["type"], meta["device"].get("index"))
+
+    def operator(self, target):
+        match = re.fullmatch(r"torch\.ops\.aten\.(\w+)\.(\w+)", str(target))
+        if not match or match[1] not in TORCH_OPS:
+            raise Refused(f"the graph calls {str(target)[:80]}, which is not among the operators the referee runs "
+                          "(autoresearch/scorer.py TORCH_OPS)")
+        return getattr(getattr(self.torch.ops.aten, match[1]), match[2])
+
+    def tensor(self, name, array, target):
+        meta = self.metas.get(name) or {}
+        if array is None:
+            raise Refused(f"tensors.npz has no {target!r}, which the graph takes")
+        dtype = self.dtypes[meta["dtype"]]
+        t = self.torch.from_numpy(np.array(array))
+        if dtype == self.torch.bfloat16 and t.dtype == self.torch.int16:
+            t = t.view(self.torch.bfloat16)
+        shape = tuple(int(s["as_int"]) for s in meta["sizes"])
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise Refused(f"tensors.npz's {target!r} is {tuple(t.shape)} {t.dtype}, the graph takes {shape} {dtype}")
+        return t.to(self.torch.device(meta["device"]["type"], meta["device"].get("index")))
+
+    def argument(self, arg, env):
+        (kind, value), = arg.items()
+        if kind == "as_tensor":
+            return env[value["name"]]
+        if kind == "as_tensors":
+            return [env[v["name"]] for v in value]
+        if kind == "as_optional_tensors":
+            return [None if "as_none" in v else env[v["as_tensor"]["name"]] for v in value]
+        if kind == "as_scalar_type":
+            return self.dtypes[value]
+        if kind == "as_layout":
+            return self.layouts[value]
+        if kind == "as_device":
+            return self.torch.device(value["type"], value.get("index"))
+        if kind == "as_memory_format":
+            return None  # the default: a contiguous result
+        if kind in ("as_int", "as_ints", "as_float", "as_floats", "as_bool", "as_bools", "as_string", "as_none"):
+            return None if kind == "as_none" else value
+        raise Refused(f"the graph passes an argument of kind {kind[:40]}, which the referee does not run")
+
+    def __call__(self, tokens):
+        """(batch, seq_len) int64 token ids on the device -> float32 logits."""
+        env = dict(self.env)
+        env[self.input] = tokens
+        for node, op in zip(self.nodes, self.ops):
+            args, kwargs = [], {}
+            for given in node["inputs"]:
+                value = self.argument(given["arg"], env)
+                if given.get("kind") == 2:
+                    kwargs[given["name"]] = value
+                else:
+                    args.append(value)
+            out = op(*args, **kwargs)
+            names = node["outputs"]
+            if len(names) == 1 and "as_tensor" in names[0]:
+                env[names[0]["as_tensor"]["name"]] = out
+            elif len(names) == 1 and "as_tensors" in names[0]:
+                env.update((v["name"], o) for v, o in zip(names[0]["as_tensors"], out))
+            elif len(names) > 1:
+                env.update((v["as_tensor"]["name"], o) for v, o in zip(names, out) if "as_tensor" in v)
+        return env[self.output].float()
+
+
+class TorchScorer:
+    def __init__(self, folder):
+        import torch
+
+        torch.use_deterministic_algorithms(True, warn_only=True)  # the same inputs give the same bits
+        self.torch, self.graph = torch, TorchGraph(folder)
+        self.batch, self.seq_len, self.device = self.graph.batch, self.graph.seq_len, str(self.graph.device)
+        self.name = torch.cuda.get_device_name(self.graph.device) if self.graph.device.type == "cuda" else self.device
+
+    def logits(self, inputs):
+        with self.torch.inference_mode():
+            return self.graph(self.torch.from_numpy(inputs.astype(np.int64)).to(self.graph.device))
+
+    def nats(self, logits, targets):
+        """Per-token nats of (B, T, V) float32 logits against (B, T) targets: the log-sum-exp less the target's."""
+        t = self.torch
+        with t.inference_mode():
+            y = t.from_numpy(targets.astype(np.int64)).to(logits.device)
+            nats = t.logsumexp(logits, -1) - logits.gather(-1, y[..., None])[..., 0]
+            return nats.cpu().numpy()
+
+    def moved(self, base, probe, cuts):
+        """Each row's largest change of a log-probability before its cut: (B, 2) float32 (nats, position)."""
+        t = self.torch
+        with t.inference_mode():
+            out = []
+            for i, cut in enumerate(cuts.tolist()):
+                a, b = base[i, :cut], probe[i, :cut]
+                shift = t.logsumexp(a, -1, keepdim=True) - t.logsumexp(b, -1, keepdim=True)
+                # equal logits (-inf alike included) differ by the shift alone; NaN counts as the most it can
+                diff = t.where(a == b, shift.abs(), ((a - b) - shift).abs()).nan_to_num(nan=float("inf")).amax(-1)
+                out.append(t.stack([diff.max(), diff.argmax().float()]))
+            return t.stack(out).cpu().numpy()
+
+    def finite(self, logits):
+        return bool(self.torch.isfinite(logits).all())
+
+
+class MlxScorer:
+    """An mx.export_function graph whose inputs are the token ids and then the weights, in its metadata's order."""
+
+    def __init__(self, folder):
+        import mlx.core as mx
+
+        self.mx = mx
+        path = Path(folder) / "graph.mlxfn"
+        try:
+            self.fn, meta = mx.import_function(str(path), return_metadata=True)
+            meta = json.loads(meta)
+            names, dtypes = list(meta["tensors"]), list(meta["dtypes"])
+            self.batch, self.seq_len = (int(n) for n in meta["input"])
+        except (ValueError, KeyError, TypeError, RuntimeError, OSError):
+            raise Refused("graph.mlxfn is not an mx.export_function graph with its tensors' names") from None
+        tensors = load_tensors(folder)
+        self.values = []
+        for name, dtype in zip(names, dtypes):
+            if name not in tensors:
+                raise Refused(f"tensors.npz has no {name!r}, which the graph takes")
+            a = mx.array(np.array(tensors[name]))
+            self.values.append(a.view(mx.bfloat16) if dtype == "bfloat16" and a.dtype == mx.int16 else a)
+        mx.eval(self.values)
+        self.device = self.name = str(mx.default_device())
+        self.check()
+
+    def check(self):
+        """Every primitive of the graph (as MLX draws it) from the allowlist, before any row reaches it."""
+        mx = self.mx
+        try:
+            out = self.fn(mx.zeros((self.batch, self.seq_len), mx.int32), *self.values)
+        except (ValueError, RuntimeError) as e:
+            raise Refused(f"graph.mlxfn does not take its tensors and ({self.batch}, {self.seq_len}) token ids: "
+                          f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__}") from None
+        dot = Path(os.environ.get("TMPDIR", "/tmp")) / f"graph-{os.getpid()}.dot"
+        try:
+            mx.export_to_dot(str(dot), *out)
+            labels = set(re.findall(r'label ="([^"]+)"', dot.read_text()))
+        finally:
+            dot.unlink(missing_ok=True)
+        unknown = sorted(labels - MLX_OPS)
+        if unknown:
+            raise Refused(f"the graph uses {', '.join(unknown)[:120]}, not among the primitives the referee runs "
+                          "(autoresearch/scorer.py MLX_OPS)")
+        if len(out) != 1 or tuple(out[0].shape[:2]) != (self.batch, self.seq_len) or out[0].ndim != 3:
+            raise Refused("the graph must return one (batch, seq_len, vocab) array of logits")
+
+    def logits(self, inputs):
+        mx = self.mx
+        out = self.fn(mx.array(inputs.astype(np.int32)), *self.values)[0].astype(mx.float32)
+        mx.eval(out)
+        return out
+
+    def nats(self, logits, targets):
+        mx = self.mx
+        y = mx.array(targets.astype(np.int32))
+        nats = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+        return np.array(nats)
+
+    def moved(self, base, probe, cuts):
+        mx = self.mx
+        out = []
+        for i, cut in enumerate(cuts.tolist()):
+            a, b = base[i, :cut], probe[i, :cut]
+            shift = mx.logsumexp(a, axis=-1, keepdims=True) - mx.logsumexp(b, axis=-1, keepdims=True)
+            diff = mx.where(a == b, mx.abs(shift), mx.abs((a - b) - shift))
+            diff = mx.where(mx.isnan(diff), mx.inf, diff).max(axis=-1)
+            out.append(mx.stack([diff.max(), mx.argmax(diff).astype(mx.float32)]))
+        return np.array(mx.stack(out))
+
+    def finite(self, logits):
+        return bool(self.mx.isfinite(logits).all().item())
+
+
+SCORERS = {"torch": TorchScorer, "mlx": MlxScorer}
+
+
+def serve(framework):
+    """The scoring process: read the job, load and check the graph, say so, then answer each batch until stdin
+    closes. A batch is (B, T + 1) rows, then k spliced copies of their inputs with each row's cut: the answer is the
+    rows' per-token nats (B, T) and, per copy, each row's largest move before its cut (B, 2)."""
+    protocol, pipe = os.fdopen(os.dup(1), "wb"), os.fdopen(os.dup(0), "rb")
+    os.dup2(2, 1)  # a framework's prints go to the log, never into the protocol
+    job = json.loads(pipe.readline())
+    start = time.time()
+    try:
+        scorer = SCORERS[framework](job["checkpoint"])
+    except Refused as e:
+        protocol.write((f"{PROBLEM} {e}\n").encode())
+        protocol.flush()
+        return
+    hello = {"batch": scorer.batch, "seq_len": scorer.seq_len, "device": scorer.name,
+             "seconds": round(time.time() - start, 2)}
+    protocol.write((json.dumps(hello) + "\n").encode())
+    protocol.flush()
+    while pipe.peek(1):
+        k = int(pipe.readline())
+        rows = receive_array(pipe)
+        logits = scorer.logits(rows[:, :-1])
+        if not scorer.finite(logits):
+            protocol.write(b"not finite\n")
+            protocol.flush()
+            return
+        send_array(protocol, scorer.nats(logits, rows[:, 1:]).astype(np.float32))
+        for _ in range(k):
+            spliced, cuts = receive_array(pipe), receive_array(pipe)
+            send_array(protocol, scorer.moved(logits, scorer.logits(spliced), cuts).astype(np.float32))
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
