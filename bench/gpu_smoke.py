@@ -1,6 +1,7 @@
 """The one device check of issue 25: on a CUDA GPU, the harness's own training and evaluation at a 60 s budget on
-a gpu-profile cache of ../shared/data/mixed-en, the evaluator's forward timed compiled and eager, two calibration
-rungs (DEPTH 6 and 8) and the rule's pick; everything in one JSON. --dry-run does the same on a CPU with a tiny
+a gpu-profile cache of ../shared/data/mixed-en, what one evaluation costs (its seconds, the bytes it moves through
+host memory, experiments per hour), the scorer's forward timed eager and compiled, two calibration rungs (DEPTH 6
+and 8) and the rule's pick; everything in one JSON. --dry-run does the same on a CPU with a tiny
 model, the smoke profile and a 2 s budget (CI runs it: tests/test_gpu_smoke.py).
 
 Usage: bench/gpu_smoke.sh [--dry-run] [--out FILE]   (bench/gpu_smoke.md says what to do with the JSON)"""
@@ -9,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,34 +51,34 @@ def gpu_facts():
     return dict(zip(query.split(","), (v.strip() for v in out[0].split(",")))) if out else {}
 
 
+# The harness's scorer (autoresearch/scorer.py) on the checkpoint's exported graph, as the evaluator's scoring process
+# runs it (node by node, eagerly), and the same graph under torch.compile: whether compiling the scorer would pay.
 FORWARD = """
 import json, sys, time
-sys.path.insert(0, {root!r})
+sys.path[:0] = [{harness!r}]
 import numpy as np, torch, prepare
-from autoresearch.model_server import load_train
-module = load_train("cuda", {root!r})
-config, weights = prepare.load_checkpoint({checkpoint!r})
-model = module.build_model(config, weights)
-rows = prepare.get_val_rows()[:{rows}, :-1]
-b = int(module.DEVICE_BATCH_SIZE)
+from autoresearch.scorer import TorchScorer
+scorer = TorchScorer({checkpoint!r})
+rows = prepare.get_val_rows()[:{rows}]
+b = scorer.batch
 out = {{}}
 for mode in ("eager", "compiled"):
-    forward = torch.compile(model, dynamic=False, backend={backend!r}) if mode == "compiled" else model
+    forward = torch.compile(scorer.graph, dynamic=False, backend={backend!r}) if mode == "compiled" else scorer.graph
     start = time.time()
-    with torch.inference_mode(), module.autocast_ctx():
+    with torch.inference_mode():
         for at in range(0, len(rows), b):
-            x = np.resize(rows[at:at + b], (b, rows.shape[1]))  # one shape: one compiled graph
-            forward(torch.from_numpy(x.astype(np.int64)).to(module.device)).float().sum().item()
+            chunk = np.resize(rows[at:at + b], (b, rows.shape[1]))  # one shape: one compiled graph
+            scorer.nats(forward(torch.from_numpy(chunk[:, :-1].astype(np.int64)).to(scorer.graph.device)), chunk[:, 1:])
     out[mode] = round(time.time() - start, 2)
 print(json.dumps(out))
 """
 
 
-def forward_seconds(root, checkpoint, rows, backend):
-    """Seconds for train.py's model to run every validation row forward, eager and compiled (compiling included)
-    in a fresh process, as the evaluator's child would: what item 11 decides between."""
-    done = subprocess.run([sys.executable, "-c", FORWARD.format(root=str(root), checkpoint=str(checkpoint), rows=rows, backend=backend)],
-                          capture_output=True, text=True, timeout=600, cwd=root)
+def forward_seconds(checkpoint, rows, backend):
+    """Seconds for the harness's scorer to turn the validation rows into per-token nats with the exported graph,
+    eager and compiled (compiling included), in a fresh process as the evaluator's would."""
+    code = FORWARD.format(harness=str(ROOT), checkpoint=str(checkpoint), rows=rows, backend=backend)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT)
     if done.returncode:
         return {"error": done.stderr.strip().splitlines()[-1:] or ["no output"]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -118,7 +120,8 @@ def run(config, out):
             ev = evaluate("cuda", root, checkpoint, timeout=600)
             report["evaluation"] = {"status": ev.status, "val_bpb": ev.val_bpb, "seconds": round(ev.seconds, 1),
                                     "mode": "eager", "reason": ev.reason}
-            report["forward_seconds"] = forward_seconds(root, checkpoint, *config["forward"])
+            report.update(costs(config["budget"], result, ev))
+            report["forward_seconds"] = forward_seconds(checkpoint, *config["forward"])
         profile = prepare.load_profile()
         source = (root / "backends" / "cuda" / "train.py").read_text()
         batch = read_constants(source)["DEVICE_BATCH_SIZE"]
@@ -139,6 +142,29 @@ def run(config, out):
         shutil.rmtree(work, ignore_errors=True)
         out.write_text(json.dumps(report, indent=2, default=_plain) + "\n")
     return report
+
+
+def costs(budget, result, ev):
+    """What one experiment costs, from this run's own numbers: startup (the training run's wall time less its
+    counted training seconds: interpreter, imports, compile, the export's trace, the checkpoint), the harness's
+    evaluation seconds, experiments per hour at this budget and at the profile's 300 s, and the bytes the
+    evaluation moved through host memory, counted by the protocol from the rows it scored."""
+    import prepare
+    from autoresearch import evaluate as evaluation
+    from bench.eval_scale import new_bytes
+
+    startup = max(0.0, result.elapsed - float(result.summary["training_seconds"]))
+    profile = prepare.load_profile()
+    # the evaluation's own line: "... N validation and M holdout rows in batches of B"
+    found = re.search(r"(\d+) validation and (\d+) holdout rows in batches of (\d+)", ev.log)
+    rows, batch = int(found[1]) + int(found[2]), int(found[3])
+    copies = -(-evaluation.PROBE_ROWS.get(profile.name, evaluation.DEFAULT_PROBE_ROWS) // batch)
+    sent, back = new_bytes(profile.seq_len, rows, batch, copies)
+    return {"startup_seconds": round(startup, 1), "eval_seconds": round(ev.seconds, 2),
+            "experiments_per_hour": round(3600 / (budget + startup + ev.seconds), 2),
+            "experiments_per_hour_300s": round(3600 / (300 + startup + ev.seconds), 2),
+            "host_bytes": sent + back, "host_bytes_in": sent, "host_bytes_out": back,
+            "scored_rows": rows, "probed_rows": copies * batch, "batch": batch}
 
 
 def _version(name):
