@@ -6,6 +6,7 @@ import os
 import re
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +19,19 @@ MAX_NODES = 200_000
 TORCH_OPS = {
     "abs", "add", "addmm", "alias", "amax", "amin", "any", "all", "arange", "argmax", "baddbmm", "bmm", "cat", "ceil",
     "clamp", "clamp_max", "clamp_min", "clone", "constant_pad_nd", "contiguous", "cos", "cumsum", "div", "embedding",
-    "eq", "erf", "exp", "expand", "flatten", "flip", "floor", "full", "full_like", "gather", "ge", "gelu", "gt",
+    "eq", "erf", "exp", "expand", "floor_divide", "fmod", "flatten", "flip", "floor", "full", "full_like", "gather", "ge", "gelu", "gt",
     "index", "index_select", "layer_norm", "le", "lift_fresh_copy", "linear", "log", "log1p", "log_softmax",
     "logical_and", "logical_not", "logical_or", "logsumexp", "lt", "masked_fill", "matmul", "max", "maximum", "mean",
     "min", "minimum", "mm", "mul", "native_layer_norm", "ne", "neg", "ones", "ones_like", "permute", "pow",
-    "reciprocal", "relu", "repeat", "repeat_interleave", "reshape", "rms_norm", "round", "rsqrt", "scalar_tensor",
+    "reciprocal", "relu", "remainder", "repeat", "roll", "repeat_interleave", "reshape", "rms_norm", "round", "rsqrt", "scalar_tensor",
     "scaled_dot_product_attention", "select", "sigmoid", "sign", "silu", "sin", "slice", "softmax", "softplus",
     "split", "split_with_sizes", "sqrt", "square", "squeeze", "stack", "sub", "sum", "t", "tanh", "transpose",
     "tril", "triu", "type_as", "unbind", "unflatten", "unsqueeze", "var", "view", "where", "zeros", "zeros_like",
     "_assert_tensor_metadata", "_log_softmax", "_softmax", "_to_copy", "_unsafe_view", "__and__", "__or__",
 }
 MLX_OPS = {
-    "Abs", "Add", "AddMM", "Arange", "ArgReduce", "AsType", "Broadcast", "BroadcastAxes", "Ceil", "Concatenate",
+    "Abs", "Add", "AddMM", "Arange", "ArgReduce", "AsType", "BitwiseAnd", "BitwiseBinary", "BitwiseOr", "BitwiseXor",
+    "Broadcast", "BroadcastAxes", "Ceil", "Concatenate",
     "Contiguous", "Copy", "Cos", "CumSum", "Divide", "Equal", "Erf", "Exp", "ExpandDims", "Flatten", "Floor", "Full",
     "Gather", "GatherAxis", "Greater", "GreaterEqual", "LayerNorm", "Less", "LessEqual", "Load", "Log", "Log1p",
     "LogicalAnd", "LogicalNot", "LogicalOr", "LogSumExp", "Matmul", "Max", "Maximum", "Min", "Minimum", "Multiply",
@@ -70,7 +72,7 @@ def load_tensors(folder):
     try:
         with np.load(Path(folder) / "tensors.npz", allow_pickle=False) as f:
             return {name: f[name] for name in f.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise Refused(f"tensors.npz is not a numpy archive of arrays ({type(e).__name__})") from None
 
 
