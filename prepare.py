@@ -2,7 +2,8 @@
 Fixed harness for autoresearch: eval profiles, data, tokenizer, loader and the val_bpb evaluator.
 
 Every backend's train.py imports this file; the agent never edits it. It imports neither torch
-nor mlx, so the metric is computed by the same numpy code on every machine.
+nor mlx (export_model imports the model's own framework), so the metric is computed by the same numpy code on
+every machine.
 
 Cache layout (upstream autoresearch's, plus our own files beside it):
     $AUTORESEARCH_CACHE (default ~/.cache/autoresearch)/
@@ -17,7 +18,7 @@ Cache layout (upstream autoresearch's, plus our own files beside it):
         profile.json                  eval profile, provenance, file sizes and the val_rows hash (check_cache);
                                       written last, marks the cache ready
         trainer-view/                 the cache as training sees it, without the validation split (trainer_view)
-        checkpoint/                   train.py's trained model when AUTORESEARCH_CHECKPOINT is unset
+        checkpoint/                   train.py's exported graph and its tensors when AUTORESEARCH_CHECKPOINT is unset
 """
 
 import bisect

@@ -91,7 +91,7 @@ def evaluate(backend, root, checkpoint, timeout=None, on_line=None, scoring=None
         holdout = np.ascontiguousarray(holdout[: len(val) // HOLDOUT_SHARE] if holdout is not None else val[:0],
                                        dtype=np.int32)
         child = Child(backend, root, checkpoint, state_of(root), note)
-        child.start(timeout, scoring)
+        child.start(timeout, scoring, len(prepare.get_token_bytes()))
         return result(*score(child, val, holdout, len(prepare.get_token_bytes()), note))
     except EvaluatorFailed as e:
         return result("crash", None, str(e))
@@ -240,13 +240,13 @@ class Child:
                 self.tail = line.strip()[:300] or self.tail
                 self.note(f"[scorer] {line}")
 
-    def start(self, timeout, scoring):
-        """The job (the copy of the checkpoint) to the process; its limits run from here."""
+    def start(self, timeout, scoring, vocab):
+        """The job (the copy of the checkpoint, the vocabulary's size) to the process; its limits run from here."""
         self.model.fill()
         self.timeout, self.scoring = timeout, scoring
         self._timer(timeout, "all")
         self._timer(BUILD_SECONDS, "build")
-        self._write((json.dumps({"checkpoint": str(self.model.copy)}) + "\n").encode())
+        self._write((json.dumps({"checkpoint": str(self.model.copy), "vocab": vocab}) + "\n").encode())
 
     def _timer(self, seconds, what):
         if seconds:

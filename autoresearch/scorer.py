@@ -127,7 +127,12 @@ class TorchGraph:
         if not match or match[1] not in TORCH_OPS:
             raise Refused(f"the graph calls {str(target)[:80]}, which is not among the operators the referee runs "
                           "(autoresearch/scorer.py TORCH_OPS)")
-        return getattr(getattr(self.torch.ops.aten, match[1]), match[2])
+        op = getattr(getattr(self.torch.ops.aten, match[1]), match[2], None)
+        # an overload that writes into an argument (add.out) would keep state from one batch to the next
+        if op is None or any(a.alias_info is not None and a.alias_info.is_write for a in op._schema.arguments):
+            raise Refused(f"the graph calls {str(target)[:80]}, an overload the referee does not run (it writes into "
+                          "an argument, or does not exist)")
+        return op
 
     def tensor(self, name, array, target):
         meta = self.metas.get(name) or {}
@@ -186,6 +191,8 @@ class TorchGraph:
 
 
 class TorchScorer:
+    vocab = None  # the columns scored: the tokenizer's vocabulary, set once the graph has run
+
     def __init__(self, folder):
         import torch
 
@@ -196,7 +203,8 @@ class TorchScorer:
 
     def logits(self, inputs):
         with self.torch.inference_mode():
-            return self.graph(self.torch.from_numpy(inputs.astype(np.int64)).to(self.graph.device))
+            logits = self.graph(self.torch.from_numpy(inputs.astype(np.int64)).to(self.graph.device))
+            return logits[..., : self.vocab] if self.vocab else logits  # a padded table's columns are no tokens
 
     def nats(self, logits, targets):
         """Per-token nats of (B, T, V) float32 logits against (B, T) targets: the log-sum-exp less the target's."""
@@ -225,6 +233,7 @@ class TorchScorer:
 
 class MlxScorer:
     """An mx.export_function graph whose inputs are the token ids and then the weights, in its metadata's order."""
+    vocab = None
 
     def __init__(self, folder):
         import mlx.core as mx
@@ -273,6 +282,7 @@ class MlxScorer:
     def logits(self, inputs):
         mx = self.mx
         out = self.fn(mx.array(inputs.astype(np.int32)), *self.values)[0].astype(mx.float32)
+        out = out[..., : self.vocab] if self.vocab else out  # a padded table's columns are no tokens
         mx.eval(out)
         return out
 
@@ -307,13 +317,24 @@ def serve(framework):
     protocol, pipe = os.fdopen(os.dup(1), "wb"), os.fdopen(os.dup(0), "rb")
     os.dup2(2, 1)  # a framework's prints go to the log, never into the protocol
     job = json.loads(pipe.readline())
-    start = time.time()
+    start, vocab = time.time(), int(job["vocab"])
     try:
         scorer = SCORERS[framework](job["checkpoint"])
+        # a dry run on zeros, before any row: a graph that cannot run, or gives the wrong shape, says so here
+        shape = tuple(scorer.logits(np.zeros((scorer.batch, scorer.seq_len), np.int32)).shape)
+        if len(shape) != 3 or shape[:2] != (scorer.batch, scorer.seq_len) or shape[2] < vocab:
+            raise Refused(f"the graph returns logits of shape {shape}, not ({scorer.batch}, {scorer.seq_len}, "
+                          f"at least {vocab})")
     except Refused as e:
         protocol.write((f"{PROBLEM} {e}\n").encode())
         protocol.flush()
         return
+    except Exception as e:  # a malformed graph, or its own error on the dry run: no row has been read yet
+        protocol.write((f"{PROBLEM} the graph could not be loaded or run on a batch of zeros ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:200]})\n").encode())
+        protocol.flush()
+        return
+    scorer.vocab = vocab
     hello = {"batch": scorer.batch, "seq_len": scorer.seq_len, "device": scorer.name,
              "seconds": round(time.time() - start, 2)}
     protocol.write((json.dumps(hello) + "\n").encode())
