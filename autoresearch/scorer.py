@@ -118,6 +118,15 @@ class TorchGraph:
             raise Refused("the graph must take one input (the token ids) and return one output (the logits), "
                           "mutating nothing")
         self.output = outputs[0]["user_output"]["arg"]["as_tensor"]["name"]
+        # each value is dropped after the last node that reads it: a whole forward's activations would not fit
+        last = {}
+        for i, node in enumerate(self.nodes):
+            for given in node["inputs"]:
+                last.update((name, i) for name in tensor_names(given["arg"]))
+        self.drops = [[] for _ in self.nodes]
+        for name, i in last.items():
+            if name != self.output and name not in self.env:
+                self.drops[i].append(name)
         meta = self.metas[self.input]
         self.batch, self.seq_len = (int(s["as_int"]) for s in meta["sizes"])
         self.device = self.torch.device(meta["device"]["type"], meta["device"].get("index"))
@@ -171,7 +180,7 @@ class TorchGraph:
         """(batch, seq_len) int64 token ids on the device -> float32 logits."""
         env = dict(self.env)
         env[self.input] = tokens
-        for node, op in zip(self.nodes, self.ops):
+        for node, op, drops in zip(self.nodes, self.ops, self.drops):
             args, kwargs = [], {}
             for given in node["inputs"]:
                 value = self.argument(given["arg"], env)
@@ -187,7 +196,21 @@ class TorchGraph:
                 env.update((v["name"], o) for v, o in zip(names[0]["as_tensors"], out))
             elif len(names) > 1:
                 env.update((v["as_tensor"]["name"], o) for v, o in zip(names, out) if "as_tensor" in v)
+            for name in drops:
+                env.pop(name, None)
         return env[self.output].float()
+
+
+def tensor_names(arg):
+    """The values a node's argument reads."""
+    (kind, value), = arg.items()
+    if kind == "as_tensor":
+        return [value["name"]]
+    if kind == "as_tensors":
+        return [v["name"] for v in value]
+    if kind == "as_optional_tensors":
+        return [v["as_tensor"]["name"] for v in value if "as_tensor" in v]
+    return []
 
 
 class TorchScorer:
