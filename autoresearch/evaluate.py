@@ -136,10 +136,15 @@ def score(child, val, holdout, vocab, note):
     held = bits_per_byte(nats[len(val) :], holdout, B) if len(holdout) else None
     probed = int(copies.sum()) * B
     if not worst.nats <= TOLERANCE:  # so that NaN fails
-        return "invalid", None, (f"causality probe: a log-probability at position {worst.position} of a row moved by "
-                                 f"{worst.nats:.3g} nats (tolerance {TOLERANCE:g}) when only the tokens from position "
-                                 f"{worst.cut} on were replaced: the model sees future tokens, or other rows of its "
-                                 f"batch (not scored; it would have been val_bpb {val_bpb:.6f})"), None
+        # The figures are the model's to choose (a move's size, its position), so they go to the record only: the
+        # reason that reaches the agent is a fixed sentence.
+        child.record(f"causality probe: a log-probability at position {worst.position} moved by {worst.nats:.6g} "
+                     f"nats when only the tokens from position {worst.cut} on were replaced; it would have been "
+                     f"val_bpb {val_bpb:.6f}")
+        return "invalid", None, (f"causality probe: a log-probability before a splice moved by more than "
+                                 f"{TOLERANCE:g} nats when only the tokens from the splice on were replaced: the "
+                                 f"model sees future tokens, or other rows of its batch (not scored; the figures "
+                                 f"are in {child.sealed_log()})"), None
     also = f"; holdout {held:.6f} on {len(holdout)} rows" if held is not None else ""
     return "ok", val_bpb, (f"val_bpb {val_bpb:.6f} ({len(val)} rows scored in {seconds:.1f}s{also}; causality probes "
                            f"on {probed} rows passed)"), held
@@ -309,6 +314,11 @@ class Child:
 
     def sealed_log(self):
         return record.record_dir(self.root) / "evaluator-scoring.log"
+
+    def record(self, line):
+        """A line for the harness's record only, beside the scoring process's log."""
+        with self.lock:
+            self.sealed.write(line + "\n")
 
     def kill(self):
         try:
