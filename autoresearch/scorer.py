@@ -17,17 +17,18 @@ MAX_NODES = 200_000
 # The operators a graph may use. Each is a pure function of its inputs: nothing random, nothing in place, nothing
 # that reads memory it did not write (torch.empty would hand out the allocator's earlier blocks: last batch's rows).
 TORCH_OPS = {
-    "abs", "add", "addmm", "alias", "amax", "amin", "any", "all", "arange", "argmax", "baddbmm", "bmm", "cat", "ceil",
-    "clamp", "clamp_max", "clamp_min", "clone", "constant_pad_nd", "contiguous", "cos", "cumsum", "div", "embedding",
-    "eq", "erf", "exp", "expand", "floor_divide", "fmod", "flatten", "flip", "floor", "full", "full_like", "gather", "ge", "gelu", "gt",
-    "index", "index_select", "layer_norm", "le", "lift_fresh_copy", "linear", "log", "log1p", "log_softmax",
+    "abs", "add", "addmm", "alias", "all", "amax", "amin", "__and__", "any", "arange", "argmax",
+    "_assert_tensor_metadata", "baddbmm", "bmm", "cat", "ceil", "clamp", "clamp_max", "clamp_min", "clone",
+    "constant_pad_nd", "contiguous", "cos", "cumsum", "div", "embedding", "eq", "erf", "exp", "expand", "flatten",
+    "flip", "floor", "floor_divide", "fmod", "full", "full_like", "gather", "ge", "gelu", "gt", "index",
+    "index_select", "layer_norm", "le", "lift_fresh_copy", "linear", "log", "log1p", "_log_softmax", "log_softmax",
     "logical_and", "logical_not", "logical_or", "logsumexp", "lt", "masked_fill", "matmul", "max", "maximum", "mean",
-    "min", "minimum", "mm", "mul", "native_layer_norm", "ne", "neg", "ones", "ones_like", "permute", "pow",
-    "reciprocal", "relu", "remainder", "repeat", "roll", "repeat_interleave", "reshape", "rms_norm", "round", "rsqrt", "scalar_tensor",
-    "scaled_dot_product_attention", "select", "sigmoid", "sign", "silu", "sin", "slice", "softmax", "softplus",
-    "split", "split_with_sizes", "sqrt", "square", "squeeze", "stack", "sub", "sum", "t", "tanh", "transpose",
-    "tril", "triu", "type_as", "unbind", "unflatten", "unsqueeze", "var", "view", "where", "zeros", "zeros_like",
-    "_assert_tensor_metadata", "_log_softmax", "_softmax", "_to_copy", "_unsafe_view", "__and__", "__or__",
+    "min", "minimum", "mm", "mul", "native_layer_norm", "ne", "neg", "ones", "ones_like", "__or__", "permute", "pow",
+    "reciprocal", "relu", "remainder", "repeat", "repeat_interleave", "reshape", "rms_norm", "roll", "round", "rsqrt",
+    "scalar_tensor", "scaled_dot_product_attention", "select", "sigmoid", "sign", "silu", "sin", "slice", "_softmax",
+    "softmax", "softplus", "split", "split_with_sizes", "sqrt", "square", "squeeze", "stack", "sub", "sum", "t",
+    "tanh", "_to_copy", "transpose", "tril", "triu", "type_as", "unbind", "unflatten", "_unsafe_view", "unsqueeze",
+    "var", "view", "where", "zeros", "zeros_like",
 }
 MLX_OPS = {
     "Abs", "Add", "AddMM", "Arange", "ArgReduce", "AsType", "BitwiseAnd", "BitwiseBinary", "BitwiseOr", "BitwiseXor",
