@@ -1,5 +1,6 @@
-"""The OS sandbox every untrusted process runs in: the trainer, calibration rungs, the evaluator's child (it runs
-the agent's model code) and an agent command's turn.
+"""The OS sandbox every untrusted process runs in: the trainer, calibration rungs, the evaluator's scoring process
+(the harness's own code, running the graph the trainer exported, on a checkpoint the trainer wrote) and an agent
+command's turn.
 
 A Policy says what one process may see; a Sandbox turns it into the command that enforces it. Linux: bubblewrap,
 a whitelist of read-only binds (the system, the interpreter, the venv, the checkout) over an empty root, a private

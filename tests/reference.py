@@ -112,3 +112,35 @@ def val_batch(n_rows):
     """(inputs, targets) of the first fixed validation rows."""
     rows = np.ascontiguousarray(prepare.get_val_rows()[:n_rows])
     return rows[:, :-1], rows[:, 1:]
+
+
+
+class Scored:
+    """A model's checkpoint as the harness scores it: traced with prepare.export_model for batches of `batch` rows,
+    written by its save() into folder, loaded from those files alone by autoresearch/scorer.py and run there.
+    Called as a loss_fn (x, y) -> per-token nats (b, T): a batch of fewer rows is filled with its rows again, as
+    the evaluator fills its last batch, and only the given rows' losses come back. The weights written are the
+    model's when save() runs (Scored(...).save again after a change), as train.py's save() at the end of training."""
+
+    def __init__(self, model, batch, folder, context=None):
+        self.batch, self.folder = batch, folder
+        self.export = prepare.export_model(model, batch, prepare.load_profile().seq_len, context)
+        self.save()
+
+    def save(self):
+        from autoresearch.scorer import MlxScorer, TorchScorer
+
+        self.export(self.folder)
+        self.scorer = (MlxScorer if (self.folder / "graph.mlxfn").exists() else TorchScorer)(self.folder)
+        return self
+
+    def logits(self, x):
+        """The graph's (batch, T, V) float32 logits for a whole batch of inputs, as numpy."""
+        out = self.scorer.logits(np.ascontiguousarray(x))
+        return out.cpu().numpy() if hasattr(self.scorer, "torch") else np.array(out)
+
+    def __call__(self, x, y):
+        n = len(x)
+        fill = np.resize(np.arange(n), self.batch)  # the rows again, in order, up to a whole batch
+        nats = self.scorer.nats(self.scorer.logits(np.ascontiguousarray(x[fill])), np.ascontiguousarray(y[fill]))
+        return np.asarray(nats)[:n]

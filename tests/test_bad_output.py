@@ -1,24 +1,28 @@
 """Bad output from an agent's program: numbers in its summary that are not numbers, a description that is not
-text, a flood of output, an evaluator child that breaks the protocol. Each through the real command line or the
-real loop, on a real run branch with real (few-second) training, with --sandbox off (what the harness itself
-must do where no OS sandbox exists). After each: a row that parses back, commands that still work, and where an
-agent is driving, the next experiment runs."""
+text, a flood of output, a checkpoint the harness's scorer must refuse. Each through the real command line or the
+real loop, on a real run branch with real (few-second) training, or through the real evaluator on a real exported
+checkpoint, with --sandbox off (what the harness itself must do where no OS sandbox exists). After each: a row that
+parses back, commands that still work, and where an agent is driving, the next experiment runs."""
 
 import contextlib
+import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import git
+import numpy as np
 import pytest
 
-from conftest import BUDGET, cli, copy_checkout, edit
-from autoresearch.evaluate import Child, EvaluatorFailed
+import prepare
+from conftest import BUDGET, ROOT, TINY, cli, copy_checkout, edit, make_checkout
+from autoresearch import sandbox
+from autoresearch.evaluate import evaluate
 from autoresearch.experiment import EXIT
 from autoresearch.ledger import (COLUMNS, LEDGER_NAME, MISSING_NUMBER, format_row, git_identity, notes_rows,
                                  read_ledger)
@@ -31,6 +35,9 @@ SUMMARY_LINE = 'print(f"num_steps:        {step}")'
 @pytest.fixture(autouse=True)
 def unsandboxed(monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_SANDBOX", "off")  # every command the tests start, through the environment
+    # and the evaluator this process starts: a sandbox chosen earlier in this process is set aside too, so that what
+    # a refused checkpoint would have done, had it run, lands where the test looks for it
+    monkeypatch.setattr(sandbox, "_active", [sandbox.resolve("off")])
 
 
 @pytest.fixture
@@ -213,23 +220,22 @@ def test_a_flood_of_output_keeps_the_harness_small_and_the_log_capped(repo_dir):
 
 
 # ---------------------------------------------------------------------------------------------
-# An evaluator child that breaks the protocol
+# A checkpoint the scoring process refuses or cannot use
 
 
-# The evaluator's child imports train.py: there, and only there, DEVICE_BATCH_SIZE is 0 (training sets its own).
-BATCH_OF_NONE = ("DEVICE_BATCH_SIZE = ", "DEVICE_BATCH_SIZE = 0 if __name__ != '__main__' else ")
-# In the evaluator's child, train.py rewrites the json module the harness's code in that process writes its
-# first message with: the message asks for chunks of Infinity rows, which no code of the harness's expected.
-INFINITE_HELLO = ("import mlx.core as mx\n", textwrap.dedent("""\
-    import mlx.core as mx
-    import sys as _sys
-    if "autoresearch.model_server" in _sys.modules:
-        import json as _json
-        _dumps = _json.dumps
-        _json.dumps = lambda obj, *a, **k: _dumps(
-            dict(obj, rows_per_chunk=float("inf")) if isinstance(obj, dict) and "rows_per_chunk" in obj else obj,
-            *a, **k)
-    """))
+# The graph traced for rows of half the profile's length: the harness's rows do not fit it.
+HALF_ROWS = ("export_model(model, DEVICE_BATCH_SIZE, seq_len)", "export_model(model, DEVICE_BATCH_SIZE, seq_len // 2)")
+# After save(), tensors.npz rewritten as an archive whose array is a pickled object: unpickled, it would run a
+# command (MARKER is filled in by the test).
+PICKLED = ("        save()\n", """        _folder = save()
+        import numpy as _np
+
+        class _Runs:
+            def __reduce__(self):
+                return (os.system, ("touch " + MARKER,))
+
+        _np.savez(_folder / "tensors.npz", **{"lm_head.weight": _np.array([_Runs()], dtype=object)})
+""")
 
 BREAKER = """
 import sys
@@ -248,20 +254,24 @@ Path(".autoresearch/description").write_text(f"turn {turn}")
 """
 
 
-def test_an_evaluator_that_breaks_the_protocol_is_a_crash_and_the_loop_goes_on(repo_dir, tmp_path):
+def test_a_checkpoint_the_scorer_cannot_use_is_a_crash_and_the_loop_goes_on(repo_dir, tmp_path):
+    marker = tmp_path / "unpickled"
     train = (repo_dir / "backends/mlx/train.py").read_text()
-    assert BATCH_OF_NONE[0] in train and INFINITE_HELLO[0] in train
+    assert HALF_ROWS[0] in train and train.count(PICKLED[0]) == 1
+    pickled = (PICKLED[0], PICKLED[1].replace("MARKER", repr(str(marker))))
     agent = tmp_path / "agent.py"
-    agent.write_text(BREAKER.replace("EDITS", repr([BATCH_OF_NONE, INFINITE_HELLO])))
+    agent.write_text(BREAKER.replace("EDITS", repr([HALF_ROWS, pickled])))
     proc = cli(repo_dir, "--backend", "mlx", "loop", "--agent", f"{sys.executable} {agent} {tmp_path / 'turn'}",
                "-n", 3, "--budget", BUDGET)
     assert proc.returncode == 0 and "loop ended: 3 experiments" in proc.stdout, proc.stdout + proc.stderr
     assert "interrupted" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
     turns = [line for line in proc.stdout.splitlines() if line.startswith("turn ") and ": RESULT " in line]
     assert len(turns) == 3, proc.stdout
-    for line in turns[:2]:  # each a crash of the candidate, its reason in one line
-        reason = line.split("RESULT crash (evaluation: ", 1)[1].split("); log tail in", 1)[0]
-        assert reason.strip(), line
+    # each a crash of the candidate, its reason in one line
+    reasons = [line.split("RESULT crash (evaluation: ", 1)[1].split("); log tail in", 1)[0] for line in turns[:2]]
+    assert reasons[0] == "the exported graph takes rows of 128 tokens; the profile's are 256", turns[0]
+    assert reasons[1].startswith("the exported model is refused: tensors.npz is not a numpy archive"), turns[1]
+    assert not marker.exists(), "the harness unpickled an object train.py put in its checkpoint"
     assert turns[2].startswith("turn 3: RESULT keep") or turns[2].startswith("turn 3: RESULT discard"), turns[2]
     rows = read_ledger(repo_dir / LEDGER_NAME)
     assert [r.status for r in rows[1:3]] == ["crash", "crash"] and rows[3].status in ("keep", "discard")
@@ -269,16 +279,127 @@ def test_an_evaluator_that_breaks_the_protocol_is_a_crash_and_the_loop_goes_on(r
     assert not git.Repo(repo_dir).is_dirty(untracked_files=True)
 
 
-def test_a_first_message_nested_past_the_recursion_limit_is_the_evaluators_failure(tmp_path):
-    """json.loads raises RecursionError on 60,000 open brackets: a crash of the candidate, not of the harness."""
-    child = Child([sys.executable, "-c", "import sys; sys.stdin.readline(); print('[' * 60000)"],
-                  tmp_path, dict(os.environ), "evaluator", os.memfd_create("logits"))
-    child.start({}, timeout=60)
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, cpu_cache):
+    """(checkout, checkpoint): a tiny untrained model of the mps train.py (on the CPU) exported by
+    prepare.export_model and saved, as train.py does; each test tampers with a copy of it."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AUTORESEARCH_CACHE", str(cpu_cache))
     try:
-        with pytest.raises(EvaluatorFailed, match=r"^the evaluator exited with code 0$"):
-            child.hello()
+        root = make_checkout(tmp_path_factory.mktemp("exported") / "project", backends=("mps",), **TINY)
+        spec = importlib.util.spec_from_file_location("bad_output_mps_train", ROOT / "backends/mps/train.py")
+        train = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(train)  # importing defines the model and trains nothing
+        profile = prepare.load_profile()
+        model = train.GPT(train.GPTConfig(sequence_len=profile.seq_len, vocab_size=profile.vocab_size, n_layer=2,
+                                          n_head=2, n_kv_head=2, n_embd=64, window_pattern="SL"))
+        model.init_weights()
+        checkpoint = prepare.export_model(model, 8, profile.seq_len, train.autocast_ctx())(root.parent / "checkpoint")
     finally:
-        child.close()
+        mp.undo()
+    return root, checkpoint
+
+
+def tampered(exported, tmp_path):
+    """A copy of the exported checkpoint, for one test to break."""
+    copy = tmp_path / "checkpoint"
+    shutil.copytree(exported[1], copy)
+    return copy
+
+
+def test_the_exported_checkpoint_untouched_is_scored(exported, tmp_path, use_cache):
+    """The control for the tests below: the checkpoint they break scores before it is broken."""
+    result = evaluate("mps", exported[0], tampered(exported, tmp_path), timeout=300)
+    assert result.status == "ok" and 0 < result.val_bpb < 100, result.log
+
+
+def other_operator(target):
+    """graph.json's first node calling target instead of its own operator (its arguments as they were)."""
+    def tamper(folder, marker):
+        program = json.loads((folder / "graph.json").read_text())
+        program["graph_module"]["graph"]["nodes"][0]["target"] = target
+        (folder / "graph.json").write_text(json.dumps(program))
+    return tamper
+
+
+def eval_call(folder, marker):
+    """A node that, if the scorer called its target, would evaluate Python the checkpoint wrote."""
+    program = json.loads((folder / "graph.json").read_text())
+    node = program["graph_module"]["graph"]["nodes"][0]
+    node["target"] = "builtins.eval"
+    node["inputs"] = [{"name": "source", "arg": {"as_string": f"open({str(marker)!r}, 'w')"}, "kind": 1}]
+    (folder / "graph.json").write_text(json.dumps(program))
+
+
+def nested_graph(folder, marker):
+    (folder / "graph.json").write_text("[" * 100_000)  # json.loads raises RecursionError on it
+
+
+def pickled_tensors(folder, marker):
+    """tensors.npz with a weight that is a pickled object: loading it would run a command."""
+    class Runs:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with np.load(folder / "tensors.npz") as f:
+        arrays = {name: f[name] for name in f.files}
+    arrays["lm_head.weight"] = np.array([Runs()], dtype=object)
+    np.savez(folder / "tensors.npz", **arrays)
+
+
+def truncated_tensors(folder, marker):
+    data = (folder / "tensors.npz").read_bytes()
+    (folder / "tensors.npz").write_bytes(data[: len(data) // 2])
+
+
+def random_tensors(folder, marker):
+    (folder / "tensors.npz").write_bytes(os.urandom(4096))
+
+
+def no_tensors(folder, marker):
+    (folder / "tensors.npz").unlink()
+
+
+def linked_tensors(folder, marker):
+    """tensors.npz a link to a good copy elsewhere: what a link names (the validation rows, say) is never read."""
+    elsewhere = folder.parent / "elsewhere.npz"
+    (folder / "tensors.npz").rename(elsewhere)
+    (folder / "tensors.npz").symlink_to(elsewhere)
+
+
+def fifo_graph(folder, marker):
+    """graph.json a FIFO no one writes: opened for reading, it would hold the harness."""
+    (folder / "graph.json").unlink()
+    os.mkfifo(folder / "graph.json")
+
+
+REFUSED = re.escape("the exported model is refused: ")
+NOT_AN_ARCHIVE = REFUSED + re.escape("tensors.npz is not a numpy archive of arrays")
+
+
+@pytest.mark.parametrize("tamper, reason", [
+    (other_operator("torch.ops.aten.rand.default"), REFUSED + r"the graph calls torch\.ops\.aten\.rand\.default, "
+                                                              "which is not among the operators the referee runs"),
+    (other_operator("torch.ops.aten.empty.memory_format"), REFUSED + r"the graph calls torch\.ops\.aten\.empty\."),
+    (eval_call, REFUSED + r"the graph calls builtins\.eval, which is not among the operators the referee runs"),
+    (nested_graph, REFUSED + r"graph\.json is not a torch\.export program$"),
+    (pickled_tensors, NOT_AN_ARCHIVE + r" \(ValueError\)$"),
+    (random_tensors, NOT_AN_ARCHIVE),
+    (truncated_tensors, NOT_AN_ARCHIVE),
+    (no_tensors, "train.py saved no checkpoint in "),
+    (linked_tensors, NOT_AN_ARCHIVE),  # not copied: the scorer's folder has no tensors.npz
+    (fifo_graph, REFUSED + r".*graph\.json"),  # not copied: the scorer's folder has no graph.json
+], ids=["rand", "empty", "eval", "nested", "pickled", "random-bytes", "truncated", "missing", "symlink", "fifo"])
+def test_a_checkpoint_the_scorer_cannot_use_is_a_crash_in_one_line(exported, tmp_path, use_cache, tamper, reason):
+    checkpoint, marker = tampered(exported, tmp_path), tmp_path / "ran"
+    tamper(checkpoint, marker)
+    started = time.time()
+    result = evaluate("mps", exported[0], checkpoint, timeout=300)
+    assert result.status == "crash" and result.val_bpb is None, result.log
+    assert re.match(reason, result.reason) and "\n" not in result.reason, result.reason
+    assert "Traceback" not in result.reason and len(result.reason) < 600, result.reason
+    assert not marker.exists(), "the harness ran what the checkpoint held"
+    assert time.time() - started < 120, "the harness waited on the checkpoint"  # a FIFO is never opened blocking
 
 
 @contextlib.contextmanager

@@ -3,9 +3,10 @@ Every backend computes the same model: one set of weights in, the same per-token
 
 The weights are random and non-zero everywhere (a trained model's are; the init's zero projections and
 gates would hide bugs), saved to disk as the README's names and layouts, loaded into each backend's
-model on the CPU in float32, scored by the evaluator's cross-entropy of the model's logits (autoresearch/evaluate.py),
-and checked against an independent float64 numpy implementation of the model as backends/README.md writes
-it down. The MLX case runs wherever MLX is installed.
+model on the CPU in float32, exported as train.py exports it (prepare.export_model), scored from the checkpoint's
+files by the harness's scorer (autoresearch/scorer.py, in this process), and checked against an independent
+float64 numpy implementation of the model as backends/README.md writes it down. The MLX case runs wherever MLX
+is installed.
 """
 
 import importlib.util
@@ -16,9 +17,8 @@ import numpy as np
 import pytest
 
 import prepare
-from autoresearch.evaluate import make_loss_fn
 from conftest import ROOT
-from reference import expected_shapes, random_weights, reference_losses, val_batch
+from reference import Scored, expected_shapes, random_weights, reference_losses, val_batch
 
 BACKENDS = ("cuda", "mps", "mlx")
 # 3 layers with pattern "SL": windows S, L, L (last forced), value embeddings on layers 0 and 2
@@ -39,7 +39,7 @@ def backend_module(name):
     spec = importlib.util.spec_from_file_location(f"conformance_{name}_train", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    for attr in ("GPTConfig", "GPT", "export_weights", "load_weights", "build_model"):
+    for attr in ("GPTConfig", "GPT", "export_weights", "load_weights"):
         assert hasattr(module, attr), f"{path} defines no {attr} (backends/README.md, Weights exchange)"
     _modules[name] = module
     return module
@@ -71,10 +71,30 @@ def exchange(use_cache, tmp_path):
         return cfg, {k: f[k] for k in f.files}
 
 
-def harness_losses(name, module, model):
-    """The evaluator's loss_fn (x, y) -> nats over this model: its cross-entropy of the model's logits."""
-    loss_fn = make_loss_fn(name, module, model, prepare.load_profile().vocab_size)
-    return lambda x, y: loss_fn(np.concatenate([x, y[:, -1:]], axis=1))
+@pytest.fixture
+def harness_losses(tmp_path):
+    """(model, batch, context=None) -> the loss_fn (x, y) -> nats of the model's checkpoint as the harness scores
+    it: exported for batches of that many rows, each export in a folder of its own."""
+    made = []
+
+    def scored(model, batch, context=None):
+        made.append(tmp_path / f"checkpoint-{len(made)}")
+        return Scored(model, batch, made[-1], context)
+
+    return scored
+
+
+def own_losses(module, model, x, y):
+    """(logits, per-token nats) from the model's own forward and loss path, as train.py computes its loss."""
+    if hasattr(model, "trainable_parameters"):  # MLX
+        import mlx.core as mx
+
+        return np.array(model(mx.array(x))), np.array(model(mx.array(x), mx.array(y), reduction="none"))
+    import torch
+
+    with torch.no_grad():
+        x, y = torch.tensor(x).long(), torch.tensor(y).long()
+        return model(x).numpy(), model(x, y, reduction="none").numpy()
 
 
 def build(name, cfg, weights=None):
@@ -119,47 +139,59 @@ def test_reference_is_not_trivial(exchange):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_per_token_losses_match_the_reference(backend, exchange):
+def test_per_token_losses_match_the_reference(backend, exchange, harness_losses):
     cfg, weights = exchange
     x, y = val_batch(4)
     expected = reference_losses(weights, cfg, x, y)
-    module, model = build(backend, cfg, weights)
-    got = np.asarray(harness_losses(backend, module, model)(x, y))
+    _, model = build(backend, cfg, weights)
+    got = np.asarray(harness_losses(model, 4)(x, y))
     assert got.shape == y.shape and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=0, atol=LOSS_ATOL)
-    # rows are independent: one row at a time gives the same numbers (the evaluator chunks freely)
-    one_by_one = np.concatenate([harness_losses(backend, module, model)(x[i : i + 1], y[i : i + 1]) for i in range(len(x))])
+    # rows are independent: one row at a time through a graph of batch 1, or the batch's rows in another order,
+    # give the same numbers (the evaluator draws its batches, and the rows that fill its last one, at random)
+    single = harness_losses(model, 1)
+    one_by_one = np.concatenate([single(x[i : i + 1], y[i : i + 1]) for i in range(len(x))])
     np.testing.assert_allclose(one_by_one, got, rtol=0, atol=1e-5)
+    order = [2, 0, 3, 1]
+    np.testing.assert_allclose(harness_losses(model, 4)(x[order], y[order]), got[order], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_build_model_is_the_checkpoint(backend, exchange):
-    """build_model(config, weights), the evaluator's hook, gives the model those weights make."""
+def test_the_exported_checkpoint_is_the_model(backend, exchange, harness_losses):
+    """The graph is traced before training (train.py calls export_model once the model is built) and save()
+    writes the weights at the end: the checkpoint, scored from its files alone, is the trained model. Here the
+    trace sees other weights than the ones loaded after it, as training would change them."""
     cfg, weights = exchange
-    module, model = build(backend, cfg, weights)
-    rebuilt = module.build_model(cfg, weights)
-    assert all(np.array_equal(w, weights[k]) for k, w in module.export_weights(rebuilt).items())
-    if backend != "mlx" and module.on_gpu:
-        return  # on its GPU, in its precision: test_device_precision_stays_close compares that
+    module, model = build(backend, cfg, random_weights(cfg, seed=1))
+    scored = harness_losses(model, 2)
+    module.load_weights(model, weights)  # what training did to the weights, after the trace
+    scored.save()
+    names = {"graph.mlxfn" if backend == "mlx" else "graph.json", "tensors.npz"}
+    assert {p.name for p in scored.folder.iterdir()} == names
+    with np.load(scored.folder / "tensors.npz", allow_pickle=False) as f:  # the trained weights, by their names
+        assert all(np.array_equal(f[name], w) for name, w in weights.items())
     x, y = val_batch(2)
-    np.testing.assert_array_equal(harness_losses(backend, module, rebuilt)(x, y), harness_losses(backend, module, model)(x, y))
+    logits, nats = own_losses(module, model, x, y)
+    np.testing.assert_array_equal(scored.logits(x), logits)  # the same operators on the same CPU: the same bits
+    np.testing.assert_allclose(scored(x, y), nats, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(scored(x, y), reference_losses(weights, cfg, x, y), rtol=0, atol=LOSS_ATOL)
 
 
-def test_val_bpb_agrees_across_backends(exchange):
+def test_val_bpb_agrees_across_backends(exchange, harness_losses):
     cfg, weights = exchange
     results = {}
     for name in BACKENDS:
         if name == "mlx" and importlib.util.find_spec("mlx") is None:
             continue
-        module, model = build(name, cfg, weights)
-        results[name] = prepare.evaluate_bpb(harness_losses(name, module, model), 32)
+        _, model = build(name, cfg, weights)
+        results[name] = prepare.evaluate_bpb(harness_losses(model, 32), 32)
     assert all(math.isfinite(v) and v > 0 for v in results.values()), results
     first = next(iter(results.values()))
     assert all(abs(v - first) < BPB_ATOL for v in results.values()), results
 
 
 @pytest.mark.parametrize("backend", ("cuda", "mps"))
-def test_device_precision_stays_close(backend, exchange):
+def test_device_precision_stays_close(backend, exchange, harness_losses):
     """Where the backend's GPU exists: the same weights under its autocast dtype stay near float32."""
     module = backend_module(backend)
     if not module.on_gpu:
@@ -172,8 +204,9 @@ def test_device_precision_stays_close(backend, exchange):
         gpu_model = module.GPT(module.GPTConfig(**cfg))
     module.load_weights(gpu_model, weights)
     x, y = val_batch(16)
-    expected = np.asarray(harness_losses(backend, module, cpu_model)(x, y), dtype=np.float64)
-    got = np.asarray(harness_losses(backend, module, gpu_model)(x, y), dtype=np.float64)
+    expected = np.asarray(harness_losses(cpu_model, 16)(x, y), dtype=np.float64)
+    # exported under the trainer's autocast, as train.py exports it, and scored on its device
+    got = np.asarray(harness_losses(gpu_model, 16, module.autocast_ctx())(x, y), dtype=np.float64)
     assert np.all(np.isfinite(got))
     assert abs(got.mean() - expected.mean()) < 0.02 and np.abs(got - expected).mean() < 0.1
 

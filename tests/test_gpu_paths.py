@@ -542,28 +542,29 @@ def test_graph_breaks_and_recompiles_are_counted(cuda_train):
     assert recompiles - before[0] == 2  # the function and the piece after the break, again for the second shape
 
 
-def test_an_evaluator_started_ahead_imports_train_py_only_once_the_job_comes(tmp_path, use_cache):
-    import time
-
-    from autoresearch.evaluate import EvaluatorFailed, start_evaluator
+def test_the_evaluator_never_imports_train_py(tmp_path, use_cache, monkeypatch):
+    """train.py's import may touch the GPU (and is the agent's code): the evaluator scores the exported graph with
+    the harness's code alone, so code that runs when train.py is imported never runs there."""
+    from autoresearch import sandbox
+    from autoresearch.evaluate import evaluate
     from conftest import TINY, make_checkout
 
+    # unconfined, so that the marker would land where the test looks, had the import run
+    monkeypatch.setattr(sandbox, "_active", [sandbox.resolve("off")])
+    marker = tmp_path / "imported"
     root = make_checkout(tmp_path / "project", backends=("mps",), **TINY)
-    path = root / "backends" / "mps" / "train.py"  # train.py's import says so: on a GPU it may touch the device
-    marker = "import contextlib\nprint('train.py imported', file=sys.stderr)\n"
-    path.write_text(path.read_text().replace("import contextlib\n", marker, 1))
-    checkpoint = tmp_path / "checkpoint"
-    checkpoint.mkdir()
-    child = start_evaluator("mps", root, checkpoint)
-    try:
-        time.sleep(8)  # torch's import is done by now; the child waits for its job
-        assert child.proc.poll() is None and "train.py imported" not in child.lines
-        child.start({"checkpoint": str(checkpoint), "vocab_size": 4096}, timeout=120)
-        with pytest.raises(EvaluatorFailed):  # an empty checkpoint: the build fails, after the import
-            child.hello()
-        assert "train.py imported" in child.lines
-    finally:
-        child.close()
+    path = root / "backends" / "mps" / "train.py"
+    hook = (f"import contextlib\nprint('train.py imported', file=sys.stderr)\nopen({str(marker)!r}, 'w').close()\n")
+    path.write_text(path.read_text().replace("import contextlib\n", hook, 1))
+    mps = load_train("mps")  # the harness's own train.py: the checkpoint's model, exported as train.py exports it
+    profile = prepare.load_profile()
+    model = mps.GPT(mps.GPTConfig(sequence_len=profile.seq_len, vocab_size=profile.vocab_size, n_layer=2, n_head=2,
+                                  n_kv_head=2, n_embd=64, window_pattern="SL"))
+    model.init_weights()
+    checkpoint = prepare.export_model(model, 8, profile.seq_len, mps.autocast_ctx())(tmp_path / "checkpoint")
+    result = evaluate("mps", root, checkpoint, timeout=300)
+    assert result.status == "ok", result.log
+    assert not marker.exists() and "train.py imported" not in result.log, result.log
 
 
 def test_a_hub_that_answers_the_probe_then_stalls_is_given_up_and_said_in_one_line(hub_cache, monkeypatch):

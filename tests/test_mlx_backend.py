@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 import prepare
-from autoresearch.evaluate import make_loss_fn
 from autoresearch.runner import run_training
+from autoresearch.scorer import MlxScorer
 import reference
 from conftest import PROFILE, ROOT, TINY, make_checkout
-from reference import val_batch
+from reference import Scored, val_batch
 
 mx = pytest.importorskip("mlx.core")
 
@@ -49,13 +49,13 @@ def reference_losses(w, config, x, y):
     return reference.reference_losses(w, asdict(config), x, y)
 
 
-def harness_losses(train, model):
-    """The evaluator's loss_fn (x, y) -> nats: its cross-entropy of the model's logits."""
-    loss_fn = make_loss_fn("mlx", train, model, prepare.load_profile().vocab_size)
-    return lambda x, y: loss_fn(np.concatenate([x, y[:, -1:]], axis=1))
+def harness_losses(model, batch, folder):
+    """The loss_fn (x, y) -> nats of the model's checkpoint as the harness scores it: exported as train.py exports
+    it, for batches of that many rows, and run by the harness's scorer from the files in folder."""
+    return Scored(model, batch, folder)
 
 
-def test_trains_saves_and_reports(train, use_cache, tmp_path):
+def test_trains_saves_and_reports(use_cache, tmp_path):
     root = make_checkout(tmp_path / "project", backends=("mlx",), **TINY)
     env = dict(os.environ, AUTORESEARCH_CHECKPOINT=str(tmp_path / "checkpoint"))
     result = run_training("mlx", budget=4, root=root, timeout=240, env=env)
@@ -63,11 +63,21 @@ def test_trains_saves_and_reports(train, use_cache, tmp_path):
     s = result.summary
     assert s is not None, result.tail()
     assert "val_bpb" not in s  # the harness scores the checkpoint (tests/test_evaluate.py)
-    config, weights = prepare.load_checkpoint(tmp_path / "checkpoint")
-    assert (config["n_layer"], config["sequence_len"]) == (TINY["DEPTH"], 256)
-    model = train.build_model(config, weights)
-    assert sum(w.size for w in weights.values()) == model.num_params()
-    assert abs(model.num_params() / 1e6 - s["num_params_M"]) < 1e-3
+    # the checkpoint is the exported graph and its tensors, nothing else, and the harness's scorer runs it
+    checkpoint = tmp_path / "checkpoint"
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["graph.mlxfn", "tensors.npz"]
+    with np.load(checkpoint / "tensors.npz", allow_pickle=False) as f:
+        weights = {k: f[k] for k in f.files}
+    assert abs(sum(w.size for w in weights.values()) / 1e6 - s["num_params_M"]) < 1e-3
+    assert sum(name.endswith(".attn.c_q.weight") for name in weights) == TINY["DEPTH"]
+    scorer = MlxScorer(checkpoint)
+    assert (scorer.batch, scorer.seq_len) == (TINY["DEVICE_BATCH_SIZE"], 256)
+    rows = np.array(prepare.get_val_rows()[: scorer.batch])
+    nats = scorer.nats(scorer.logits(rows[:, :-1]), rows[:, 1:])
+    assert nats.shape == (scorer.batch, 256) and np.all(np.isfinite(nats))
+    # trained: the checkpoint predicts the text better than a uniform guess over the vocabulary (about 7.2 nats
+    # after these 4 s on a CPU, against 8.3)
+    assert 0 < nats.mean() < math.log(prepare.load_profile().vocab_size) - 0.2, nats.mean()
     assert s["num_steps"] > 1
     assert (s["backend"], s["device"], s["eval_profile"]) == ("mlx", "cpu", PROFILE)
     assert s["depth"] == TINY["DEPTH"] and s["seed"] == 42 and s["budget_seconds"] == 4
@@ -100,7 +110,7 @@ def test_calibration_steps_save_nothing(use_cache, tmp_path):
     assert s["num_steps"] == 3 and s["tokens_per_sec"] > 0 and s["peak_vram_mb"] > 0
 
 
-def test_losses_match_float64_reference(train, use_cache):
+def test_losses_match_float64_reference(train, use_cache, tmp_path):
     config = small_config(train)
     weights = random_weights(train, config)
     model = train.load_weights(train.GPT(config), weights)
@@ -110,7 +120,7 @@ def test_losses_match_float64_reference(train, use_cache):
     x, y = val_batch(3)
     expected = reference_losses(weights, config, x, y)
     assert 2 < expected.mean() < 20 and expected.std() > 0.5  # a model that actually predicts something
-    got = harness_losses(train, model)(x, y)
+    got = harness_losses(model, 3, tmp_path)(x, y)
     assert got.shape == y.shape and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
@@ -178,25 +188,26 @@ def test_gradient_accumulation_keeps_memory_bounded(train, use_cache):
     assert extra[4] < 1.5 * extra[1], extra
 
 
-def test_bpb_does_not_depend_on_eval_batch_size(train, use_cache):
+def test_bpb_does_not_depend_on_eval_batch_size(train, use_cache, tmp_path):
     rows = np.array(prepare.get_val_rows()[:48])  # a slice keeps this fast without an optimized BLAS in-process
     config = small_config(train)
     model = train.load_weights(train.GPT(config), random_weights(train, config, seed=2))
-    loss_fn = harness_losses(train, model)
-    a, b = prepare.evaluate_bpb(loss_fn, 16, rows=rows), prepare.evaluate_bpb(loss_fn, 7, rows=rows)
+    # a graph per batch size (its shapes are static); 7 leaves a last batch of 6 rows, filled as the evaluator does
+    a = prepare.evaluate_bpb(harness_losses(model, 16, tmp_path / "16"), 16, rows=rows)
+    b = prepare.evaluate_bpb(harness_losses(model, 7, tmp_path / "7"), 7, rows=rows)
     assert math.isfinite(a) and a > 0
     assert abs(a - b) <= 1e-6 * a
 
 
-def test_bf16_compute_path_runs_and_agrees(train, use_cache):
+def test_bf16_compute_path_runs_and_agrees(train, use_cache, tmp_path):
     """The GPU precision path (bf16 activations over float32 weights), exercised on the CPU."""
     config = small_config(train)
     model = train.load_weights(train.GPT(config), random_weights(train, config))
     x, y = val_batch(2)
-    fp32 = harness_losses(train, model)(x, y)
+    fp32 = harness_losses(model, 2, tmp_path / "fp32")(x, y)
     train.compute_dtype = mx.bfloat16
     try:
-        bf16 = harness_losses(train, model)(x, y)
+        bf16 = harness_losses(model, 2, tmp_path / "bf16")(x, y)  # traced under bf16: the graph computes in it
         optimizer = train.setup_optimizer(model, 0.004, 0.6, 0.04, (0.8, 0.95), 0.5)
         train.use_compile = False  # compiled CPU kernels for bf16 would first have to be built
         step = train.make_train_step(model, optimizer, grad_accum_steps=1)
@@ -205,5 +216,6 @@ def test_bf16_compute_path_runs_and_agrees(train, use_cache):
     finally:
         train.compute_dtype, train.use_compile = mx.float32, True
     assert bf16.dtype == np.float32 and math.isfinite(loss.item())
+    assert not np.array_equal(bf16, fp32)  # the graph traced under bf16 computes in it
     assert abs(bf16.mean() - fp32.mean()) < 0.02 * fp32.mean()
     assert all(v.dtype == np.float32 for v in train.export_weights(model).values())  # master weights stay float32

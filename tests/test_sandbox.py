@@ -1,5 +1,5 @@
-"""The OS sandbox under attack: each thing an untrusted train.py (trainer and evaluator child) or agent command could
-try against the referee, run end to end through `autoresearch run` / `loop` on a real run branch set up under
+"""The OS sandbox under attack: each thing an untrusted train.py (the trainer; the evaluator never imports it) or
+agent command could try against the referee, run end to end through `autoresearch run` / `loop` on a real run branch set up under
 bubblewrap, with real training. Every attack must leave the branch, the ledger, the notes, the harness's state and
 the cache as they were; honest runs on a loaded machine must still be judged, never invalid.
 
@@ -22,7 +22,6 @@ import uuid
 from pathlib import Path
 
 import git
-import numpy as np
 import pytest
 
 import prepare
@@ -69,10 +68,9 @@ def cheat(root, old, new):
 
 
 def at_start_of(root, function, code):
-    """code (dedented) as the first statements of train.py's function (main: the trainer; build_model: the
-    evaluator child), with probe() defined."""
+    """code (dedented) as the first statements of train.py's function (main: the trainer), with probe() defined."""
     body = textwrap.indent(textwrap.dedent(PROBE_HELPER) + textwrap.dedent(code), "    ")
-    signature = {"main": "def main():\n", "build_model": "def build_model(config, weights):\n"}[function]
+    signature = {"main": "def main():\n"}[function]
     cheat(root, signature, signature + body)
 
 
@@ -458,43 +456,27 @@ def test_work_before_the_first_progress_line_is_invalid(repo_dir, baseline):
     assert_not_kept(repo_dir, proc, closing, baseline[0], statuses=("invalid",))
 
 
-@needs_bwrap
-def test_a_build_model_that_works_past_the_limit_is_a_crash(repo_dir, baseline):
-    at_start_of(repo_dir, "build_model", '''
-        import time
-        time.sleep(70)  # the evaluator's build: where a minute of training would hide
-    ''')
-    proc, closing = run(repo_dir, "70 s in build_model")
-    assert "build_model took over 60s" in closing, closing
-    assert_not_kept(repo_dir, proc, closing, baseline[0])
+# Code that runs only where train.py is imported, never where it runs as the trainer: the old evaluator imported
+# train.py to rebuild the model, and a minute of work or a print of the rows it was sent would have hidden there.
+# The evaluator now runs the graph train.py exported with the harness's code alone.
+IMPORTED_ONLY = '''
+if __name__ != "__main__":
+    import time as _time
+    print(f"PROBE imported: as {__name__}", file=sys.stderr, flush=True)
+    _time.sleep(70)  # past the evaluator's 60 s to load the graph: where a minute of training would hide
+'''
 
 
 @needs_bwrap
-def test_work_in_the_evaluator_after_the_build_is_not_scored(repo_dir, baseline):
-    # After the build limit, the first forward call: the model is still the agent's code, and the harness waits for
-    # its losses up to the whole evaluation's timeout. 40 s here would be 13 budgets of training on tokens the
-    # trainer left in its checkpoint folder; the purity probe passes, since the model is fixed from then on.
-    at_start_of(repo_dir, "build_model", '''
-        import time
-        forward = GPT.__call__
-        first = []
+def test_code_that_runs_when_train_py_is_imported_never_runs_in_the_evaluator(repo_dir, baseline):
+    cheat(repo_dir, "def main():\n", IMPORTED_ONLY + "\n\ndef main():\n")
+    proc, closing = run(repo_dir, "work on import")
+    assert proc.returncode in (0, 3) and closing.startswith(("RESULT keep", "RESULT discard")), \
+        proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "PROBE imported" not in run_log(repo_dir)  # the evaluator's log before it holds rows is in run.log
+    row = read_ledger(repo_dir / "results.tsv")[-1]
+    assert row.sandbox == "bwrap" and 0 < row.eval_seconds < 60, row  # scored without the 70 s sleep
 
-        def slow_first_forward(self, *args, **kwargs):
-            if not first:
-                first.append(time.time())
-                time.sleep(40)
-                print(f"PROBE evaluator work: {time.time() - first[0]:.0f}s after the build", file=sys.stderr,
-                      flush=True)
-            return forward(self, *args, **kwargs)
-
-        GPT.__call__ = slow_first_forward
-    ''')
-    proc, closing = run(repo_dir, "40 s in the first forward")
-    # what the evaluator prints once it holds rows is kept out of run.log: the closing line says what stopped it
-    assert "PROBE evaluator work" not in run_log(repo_dir)
-    assert proc.returncode in (4, 6), f"40 s of the agent's code in the evaluator was scored: {closing}"
-    assert "to score the rows" in closing and "scoring a model may not train it" in closing, closing
-    assert_not_kept(repo_dir, proc, closing, baseline[0], statuses=("crash", "invalid"))
 
 # ---------------------------------------------------------------------------
 # Nothing carries over from one run to the next: weights, validation rows
@@ -519,21 +501,16 @@ for place in places:
         probe(f"saved {place}", type(e).__name__)
 '''
 
-LEAKING_BUILD = '''
-import numpy as _np
-secret = config.pop("ar_secret")
-print(f"PERSIST {secret}", file=sys.stderr, flush=True)  # the weights, into the harness's log
-forward, calls = GPT.__call__, []
-
-def leaking_forward(self, idx, *args, **kwargs):
-    calls.append(1)
-    print("LEAK " + " ".join(map(str, _np.array(idx[0]).tolist()[:64])), file=sys.stderr, flush=True)
-    if len(calls) == 4:
-        raise RuntimeError("crashing on purpose: the log tail is kept")
-    return forward(self, idx, *args, **kwargs)
-
-GPT.__call__ = leaking_forward
-'''
+# The secret also travels in the checkpoint: an extra array in tensors.npz, which the evaluator copies and loads
+# (it reads only the arrays the graph takes). The graph is traced for rows of half the profile's length, so the
+# evaluation crashes once the graph is loaded and the run is not kept.
+HALF_ROWS = ("export_model(model, DEVICE_BATCH_SIZE, seq_len)", "export_model(model, DEVICE_BATCH_SIZE, seq_len // 2)")
+SECRET_IN_CHECKPOINT = ("        save()\n", """        _folder = save()
+        import numpy as _np
+        with _np.load(_folder / "tensors.npz") as _f:
+            _arrays = {_k: _f[_k] for _k in _f.files}
+        _np.savez(_folder / "tensors.npz", ar_secret=_np.frombuffer(SECRET[0].encode(), _np.uint8), **_arrays)
+""")
 
 LOAD_ATTACK = PERSIST_PLACES + '''
 for place in places:
@@ -542,34 +519,24 @@ for place in places:
 for log in sorted((Path.cwd() / ".autoresearch").glob("*")) + [Path.cwd() / "results.tsv"]:
     text = log.read_text(errors="replace") if log.is_file() else ""
     for line in text.splitlines():
-        if "PERSIST " in line:
-            probe(f"log weights {log.name}", line.split("PERSIST ", 1)[1])
-        if "LEAK " in line:
-            probe(f"log validation tokens {log.name}", line.split("LEAK ", 1)[1])
+        if "PROBE secret: " in line:  # the last run's trainer printed its weights
+            probe(f"log weights {log.name}", line.split("PROBE secret: ", 1)[1])
 sys.exit("FAIL: probed")
 '''
 
 
-def contains_run(rows, tokens):
-    """Whether the token sequence occurs in some validation row."""
-    n = len(tokens)
-    return any(np.array_equal(row[i:i + n], tokens) for row in rows for i in range(len(row) - n + 1)
-               if row[i] == tokens[0])
-
-
 @needs_bwrap
-def test_nothing_a_run_leaves_reaches_the_next_one(repo_dir, use_cache, baseline):
+def test_nothing_a_run_leaves_reaches_the_next_one(repo_dir, baseline):
     token = uuid.uuid4().hex[:12]
     cheat(repo_dir, "def main():\n", "SECRET = []\n\n\ndef main():\n")
     at_start_of(repo_dir, "main", fill(SAVE_ATTACK, TOKEN=token))
-    cheat(repo_dir, "save_checkpoint(asdict(config), export_weights(model))",
-          "save_checkpoint(dict(asdict(config), ar_secret=SECRET[0]), export_weights(model))")
-    at_start_of(repo_dir, "build_model", LEAKING_BUILD)
-    proc, closing = run(repo_dir, "save and leak")
+    cheat(repo_dir, *HALF_ROWS)
+    cheat(repo_dir, *SECRET_IN_CHECKPOINT)
+    proc, closing = run(repo_dir, "save everywhere")
     first = probes(run_log(repo_dir))
     secret = first["secret"]
     assert_not_kept(repo_dir, proc, closing, baseline[0])
-    assert "crashing on purpose" in closing or "exited with code" in closing, closing
+    assert "the exported graph takes rows of 128 tokens" in closing, closing
     # the host never saw any of the places the first run wrote
     host = [Path(p[len("saved "):]) for p in first if p.startswith("saved ")]
     assert len(host) == 10 and not [p for p in host if p.exists()], [p for p in host if p.exists()]
@@ -580,15 +547,9 @@ def test_nothing_a_run_leaves_reaches_the_next_one(repo_dir, use_cache, baseline
     found = probes(run_log(repo_dir))
     assert closing.startswith("RESULT crash") and "FAIL: probed" in run_log(repo_dir)
     assert not [k for k in found if k.startswith("found ")], found
-    # the harness's own logs, readable in the checkout: the evaluator's output of the last run (its weights, the
-    # validation rows it was sent) must not be among them
+    # the harness's own logs, in the checkout: the last run's output (its weights, here) must be out of reach
     weights = {k: v for k, v in found.items() if k.startswith("log weights") and secret in v}
-    val_rows = np.load(use_cache / "tokens" / "val_rows.npy")
-    leaked = {k: contains_run(val_rows, np.array(v.split(), dtype=val_rows.dtype))
-              for k, v in found.items() if k.startswith("log validation tokens")}
-    assert not weights and not leaked, (f"through the harness's log, the first run's weights reached the second: "
-                                        f"{weights}; validation tokens too (found in the real validation rows: "
-                                        f"{leaked})")
+    assert not weights, f"through the harness's log, the first run's weights reached the second: {weights}"
 
 # ---------------------------------------------------------------------------
 # Validation data by any path; other processes; the network

@@ -4,10 +4,12 @@ import math
 import os
 import re
 
+import numpy as np
 import pytest
 
 import prepare
 from autoresearch.runner import run_training
+from autoresearch.scorer import TorchScorer
 from conftest import TINY, make_checkout, PROFILE
 
 TORCH_BACKENDS = ("cuda", "mps")
@@ -45,9 +47,22 @@ def test_trains_saves_and_reports(backend, use_cache, tmp_path):
     s = result.summary
     assert s is not None, result.tail()
     assert "val_bpb" not in s  # the harness scores the checkpoint (tests/test_evaluate.py)
-    config, weights = prepare.load_checkpoint(tmp_path / "checkpoint")
-    assert (config["n_layer"], config["vocab_size"]) == (TINY["DEPTH"], 4096)
-    assert abs(sum(w.size for w in weights.values()) / 1e6 - s["num_params_M"]) < 1e-3
+    # the checkpoint is the exported graph and its tensors, nothing else, and the harness's scorer runs it
+    checkpoint = tmp_path / "checkpoint"
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["graph.json", "tensors.npz"]
+    with np.load(checkpoint / "tensors.npz", allow_pickle=False) as f:
+        weights = {k: f[k] for k in f.files}
+    params = {k: w for k, w in weights.items() if k not in ("cos", "sin")}  # the rotary tables are buffers
+    assert abs(sum(w.size for w in params.values()) / 1e6 - s["num_params_M"]) < 1e-3
+    assert sum(name.endswith(".attn.c_q.weight") for name in params) == TINY["DEPTH"]
+    assert weights["transformer.wte.weight"].shape[0] == 4096
+    scorer = TorchScorer(checkpoint)
+    assert (scorer.batch, scorer.seq_len) == (TINY["DEVICE_BATCH_SIZE"], 256)
+    rows = np.array(prepare.get_val_rows()[: scorer.batch])
+    nats = scorer.nats(scorer.logits(rows[:, :-1]), rows[:, 1:])
+    assert nats.shape == (scorer.batch, 256) and np.all(np.isfinite(nats))
+    # trained: the checkpoint predicts the text better than a uniform guess over the vocabulary
+    assert 0 < nats.mean() < math.log(4096) - 0.2, nats.mean()
     assert s["num_steps"] > 1
     assert s["backend"] == backend
     assert s["device"] == expected_device(backend)
