@@ -84,7 +84,8 @@ def evaluate(backend, root, checkpoint, timeout=None, on_line=None, scoring=None
         return Evaluation(status, val_bpb, reason, seconds, "\n".join(lines), holdout_bpb)
 
     try:
-        if not (Path(checkpoint) / "tensors.npz").exists():
+        tensors = Path(checkpoint) / "tensors.npz"
+        if not (tensors.is_file() and not tensors.is_symlink()):  # a link is never followed (Model.fill)
             return result("crash", None, f"train.py saved no checkpoint in {checkpoint} (prepare.export_model)")
         val = np.ascontiguousarray(prepare.get_val_rows(), dtype=np.int32)
         holdout = prepare.get_holdout_rows()

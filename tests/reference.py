@@ -114,7 +114,6 @@ def val_batch(n_rows):
     return rows[:, :-1], rows[:, 1:]
 
 
-
 class Scored:
     """A model's checkpoint as the harness scores it: traced with prepare.export_model for batches of `batch` rows,
     written by its save() into folder, loaded from those files alone by autoresearch/scorer.py and run there.

@@ -387,7 +387,7 @@ NOT_AN_ARCHIVE = REFUSED + re.escape("tensors.npz is not a numpy archive of arra
     (random_tensors, NOT_AN_ARCHIVE),
     (truncated_tensors, NOT_AN_ARCHIVE),
     (no_tensors, "train.py saved no checkpoint in "),
-    (linked_tensors, NOT_AN_ARCHIVE),  # not copied: the scorer's folder has no tensors.npz
+    (linked_tensors, "train.py saved no checkpoint in "),  # a link is no checkpoint: never followed
     (fifo_graph, REFUSED + r".*graph\.json"),  # not copied: the scorer's folder has no graph.json
 ], ids=["rand", "empty", "eval", "nested", "pickled", "random-bytes", "truncated", "missing", "symlink", "fifo"])
 def test_a_checkpoint_the_scorer_cannot_use_is_a_crash_in_one_line(exported, tmp_path, use_cache, tamper, reason):
