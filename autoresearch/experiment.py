@@ -34,8 +34,7 @@ from .runner import COMPILE_CACHE_ENV, CappedLog, Interrupted, run_training
 
 EXIT = {"ok": 0, "keep": 0, "holds": 0, "error": 1, "refused": 2, "discard": 3, "regressed": 3, "crash": 4, "repeat": 5,
         "invalid": 6, "agent": 7}  # agent: the loop stopped after too many agent turns in a row without an experiment
-# Both evaluator processes read train.py: one much larger could carry the rows from one to the other through which
-# of its pages the page cache holds
+# A train.py is a program, not a data store: one of megabytes is weights or text carried in its source.
 MAX_TRAIN_BYTES = 1 << 20
 PROTECTED = (LEDGER_NAME, f"{STATE_DIR}/noise.json")  # ignored files a train.py must not touch
 SLOWED_MARK = "[slowed by the machine:"  # in a row's description: its run trained far below the series' typical rate
