@@ -102,6 +102,10 @@ class TorchGraph:
         if len(self.nodes) > MAX_NODES:
             raise Refused(f"the graph has {len(self.nodes)} nodes, over {MAX_NODES}")
         self.ops = [self.operator(node.get("target")) for node in self.nodes]
+        for node in self.nodes:  # attention's dropout is the one random argument an allowed operator takes
+            for given in node["inputs"]:
+                if given.get("name") == "dropout_p" and given["arg"].get("as_float", 0.0) != 0.0:
+                    raise Refused("the graph's attention drops out at random: a graph must be a function of its rows")
         tensors = load_tensors(folder)
         self.env, self.input = {}, None
         for spec in specs:

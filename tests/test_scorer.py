@@ -142,3 +142,18 @@ def test_json_that_is_not_a_program_is_refused(exported):
     (folder / "graph.json").write_text("[" * 100_000)
     with pytest.raises(Refused, match="not a torch.export program"):
         TorchScorer(folder)
+
+
+def test_attention_that_drops_out_at_random_is_refused(tmp_path):
+    class Dropping(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = torch.nn.Embedding(32, 8)
+
+        def forward(self, idx):
+            q = self.wte(idx)[:, None]
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.3, is_causal=True)[:, 0]
+
+    prepare.export_model(Dropping(), 2, 5)(tmp_path)
+    with pytest.raises(Refused, match="drops out at random"):
+        TorchScorer(tmp_path)
