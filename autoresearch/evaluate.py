@@ -27,7 +27,7 @@ from . import kernels, record, sandbox
 from .clock import SCORING_SLACK_SECONDS
 from .hardware import preload_blas
 from .runner import remove_pid_file, state_of, write_pid_file
-from .scorer import PROBLEM, receive_array, send_array
+from .scorer import MAX_GRAPH_BYTES, MAX_TENSOR_BYTES, PROBLEM, receive_array, send_array
 
 # How far a log-probability before a splice may move (nats). The probe runs the same graph on the same batch, in
 # the same process, with deterministic kernels, so an honest model's positions before the splice get the same bits.
@@ -40,6 +40,8 @@ HOLDOUT_SHARE = 4  # the holdout scored is at most a quarter of the validation r
 BUILD_SECONDS = 60  # from the job to a loaded, checked graph
 LOG_LINES = 2000  # of the scoring process's output, kept
 FRAMEWORK = {"mlx": "mlx", "cuda": "torch", "mps": "torch"}
+# the most of each checkpoint file the evaluator copies: a graph is megabytes, the tensors what the scorer loads
+MAX_COPY = {"graph.json": MAX_GRAPH_BYTES, "graph.mlxfn": MAX_GRAPH_BYTES, "tensors.npz": MAX_TENSOR_BYTES + (1 << 20)}
 
 
 @dataclass(frozen=True)
@@ -190,18 +192,27 @@ class Model:
     checkpoint: Path
     copy: Path
 
-    def fill(self):
+    def fill(self, stopped):
         """The checkpoint's files copied, regular files only: a link would copy what it names, a FIFO would hold
-        the harness. What is not copied is missing for the scoring process, which then refuses the graph."""
+        the harness. A file over its size in MAX_COPY is refused: a sparse one costs train.py nothing and the copy
+        its size. stopped(): the evaluation's time ran out, mid-copy."""
         for name in prepare.CHECKPOINT_FILES:
             try:
                 fd = os.open(self.checkpoint / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
             except OSError:
                 continue
             with open(fd, "rb") as f:
-                if stat.S_ISREG(os.fstat(fd).st_mode):
-                    with open(self.copy / name, "wb") as out:
-                        shutil.copyfileobj(f, out, 1 << 20)
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    continue
+                if info.st_size > MAX_COPY[name]:
+                    raise EvaluatorFailed(f"the checkpoint's {name} is {info.st_size:,} bytes, over the "
+                                          f"{MAX_COPY[name]:,} the evaluator reads")
+                with open(self.copy / name, "wb") as out:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        if stopped():
+                            return
+                        out.write(chunk)
 
 
 class Child:
@@ -248,10 +259,10 @@ class Child:
 
     def start(self, timeout, scoring, vocab):
         """The job (the copy of the checkpoint, the vocabulary's size) to the process; its limits run from here."""
-        self.model.fill()
         self.timeout, self.scoring = timeout, scoring
         self._timer(timeout, "all")
         self._timer(BUILD_SECONDS, "build")
+        self.model.fill(lambda: self.timed_out)
         self._write((json.dumps({"checkpoint": str(self.model.copy), "vocab": vocab}) + "\n").encode())
 
     def _timer(self, seconds, what):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 MAX_GRAPH_BYTES = 256 << 20  # the graph alone, weights apart: a real one is a few MB
+MAX_TENSOR_BYTES = 8 << 30  # the weights: 2 G float32 parameters
 MAX_NODES = 200_000
 
 # The operators a graph may use. Each is a pure function of its inputs: nothing random, nothing in place, nothing
@@ -68,12 +69,17 @@ def receive_array(stream):
     return np.frombuffer(data, dtype).reshape(shape)
 
 
-def load_tensors(folder):
-    """The checkpoint's named arrays: numpy's format, never a pickle."""
+def load_tensors(folder, names):
+    """The named arrays of the checkpoint's tensors.npz, in numpy's format (never a pickle): only those, and only
+    once the archive's own sizes say they fit MAX_TENSOR_BYTES (a few compressed MB can inflate to many GB)."""
     try:
         with np.load(Path(folder) / "tensors.npz", allow_pickle=False) as f:
-            return {name: f[name] for name in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            sizes = {info.filename.removesuffix(".npy"): info.file_size for info in f.zip.infolist()}
+            total = sum(sizes.get(name, 0) for name in names)
+            if total > MAX_TENSOR_BYTES:
+                raise Refused(f"the graph's tensors are {total:,} bytes, over the {MAX_TENSOR_BYTES:,} it may load")
+            return {name: f[name] for name in names if name in sizes}
+    except (OSError, ValueError, EOFError, MemoryError, zipfile.BadZipFile) as e:
         raise Refused(f"tensors.npz is not a numpy archive of arrays ({type(e).__name__})") from None
 
 
@@ -106,7 +112,9 @@ class TorchGraph:
             for given in node["inputs"]:
                 if given.get("name") == "dropout_p" and given["arg"].get("as_float", 0.0) != 0.0:
                     raise Refused("the graph's attention drops out at random: a graph must be a function of its rows")
-        tensors = load_tensors(folder)
+        tensors = load_tensors(folder, [next(iter(spec.values())).get(key) for spec in specs
+                                        for key in ("parameter_name", "buffer_name", "tensor_constant_name")
+                                        if next(iter(spec.values())).get(key)])
         self.env, self.input = {}, None
         for spec in specs:
             (kind, body), = spec.items()
@@ -234,13 +242,18 @@ class TorchScorer:
             logits = self.graph(self.torch.from_numpy(inputs.astype(np.int64)).to(self.graph.device))
             return logits[..., : self.vocab] if self.vocab else logits  # a padded table's columns are no tokens
 
+    def log_probs(self, logits):
+        """Log-probabilities with the peak taken out first: at logits of 2^30 a float32 step is 128, so a log-sum-exp
+        of the raw logits would round the normalizer away (every loss 0)."""
+        shifted = logits - logits.amax(-1, keepdim=True)
+        return shifted - shifted.exp().sum(-1, keepdim=True).log()
+
     def nats(self, logits, targets):
-        """Per-token nats of (B, T, V) float32 logits against (B, T) targets: the log-sum-exp less the target's."""
+        """Per-token nats of (B, T, V) float32 logits against (B, T) targets."""
         t = self.torch
         with t.inference_mode():
             y = t.from_numpy(targets.astype(np.int64)).to(logits.device)
-            nats = t.logsumexp(logits, -1) - logits.gather(-1, y[..., None])[..., 0]
-            return nats.cpu().numpy()
+            return (-self.log_probs(logits).gather(-1, y[..., None])[..., 0]).cpu().numpy()
 
     def moved(self, base, probe, cuts):
         """Each row's largest change of a log-probability before its cut: (B, 2) float32 (nats, position)."""
@@ -248,10 +261,9 @@ class TorchScorer:
         with t.inference_mode():
             out = []
             for i, cut in enumerate(cuts.tolist()):
-                a, b = base[i, :cut], probe[i, :cut]
-                shift = t.logsumexp(a, -1, keepdim=True) - t.logsumexp(b, -1, keepdim=True)
-                # equal logits (-inf alike included) differ by the shift alone; NaN counts as the most it can
-                diff = t.where(a == b, shift.abs(), ((a - b) - shift).abs()).nan_to_num(nan=float("inf")).amax(-1)
+                a, b = self.log_probs(base[i, :cut]), self.log_probs(probe[i, :cut])
+                # -inf alike is no move; NaN counts as the most a move can be
+                diff = t.where(a == b, 0.0, (a - b).abs()).nan_to_num(nan=float("inf")).amax(-1)
                 out.append(t.stack([diff.max(), diff.argmax().float()]))
             return t.stack(out).cpu().numpy()
 
@@ -275,7 +287,7 @@ class MlxScorer:
             self.batch, self.seq_len = (int(n) for n in meta["input"])
         except (ValueError, KeyError, TypeError, RuntimeError, OSError):
             raise Refused("graph.mlxfn is not an mx.export_function graph with its tensors' names") from None
-        tensors = load_tensors(folder)
+        tensors = load_tensors(folder, names)
         self.values = []
         for name, dtype in zip(names, dtypes):
             if name not in tensors:
@@ -314,19 +326,21 @@ class MlxScorer:
         mx.eval(out)
         return out
 
+    def log_probs(self, logits):
+        shifted = logits - logits.max(axis=-1, keepdims=True)  # as TorchScorer.log_probs says
+        return shifted - self.mx.log(self.mx.exp(shifted).sum(axis=-1, keepdims=True))
+
     def nats(self, logits, targets):
         mx = self.mx
         y = mx.array(targets.astype(np.int32))
-        nats = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
-        return np.array(nats)
+        return np.array(-mx.take_along_axis(self.log_probs(logits), y[..., None], axis=-1)[..., 0])
 
     def moved(self, base, probe, cuts):
         mx = self.mx
         out = []
         for i, cut in enumerate(cuts.tolist()):
-            a, b = base[i, :cut], probe[i, :cut]
-            shift = mx.logsumexp(a, axis=-1, keepdims=True) - mx.logsumexp(b, axis=-1, keepdims=True)
-            diff = mx.where(a == b, mx.abs(shift), mx.abs((a - b) - shift))
+            a, b = self.log_probs(base[i, :cut]), self.log_probs(probe[i, :cut])
+            diff = mx.where(a == b, 0.0, mx.abs(a - b))
             diff = mx.where(mx.isnan(diff), mx.inf, diff).max(axis=-1)
             out.append(mx.stack([diff.max(), mx.argmax(diff).astype(mx.float32)]))
         return np.array(mx.stack(out))

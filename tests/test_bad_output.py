@@ -22,7 +22,7 @@ import pytest
 import prepare
 from conftest import BUDGET, ROOT, TINY, cli, copy_checkout, edit, make_checkout
 from autoresearch import sandbox
-from autoresearch.evaluate import evaluate
+from autoresearch.evaluate import MAX_COPY, evaluate
 from autoresearch.experiment import EXIT
 from autoresearch.ledger import (COLUMNS, LEDGER_NAME, MISSING_NUMBER, format_row, git_identity, notes_rows,
                                  read_ledger)
@@ -367,6 +367,11 @@ def linked_tensors(folder, marker):
     (folder / "tensors.npz").symlink_to(elsewhere)
 
 
+def sparse_tensors(folder, marker):
+    """tensors.npz grown past what the evaluator copies, a hole that costs train.py no disk at all."""
+    os.truncate(folder / "tensors.npz", MAX_COPY["tensors.npz"] + 1)
+
+
 def fifo_graph(folder, marker):
     """graph.json a FIFO no one writes: opened for reading, it would hold the harness."""
     (folder / "graph.json").unlink()
@@ -389,7 +394,9 @@ NOT_AN_ARCHIVE = REFUSED + re.escape("tensors.npz is not a numpy archive of arra
     (no_tensors, "train.py saved no checkpoint in "),
     (linked_tensors, "train.py saved no checkpoint in "),  # a link is no checkpoint: never followed
     (fifo_graph, REFUSED + r".*graph\.json"),  # not copied: the scorer's folder has no graph.json
-], ids=["rand", "empty", "eval", "nested", "pickled", "random-bytes", "truncated", "missing", "symlink", "fifo"])
+    (sparse_tensors, r"the checkpoint's tensors\.npz is [\d,]+ bytes, over the [\d,]+ the evaluator reads$"),
+], ids=["rand", "empty", "eval", "nested", "pickled", "random-bytes", "truncated", "missing", "symlink", "fifo",
+        "sparse"])
 def test_a_checkpoint_the_scorer_cannot_use_is_a_crash_in_one_line(exported, tmp_path, use_cache, tamper, reason):
     checkpoint, marker = tampered(exported, tmp_path), tmp_path / "ran"
     tamper(checkpoint, marker)

@@ -157,3 +157,33 @@ def test_attention_that_drops_out_at_random_is_refused(tmp_path):
     prepare.export_model(Dropping(), 2, 5)(tmp_path)
     with pytest.raises(Refused, match="drops out at random"):
         TorchScorer(tmp_path)
+
+
+@pytest.mark.parametrize("offset", [0.0, 2.0**20, 2.0**22, 2.0**30])
+def test_every_loss_is_of_a_distribution_whatever_the_logits_scale(tmp_path, offset):
+    """The losses of every possible next token at a position are those of one distribution: their probabilities
+    add up to 1. A log-sum-exp of raw logits of 2^30 rounds its normalizer away, and every loss came out 0."""
+
+    class Shifted(Tiny):
+        def forward(self, idx):
+            return super().forward(idx) * 4.0 + offset
+
+    prepare.export_model(Shifted(), 2, 5)(tmp_path)
+    scorer = TorchScorer(tmp_path)
+    x = np.arange(10, dtype=np.int32).reshape(2, 5)
+    logits = scorer.logits(x)
+    every = np.stack([scorer.nats(logits, np.full((2, 5), token, np.int32)) for token in range(32)])
+    assert np.allclose(np.exp(-every.astype(np.float64)).sum(0), 1.0, atol=1e-4), np.exp(-every).sum(0)
+
+
+def test_tensors_the_graph_does_not_take_are_never_read(exported):
+    """An archive entry no input names (a bomb that inflates to gigabytes, say) stays compressed and unread."""
+    import zipfile
+
+    folder, model = exported
+    with zipfile.ZipFile(folder / "tensors.npz", "a", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("unused.npy", b"not an array" * 1000)
+    scorer = TorchScorer(folder)
+    x = np.arange(10, dtype=np.int32).reshape(2, 5)
+    with torch.no_grad():
+        assert np.array_equal(scorer.logits(x).numpy(), model(torch.from_numpy(x).long()).numpy())
