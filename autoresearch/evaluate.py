@@ -307,10 +307,12 @@ class Child:
                 self.sealed = open(self.sealed_log(), "w")
         self._write(f"{len(splices)}\n".encode())
         try:
-            send_array(self.proc.stdin, rows)
-            for spliced, cuts in splices:
+            for spliced, cuts in splices:  # first: backends/README.md says why
                 send_array(self.proc.stdin, spliced)
                 send_array(self.proc.stdin, cuts)
+            if splices and self.proc.stdout.readline(16) != b"ready\n":
+                raise EOFError("no ready after the spliced copies")
+            send_array(self.proc.stdin, rows)
             if self.proc.stdout.peek(1)[:1] == b"n":  # "not finite", where an array's dtype would be
                 raise EvaluatorFailed(NOT_FINITE)
             nats = self._answer((len(rows), rows.shape[1] - 1))

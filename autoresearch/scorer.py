@@ -270,6 +270,9 @@ class TorchScorer:
     def finite(self, logits):
         return bool(self.torch.isfinite(logits).all())
 
+    def release(self):
+        """Nothing: every operator PyTorch runs here checks its bounds and writes what it returns."""
+
 
 class MlxScorer:
     """An mx.export_function graph whose inputs are the token ids and then the weights, in its metadata's order."""
@@ -348,6 +351,10 @@ class MlxScorer:
     def finite(self, logits):
         return bool(self.mx.isfinite(logits).all().item())
 
+    def release(self):
+        """The buffers of the batch done go back to the system, not to a cache the next batch's arrays come from."""
+        self.mx.clear_cache()
+
 
 SCORERS = {"torch": TorchScorer, "mlx": MlxScorer}
 
@@ -383,6 +390,15 @@ def serve(framework):
     protocol.flush()
     while pipe.peek(1):
         k = int(pipe.readline())
+        # The spliced copies run first, before the batch's own rows are sent: a graph that read memory it was not
+        # given (MLX's gathers check no bounds) finds no real tokens past the cuts in this process then.
+        probes = []
+        for _ in range(k):
+            spliced, cuts = receive_array(pipe), receive_array(pipe)
+            probes.append((scorer.logits(spliced), cuts))
+        if k:
+            protocol.write(b"ready\n")
+            protocol.flush()
         rows = receive_array(pipe)
         logits = scorer.logits(rows[:, :-1])
         if not scorer.finite(logits):
@@ -390,10 +406,10 @@ def serve(framework):
             protocol.flush()
             return
         send_array(protocol, scorer.nats(logits, rows[:, 1:]).astype(np.float32))
-        for _ in range(k):
-            spliced, cuts = receive_array(pipe), receive_array(pipe)
-            send_array(protocol, scorer.moved(logits, scorer.logits(spliced), cuts).astype(np.float32))
-
+        for probe, cuts in probes:
+            send_array(protocol, scorer.moved(logits, probe, cuts).astype(np.float32))
+        del logits, probes
+        scorer.release()
 
 if __name__ == "__main__":
     serve(sys.argv[1])

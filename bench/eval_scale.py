@@ -113,12 +113,14 @@ def header(dtype, *shape):
 def new_bytes(T, rows, B, copies, ks=None):
     """(bytes in, bytes out) of the new protocol for rows scored in batches of B, with `copies` spliced batches:
     per batch a line with its count k, the rows and each copy's rows and cuts in; the nats and each copy's moves
-    out. ks: each batch's k when known (a real run), else every k under 10 (one digit)."""
+    out, and a "ready" line out after a batch's copies. ks: each batch's k when known (a real run), else every k
+    under 10 (one digit) and every copy in a batch of its own."""
     batches = -(-rows // B)
     lines = sum(len(f"{k}\n") for k in ks) if ks is not None else 2 * batches
+    ready = len(b"ready\n") * (sum(1 for k in ks if k) if ks is not None else copies)
     sent = lines + batches * (header("<i4", B, T + 1) + B * (T + 1) * 4)
     sent += copies * (header("<i4", B, T) + B * T * 4 + header("<i4", B) + B * 4)
-    back = batches * (header("<f4", B, T) + B * T * 4) + copies * (header("<f4", B, 2) + B * 2 * 4)
+    back = ready + batches * (header("<f4", B, T) + B * T * 4) + copies * (header("<f4", B, 2) + B * 2 * 4)
     return sent, back
 
 
@@ -207,7 +209,7 @@ class Answers:
 
     def _fill(self):
         if not self.pending:
-            self.pending = self.nats + self.moves * self.sink.k
+            self.pending = (b"ready\n" if self.sink.k else b"") + self.nats + self.moves * self.sink.k
 
     def peek(self, n):
         self._fill()
