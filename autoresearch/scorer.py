@@ -112,20 +112,17 @@ class TorchGraph:
             for given in node["inputs"]:
                 if given.get("name") == "dropout_p" and given["arg"].get("as_float", 0.0) != 0.0:
                     raise Refused("the graph's attention drops out at random: a graph must be a function of its rows")
-        tensors = load_tensors(folder, [next(iter(spec.values())).get(key) for spec in specs
-                                        for key in ("parameter_name", "buffer_name", "tensor_constant_name")
-                                        if next(iter(spec.values())).get(key)])
-        self.env, self.input = {}, None
+        own, self.input = {}, None  # the graph's name of each of its tensors -> its name in tensors.npz
         for spec in specs:
             (kind, body), = spec.items()
             if kind == "user_input" and self.input is None:
                 self.input = body["arg"]["as_tensor"]["name"]
             elif kind in ("parameter", "buffer", "tensor_constant"):
-                name = body["arg"]["name"]
-                target = body.get("parameter_name") or body.get("buffer_name") or body.get("tensor_constant_name")
-                self.env[name] = self.tensor(name, tensors.get(target), target)
+                own[body["arg"]["name"]] = body.get(f"{kind}_name")
             else:
                 raise Refused(f"the graph takes a {kind} input: it may take the token ids and its own tensors only")
+        tensors = load_tensors(folder, list(own.values()))
+        self.env = {name: self.tensor(name, tensors.get(target), target) for name, target in own.items()}
         outputs = signature["output_specs"]
         if self.input is None or [next(iter(o)) for o in outputs] != ["user_output"]:
             raise Refused("the graph must take one input (the token ids) and return one output (the logits), "
