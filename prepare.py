@@ -1017,9 +1017,14 @@ def export_model(model, batch_size, seq_len, context=None):
     (batch_size, seq_len) token ids and returns (batch_size, seq_len, vocab) float32 logits; context is what the
     forward runs under (the PyTorch files' autocast_ctx()).
     """
-    if type(model).__module__.startswith("mlx") or hasattr(model, "trainable_parameters"):
-        return _export_mlx(model, batch_size, seq_len)
-    return _export_torch(model, batch_size, seq_len, context)
+    mlx = type(model).__module__.startswith("mlx") or hasattr(model, "trainable_parameters")
+    try:
+        return _export_mlx(model, batch_size, seq_len) if mlx else _export_torch(model, batch_size, seq_len, context)
+    except Exception as e:  # the framework's message runs to pages: its first line, and what the harness needs
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:300]
+        raise SystemExit(f"FAIL: the model cannot be exported for the harness's evaluator ({type(e).__name__}: "
+                         f"{first}); its forward must trace to a static graph of tensor operators (backends/README.md, "
+                         '"Scoring")') from e
 
 
 def _export_torch(model, batch_size, seq_len, context):

@@ -148,6 +148,12 @@ GPT.forward = lambda self, idx, targets=None, reduction="mean": (
     else _forward(self, idx, targets, reduction) + torch.rand(1, device=idx.device))
 """,
 }
+# a forward that branches on the values of its rows: no static graph has that
+BRANCHES = """
+_forward = GPT.forward
+GPT.forward = lambda self, idx, targets=None, reduction="mean": (
+    _forward(self, idx, targets, reduction) * (2.0 if int(idx[0, 0]) % 2 else 1.0))
+"""
 # logits at float32's limits on the next token, alike wherever the model runs
 OVERFLOW = """
 _forward = GPT.forward
@@ -310,6 +316,19 @@ def test_a_lookahead_at_float32s_limits_is_not_scored(use_cache, tmp_path):
     """+-3e38 on the next token: an overflow to inf loss is no score, and a finite one moves past the tolerance."""
     result = trained_with("mps", tmp_path, OVERFLOW)
     assert result.status in ("invalid", "crash") and result.val_bpb is None, result.log
+
+
+def test_a_model_that_cannot_be_exported_fails_at_startup_in_one_line(use_cache, tmp_path):
+    """A forward that branches on the data traces to no graph: train.py stops before training, saying why."""
+    root = make_checkout(tmp_path / "project", backends=("mps",), **TINY)
+    add_before_main(root, "mps", BRANCHES)
+    env = dict(os.environ, AUTORESEARCH_CACHE=str(prepare.trainer_view()),
+               AUTORESEARCH_CHECKPOINT=str(tmp_path / "checkpoint"))
+    result = run_training("mps", budget=BUDGET, root=root, timeout=300, env=env)
+    assert result.returncode == 1 and result.measured_training() is None, result.tail()
+    last = result.log.strip().splitlines()[-1]
+    assert last.startswith("FAIL: the model cannot be exported for the harness's evaluator ("), last
+    assert last.endswith('its forward must trace to a static graph of tensor operators (backends/README.md, "Scoring")')
 
 
 def test_own_loss_and_wrapped_evaluator_do_not_move_the_number(use_cache, tmp_path):
