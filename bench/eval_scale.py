@@ -183,12 +183,13 @@ class Sink:
     """The scoring process's stdin: counts what the harness writes, keeps the last k line."""
 
     def __init__(self):
-        self.bytes, self.k = 0, 0
+        self.bytes, self.k, self.ks = 0, 0, []
 
     def write(self, data):
         self.bytes += len(data)
         if len(data) < 16 and data.endswith(b"\n") and data[:-1].isdigit():
             self.k = int(data)
+            self.ks.append(self.k)
 
     def flush(self):
         pass
@@ -279,7 +280,8 @@ def synthetic(name, n_val, n_hold, seed=0):
 
 
 def new_seconds(name):
-    """(harness seconds of evaluate.score at full scale with no forward, bytes in, bytes out) as counted."""
+    """(harness seconds of evaluate.score at full scale with no forward, bytes in, bytes out, each batch's k) as
+    counted."""
     T, V, val_n, _, hold_n = shapes(name)
     val, hold, token_bytes = synthetic(name, val_n, hold_n)
     child = StandIn(BATCH[name], T)
@@ -288,7 +290,7 @@ def new_seconds(name):
         status, _, reason, _ = ev.score(child, val, hold, V, lambda line: None)
         seconds = time.perf_counter() - t0
     assert status == "ok", reason
-    return seconds, child.proc.stdin.bytes, child.proc.stdout.bytes
+    return seconds, child.proc.stdin.bytes, child.proc.stdout.bytes, child.proc.stdin.ks
 
 
 # --- after, for real: a tiny model exported and scored by the harness's scoring process, its pipes counted ---
@@ -417,9 +419,9 @@ def main():
             T, V, val_n, hold_old, hold_new = shapes(name)
             per_row, before_s = old_seconds(name)
             log(f"{name}: before {before_s:.1f}s ({', '.join(f'{n} rows {s * 1e3:.1f} ms/row' for n, s in per_row)})")
-            after_s, sent, back = new_seconds(name)
+            after_s, sent, back, ks = new_seconds(name)
             copies = -(-probe_rows(name) // BATCH[name])
-            expect = new_bytes(T, val_n + hold_new, BATCH[name], copies)
+            expect = new_bytes(T, val_n + hold_new, BATCH[name], copies, ks)
             assert (sent, back) == expect, (name, sent, back, expect)
             log(f"{name}: after {after_s:.2f}s, {sent + back} bytes")
             rows[name] = dict(T=T, V=V, val=val_n, hold_old=hold_old, hold_new=hold_new, per_row=per_row,
