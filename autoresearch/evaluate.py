@@ -48,7 +48,7 @@ MAX_COPY = {"graph.json": MAX_GRAPH_BYTES, "graph.mlxfn": MAX_GRAPH_BYTES, "tens
 class Evaluation:
     status: str  # "ok" | "invalid" (a probe failed: not scored) | "crash" (no checkpoint, refused, failed, timed out)
     val_bpb: float | None
-    reason: str  # one line: the result, the failed probe's numbers, or why it crashed
+    reason: str  # one line: the result, the probe that failed, or why it crashed
     seconds: float  # the whole evaluation: process start, graph load, scoring and probes
     log: str
     holdout_bpb: float | None = None  # the holdout rows' bits per byte, scored in the same pass; no decision reads it
@@ -58,7 +58,6 @@ class EvaluatorFailed(Exception):
     """The scoring process refused the graph, died, timed out or broke the protocol; the message says which."""
 
 
-NOT_FINITE = "the model's logits are not finite (NaN or inf): no loss can be computed from them"
 # The scoring process runs isolated (-I: no environment, user site or working directory on its path; -B: no
 # bytecode written), with exactly the harness's own prepare.py and package on its path.
 CHILD_MAIN = ("import json, sys; sys.path[:0] = json.loads(sys.argv[1]); from autoresearch.scorer import serve; "
@@ -87,7 +86,7 @@ def evaluate(backend, root, checkpoint, timeout=None, on_line=None, scoring=None
 
     try:
         tensors = Path(checkpoint) / "tensors.npz"
-        if not (tensors.is_file() and not tensors.is_symlink()):  # a link is never followed (Model.fill)
+        if not (tensors.is_file() and not tensors.is_symlink()):  # a link is never followed (copy_checkpoint)
             return result("crash", None, f"train.py saved no checkpoint in {checkpoint} (prepare.export_model)")
         val = np.ascontiguousarray(prepare.get_val_rows(), dtype=np.int32)
         holdout = prepare.get_holdout_rows()
@@ -133,7 +132,7 @@ def score(child, val, holdout, vocab, note):
         for (spliced, cuts), moved in zip(splices, moves):
             worst = max(worst, *(Move(float(m[0]), int(m[1]), int(c)) for m, c in zip(moved, cuts)))
     if not np.all(np.isfinite(nats)):
-        raise EvaluatorFailed(NOT_FINITE)
+        raise EvaluatorFailed("the model's losses are not finite (its logits hold NaN or inf)")
     seconds = time.time() - t0
     val_bpb = bits_per_byte(nats[: len(val)], val, B)
     held = bits_per_byte(nats[len(val) :], holdout, B) if len(holdout) else None
@@ -186,33 +185,27 @@ def bits_per_byte(nats, rows, batch):
     return prepare.evaluate_bpb(loss_fn, batch, rows=rows)
 
 
-@dataclass(frozen=True)
-class Model:
-    """The trainer's checkpoint folder and the scoring process's copy of it."""
-    checkpoint: Path
-    copy: Path
-
-    def fill(self, stopped):
-        """The checkpoint's files copied, regular files only: a link would copy what it names, a FIFO would hold
-        the harness. A file over its size in MAX_COPY is refused: a sparse one costs train.py nothing and the copy
-        its size. stopped(): the evaluation's time ran out, mid-copy."""
-        for name in prepare.CHECKPOINT_FILES:
-            try:
-                fd = os.open(self.checkpoint / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-            except OSError:
+def copy_checkpoint(checkpoint, copy, stopped):
+    """The checkpoint's files copied, regular files only: a link would copy what it names, a FIFO would hold the
+    harness. A file over its size in MAX_COPY is refused: a sparse one costs train.py nothing and the copy its size.
+    stopped(): the evaluation's time ran out, mid-copy."""
+    for name in prepare.CHECKPOINT_FILES:
+        try:
+            fd = os.open(Path(checkpoint) / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        with open(fd, "rb") as f:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
                 continue
-            with open(fd, "rb") as f:
-                info = os.fstat(fd)
-                if not stat.S_ISREG(info.st_mode):
-                    continue
-                if info.st_size > MAX_COPY[name]:
-                    raise EvaluatorFailed(f"the checkpoint's {name} is {info.st_size:,} bytes, over the "
-                                          f"{MAX_COPY[name]:,} the evaluator reads")
-                with open(self.copy / name, "wb") as out:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        if stopped():
-                            return
-                        out.write(chunk)
+            if info.st_size > MAX_COPY[name]:
+                raise EvaluatorFailed(f"the checkpoint's {name} is {info.st_size:,} bytes, over the "
+                                      f"{MAX_COPY[name]:,} the evaluator reads")
+            with open(Path(copy) / name, "wb") as out:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    if stopped():
+                        return
+                    out.write(chunk)
 
 
 class Child:
@@ -222,10 +215,10 @@ class Child:
 
     def __init__(self, backend, root, checkpoint, state, note):
         env = dict(os.environ, PYTHONUNBUFFERED="1", CUBLAS_WORKSPACE_CONFIG=":4096:8")  # deterministic cuBLAS
-        notes = [preload_blas(env)] if backend == "mlx" else []
-        self.model = Model(Path(checkpoint), kernels.run_folder("evaluator"))
+        blas = preload_blas(env) if backend == "mlx" else None
+        self.checkpoint, self.copy = checkpoint, kernels.run_folder("evaluator")
         hidden = (str(prepare.cache_dir()), str(record.state_home()), str(Path(root) / ".autoresearch"))
-        policy = sandbox.Policy(read=(str(root), str(self.model.copy)), hide=hidden, network=False)
+        policy = sandbox.Policy(read=(str(root), str(self.copy)), hide=hidden, network=False)
         argv, inside = sandbox.active().wrap([sys.executable, "-I", "-B", "-c", CHILD_MAIN,
                                               json.dumps(harness_path()), FRAMEWORK[backend]], root, policy)
         env.update(inside)
@@ -236,9 +229,8 @@ class Child:
         self.pid_file = Path(state) / "evaluator.pid" if state else None
         if self.pid_file:
             write_pid_file(self.pid_file, self.proc.pid, argv)
-        for line in notes:
-            if line:
-                note(line)
+        if blas:
+            note(blas)
         self.pump = threading.Thread(target=self._pump, daemon=True)
         self.pump.start()
 
@@ -262,8 +254,8 @@ class Child:
         self.timeout, self.scoring = timeout, scoring
         self._timer(timeout, "all")
         self._timer(BUILD_SECONDS, "build")
-        self.model.fill(lambda: self.timed_out)
-        self._write((json.dumps({"checkpoint": str(self.model.copy), "vocab": vocab}) + "\n").encode())
+        copy_checkpoint(self.checkpoint, self.copy, lambda: self.timed_out)
+        self._write((json.dumps({"checkpoint": str(self.copy), "vocab": vocab}) + "\n").encode())
 
     def _timer(self, seconds, what):
         if seconds:
@@ -313,8 +305,6 @@ class Child:
             if splices and self.proc.stdout.readline(16) != b"ready\n":
                 raise EOFError("no ready after the spliced copies")
             send_array(self.proc.stdin, rows)
-            if self.proc.stdout.peek(1)[:1] == b"n":  # "not finite", where an array's dtype would be
-                raise EvaluatorFailed(NOT_FINITE)
             nats = self._answer((len(rows), rows.shape[1] - 1))
             return nats, [self._answer((len(rows), 2)) for _ in splices]
         except (OSError, ValueError, EOFError):
@@ -378,4 +368,4 @@ class Child:
             self.sealed.close()
         if self.pid_file:
             remove_pid_file(self.pid_file)
-        shutil.rmtree(self.model.copy, ignore_errors=True)
+        shutil.rmtree(self.copy, ignore_errors=True)
