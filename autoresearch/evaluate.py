@@ -97,7 +97,7 @@ def evaluate(backend, root, checkpoint, timeout=None, on_line=None, scoring=None
         return result(*score(child, val, holdout, len(prepare.get_token_bytes()), note))
     except EvaluatorFailed as e:
         return result("crash", None, str(e))
-    except BaseException:  # Ctrl-C, SIGTERM: the child goes at once
+    except BaseException:  # Ctrl-C, SIGTERM: the scoring process goes at once
         if child:
             child.kill()
         raise

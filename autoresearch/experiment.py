@@ -269,10 +269,9 @@ def checkout_files(root):
 @dataclass(frozen=True)
 class EvaluationCrash:
     """An evaluation that raised in the harness instead of returning its result: the candidate's crash. What the
-    evaluator child sends comes from the candidate's train.py (its batch size, its model's outputs), so a reply the
-    harness's code did not expect (chunks of Infinity rows, a malformed message) is the program's failure, never an
-    interruption of the harness: the row says crash with the reason, and the loop goes on. Read like the
-    evaluator's own result (status, val_bpb, reason, seconds, log)."""
+    scoring process answers comes from the candidate's graph (its batch size, its outputs), so a reply the harness's
+    code did not expect is the program's failure, never an interruption of the harness: the row says crash with the
+    reason, and the loop goes on. Read like the evaluator's own result (status, val_bpb, reason, seconds, log)."""
     reason: str
     seconds: float
     log: str
@@ -325,7 +324,7 @@ def train_and_evaluate(run, seed=None, on_line=None, guard=Guard()):
             raise
         except prepare.PrepareError as e:  # the validation rows unreadable: the cache's fault, as check_cache says
             raise CacheBroken(str(e)) from None
-        except Exception as e:  # whatever else the candidate's evaluator child made the harness's code raise
+        except Exception as e:  # whatever else the candidate's graph made the harness's code raise
             ev = EvaluationCrash.of(e, time.time() - started)
             if on_line:
                 on_line(f"evaluation: crash in {ev.seconds:.1f}s: {ev.reason}")
